@@ -1,0 +1,113 @@
+"""Build the AU cache for a list of images: parallel, resumable, with a progress bar.
+
+The main process reads and hashes each image and skips those already cached under the current
+settings; the rest go in small chunks to N worker processes, each with its own annotator
+(mediapipe + AU networks), and come back as records that the main process commits chunk by
+chunk. Killing the build loses only the chunks in flight.
+"""
+
+from __future__ import annotations
+
+import atexit
+import multiprocessing
+import os
+import time
+from typing import Iterator, Sequence
+
+from tqdm import tqdm
+
+from tag_lightning.au.annotator import AnnotatorConfig, AUAnnotator, annotator_settings, read_and_hash, source_names
+from tag_lightning.au.cache import AUCache, BuildSummary
+from tag_lightning.au.record import AURecord
+from tag_lightning.images import ImageRef
+
+CHUNK_SIZE = 8  # images per worker task: large enough to batch the AU network, small enough to resume
+
+Chunk = list[tuple[ImageRef, "bytes | None", str]]
+_worker_annotator: AUAnnotator | None = None
+
+
+def _limit_threads(config: AnnotatorConfig) -> None:
+    """One compute thread per process: N workers use N cores, not N x cores."""
+    import cv2
+
+    cv2.setNumThreads(1)
+    if config.libreface_weights:
+        import torch
+
+        torch.set_num_threads(1)
+
+
+def _init_worker(config: AnnotatorConfig) -> None:
+    global _worker_annotator
+    _limit_threads(config)
+    _worker_annotator = AUAnnotator(config)
+    atexit.register(_worker_annotator.close)
+
+
+def _annotate_chunk(chunk: Chunk) -> list[AURecord]:
+    return _worker_annotator.annotate_loaded(chunk)
+
+
+def _pending(refs: Sequence[ImageRef], cache: AUCache, settings_key: str, summary: BuildSummary) -> Iterator[Chunk]:
+    """Chunks of images not yet cached; cached ones are counted and their names recorded."""
+    chunk: Chunk = []
+    queued: set[str] = set()
+    for ref in refs:
+        data, digest = read_and_hash(ref)
+        summary.total += 1
+        status = cache.status_of(digest, settings_key)
+        if status is not None or digest in queued:  # cached, or the same content earlier in this build
+            summary.cached += 1
+            cache.name_images([(ref.name, digest)])
+            if status is not None:
+                summary.statuses[status] += 1
+            continue
+        queued.add(digest)
+        chunk.append((ref, data, digest))
+        if len(chunk) == CHUNK_SIZE:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def build_au_cache(
+    refs: Sequence[ImageRef],
+    cache_dir: str | os.PathLike,
+    config: AnnotatorConfig | None = None,
+    workers: int = 1,
+    progress: bool = True,
+) -> BuildSummary:
+    """Annotate every image not yet cached under `config`'s settings; return a summary."""
+    config = config or AnnotatorConfig()
+    settings_key, settings = annotator_settings(config)
+    cache = AUCache(cache_dir, create=True)
+    cache.register_build(settings_key, settings)
+    summary = BuildSummary(sources=source_names(config))
+    start = time.perf_counter()
+    bar = tqdm(total=len(refs), desc="AU cache", unit="img", disable=not progress, smoothing=0.1)
+
+    def store(records: list[AURecord]) -> None:
+        cache.put_many(records, settings_key)
+        summary.computed += len(records)
+        summary.statuses.update(r.status for r in records)
+        bar.n = summary.computed + summary.cached
+        bar.refresh()
+
+    chunks = _pending(refs, cache, settings_key, summary)
+    if workers <= 1:
+        _limit_threads(config)
+        with AUAnnotator(config) as annotator:
+            for chunk in chunks:
+                store(annotator.annotate_loaded(chunk))
+    else:
+        # spawn, not fork: mediapipe and torch thread pools do not survive a fork reliably.
+        with multiprocessing.get_context("spawn").Pool(workers, _init_worker, (config,)) as pool:
+            for records in pool.imap_unordered(_annotate_chunk, chunks):
+                store(records)
+    bar.n = summary.total
+    bar.close()
+    cache.finish_build(settings_key)
+    summary.seconds = time.perf_counter() - start
+    return summary

