@@ -1,0 +1,455 @@
+"""Adapters that read FER datasets exactly as their owners distribute them and yield one sample type.
+
+Every adapter turns its native files into `FERSample`s with unified labels (see `labels.py`). A
+malformed row (bad label, missing image, broken pixel string) is an error naming its file and line,
+or, with ``lenient=True``, a message in `skipped`; rows a dataset's own convention excludes
+(FERPlus ties, AffectNet "uncertain", ...) are never errors and are counted in `dropped`.
+Construction only checks what it must (files exist, pixel counts); images are decoded by the caller.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, NamedTuple
+
+import numpy as np
+from PIL import Image
+
+from tag_lightning.data.labels import (
+    AFFECTNET_LABELS,
+    AFFECTNET_NON_EXPRESSIONS,
+    DATASET_CLASSES,
+    EMOTIONS,
+    FERPLUS_VOTE_COLUMNS,
+    RAFDB_LABELS,
+    normalize_label,
+)
+from tag_lightning.images import IMAGE_SUFFIXES, ImageRef
+
+
+class DatasetFormatError(ValueError):
+    """A dataset file does not have the format its adapter expects; the message names file and line."""
+
+
+@dataclass(frozen=True)
+class FERSample:
+    """One face image with its unified label (None: unlabeled) and where it came from."""
+
+    image: ImageRef
+    label: str | None
+    dataset: str
+    split: str
+    source: str
+
+
+class FERDataset(Sequence[FERSample]):
+    """Base of the adapters: the sample list, the split check and the strict/lenient error policy."""
+
+    name: ClassVar[str]
+    splits: ClassVar[tuple[str, ...] | None] = None
+    """The splits the dataset ships; None: any name (the caller decides what the data is for)."""
+
+    def __init__(self, split: str, lenient: bool = False) -> None:
+        if self.splits is not None and split not in self.splits:
+            raise ValueError(f"{self.name} has no split {split!r}: expected one of {', '.join(self.splits)}")
+        self.split = split
+        self.lenient = lenient
+        self.skipped: list[str] = []
+        self.dropped: Counter[str] = Counter()
+        self._samples: list[FERSample] = []
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """The unified labels this dataset can produce, in class-id order."""
+        return DATASET_CLASSES[self.name]
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    def __getitem__(self, index: int) -> FERSample:  # type: ignore[override]
+        return self._samples[index]
+
+    def __iter__(self) -> Iterator[FERSample]:
+        return (self[index] for index in range(len(self)))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(split={self.split!r}, samples={len(self)}, skipped={len(self.skipped)})"
+
+    def _bad_row(self, source: str, problem: str) -> None:
+        """Strict: raise naming the row. Lenient: remember the same message and go on."""
+        message = f"{source}: {problem}"
+        if not self.lenient:
+            raise DatasetFormatError(message)
+        self.skipped.append(message)
+
+    def _add_file(self, path: Path, label: str | None, source: str, split: str | None = None) -> None:
+        """Add an image file as a sample, or report the row if the file is missing."""
+        if not path.is_file():
+            self._bad_row(source, f"image file not found: {path}")
+            return
+        self._samples.append(FERSample(ImageRef.from_path(path), label, self.name, split or self.split, source))
+
+    def _csv_rows(
+        self, path: Path, required: Iterable[str], fieldnames: Sequence[str] | None = None
+    ) -> Iterator[tuple[str, dict[str, str]]]:
+        """Rows of a CSV file as dicts with their ``file:line``; missing cells read as ""."""
+        with _open_existing(path) as handle:
+            reader = csv.DictReader(handle, fieldnames=fieldnames, restval="")
+            missing = [column for column in required if column not in (reader.fieldnames or ())]
+            if missing:
+                raise DatasetFormatError(
+                    f"{path}:1: missing column(s) {', '.join(missing)}; the header is {reader.fieldnames}"
+                )
+            for row in reader:
+                yield f"{path}:{reader.line_num}", row
+
+
+def _open_existing(path: Path) -> io.TextIOWrapper:
+    """Open a dataset text file, BOM-tolerant, with a message that says which file was expected."""
+    if not path.is_file():
+        raise FileNotFoundError(f"dataset file not found: {path}")
+    return path.open(encoding="utf-8-sig", newline="")
+
+
+def _coded_label(code: str, table: Mapping[int, str], what: str) -> str:
+    try:
+        return table[int(code)]
+    except (ValueError, KeyError):
+        raise ValueError(f"{what} {code!r} is not one of {', '.join(map(str, table))}") from None
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(
+        path for path in folder.iterdir() if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+    )
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    return sorted(path for path in folder.iterdir() if path.is_dir() and not path.name.startswith("."))
+
+
+class RafDB(FERDataset):
+    """RAF-DB basic emotions: ``EmoLabel/list_patition_label.txt`` and ``Image/aligned|original``.
+
+    The label file lists both splits (``train_00001.jpg 5``, ``test_0001.jpg 7``); the file-name
+    prefix says which. Aligned images ship as ``train_00001_aligned.jpg``.
+    """
+
+    name = "rafdb"
+    splits = ("train", "test")
+
+    def __init__(
+        self, root: str | Path, split: str = "train", aligned: bool = True, lenient: bool = False
+    ) -> None:
+        super().__init__(split, lenient)
+        self.root = Path(root)
+        labels_path = self.root / "EmoLabel" / "list_patition_label.txt"
+        image_dir = self.root / "Image" / ("aligned" if aligned else "original")
+        with _open_existing(labels_path) as handle:
+            for line_number, line in enumerate(handle, start=1):
+                fields = line.split()
+                if not fields:
+                    continue
+                source = f"{labels_path}:{line_number}"
+                if len(fields) != 2:
+                    self._bad_row(source, f"expected '<image name> <label 1-7>', got {line.strip()!r}")
+                    continue
+                file_name, code = fields
+                if not file_name.startswith(f"{split}_"):
+                    continue
+                try:
+                    label = _coded_label(code, RAFDB_LABELS, "RAF-DB label")
+                except ValueError as err:
+                    self._bad_row(source, str(err))
+                    continue
+                image_name = f"{Path(file_name).stem}_aligned.jpg" if aligned else file_name
+                self._add_file(image_dir / image_name, label, source)
+
+
+class _FERPlusRow(NamedTuple):
+    number: int
+    """0-based data row, the same in both files (``Image name`` is ``fer%07d.png`` of it)."""
+    pixels: np.ndarray
+    label: str
+    source: str
+
+
+class FERPlus(FERDataset):
+    """FERPlus: FER2013's pixels (``fer2013.csv``) relabelled by 10 annotators (``fer2013new.csv``).
+
+    The two files have the same row order. A row's label comes from its votes under `vote_policy`:
+
+    - ``"majority"``: the emotion with the most votes. Rows are dropped when the top vote count is
+      held by "unknown" or "NF" (not a face), or by two emotions at once (a tie), as is usual.
+    - ``"strict"``: the Microsoft FERPlus repository's majority mode: single votes are discarded
+      as outliers and the winner needs more than half of the remaining votes, else the row is dropped.
+
+    Rows with an empty ``Image name`` (removed by the FERPlus authors) are dropped too. Drops are
+    the dataset's own convention, never errors: `dropped` counts them by reason.
+    Pixel strings are parsed and checked (2304 values in 0..255) at construction; the 48x48
+    grayscale PNG bytes are built only when a sample is read.
+    """
+
+    name = "ferplus"
+    splits = ("train", "val", "test")
+    vote_policies = ("majority", "strict")
+    _USAGE = {"train": "Training", "val": "PublicTest", "test": "PrivateTest"}
+    _FOLDER = {"train": "FER2013Train", "val": "FER2013Valid", "test": "FER2013Test"}
+    """The folder names of the FERPlus repository, used in image names: ``ferplus:FER2013Train:123``."""
+    SIDE = 48
+
+    def __init__(
+        self, root: str | Path, split: str = "train", vote_policy: str = "majority", lenient: bool = False
+    ) -> None:
+        super().__init__(split, lenient)
+        if vote_policy not in self.vote_policies:
+            raise ValueError(
+                f"unknown vote_policy {vote_policy!r}: expected one of {', '.join(self.vote_policies)}"
+            )
+        self.root = Path(root)
+        self.vote_policy = vote_policy
+        self._rows: list[_FERPlusRow] = []
+        pixels_path, votes_path = self.root / "fer2013.csv", self.root / "fer2013new.csv"
+        pixel_rows = self._csv_rows(pixels_path, required=("pixels", "Usage"))
+        vote_rows = self._csv_rows(votes_path, required=("Usage", "Image name", *FERPLUS_VOTE_COLUMNS))
+        usage = self._USAGE[split]
+        for index, (pixel_row, vote_row) in enumerate(itertools.zip_longest(pixel_rows, vote_rows)):
+            if pixel_row is None or vote_row is None:
+                raise DatasetFormatError(
+                    f"{pixels_path} and {votes_path} must have the same rows; one ends at data row {index + 1}"
+                )
+            (pixel_source, pixels), (vote_source, votes) = pixel_row, vote_row
+            if pixels["Usage"] != usage:
+                continue
+            if votes["Usage"] != usage:
+                self._bad_row(vote_source, f"Usage {votes['Usage']!r} differs from {pixel_source} ({usage!r})")
+            elif not votes["Image name"].strip():
+                self.dropped["no image name"] += 1
+            else:
+                self._add_row(index, pixel_source, pixels["pixels"], vote_source, votes)
+
+    def _add_row(
+        self, number: int, pixel_source: str, pixel_text: str, vote_source: str, votes: dict[str, str]
+    ) -> None:
+        cells = [votes[column] for column in FERPLUS_VOTE_COLUMNS]
+        try:
+            counts = dict(zip(FERPLUS_VOTE_COLUMNS, map(int, cells)))
+        except ValueError:
+            self._bad_row(vote_source, f"vote counts must be integers, got {cells}")
+            return
+        label, reason = ferplus_vote(counts, self.vote_policy)
+        if label is None:
+            self.dropped[reason] += 1
+            return
+        try:
+            pixels = _parse_pixels(pixel_text, self.SIDE * self.SIDE)
+        except ValueError as err:
+            self._bad_row(pixel_source, str(err))
+            return
+        self._rows.append(_FERPlusRow(number, pixels, label, pixel_source))
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, index: int) -> FERSample:  # type: ignore[override]
+        row = self._rows[index]
+        image = ImageRef(name=f"ferplus:{self._FOLDER[self.split]}:{row.number}", data=self._png(row.pixels))
+        return FERSample(image, row.label, self.name, self.split, row.source)
+
+    def _png(self, pixels: np.ndarray) -> bytes:
+        buffer = io.BytesIO()
+        Image.fromarray(pixels.reshape(self.SIDE, self.SIDE)).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+
+def ferplus_vote(votes: Mapping[str, int], policy: str = "majority") -> tuple[str | None, str | None]:
+    """The label a FERPlus vote row gets under `policy` (see `FERPlus`), as ``(label, None)``, or
+    ``(None, reason)`` when the row is dropped."""
+    if policy == "strict":
+        votes = {column: count if count > 1 else 0 for column, count in votes.items()}
+    top = max(votes.values())
+    winners = [column for column, count in votes.items() if count == top]
+    if top == 0 or (policy == "strict" and top * 2 <= sum(votes.values())):
+        return None, "no majority"
+    if "unknown" in winners:
+        return None, "unknown"
+    if "NF" in winners:
+        return None, "not a face"
+    if len(winners) > 1:
+        return None, "tie"
+    return winners[0], None
+
+
+def _parse_pixels(text: str, count: int) -> np.ndarray:
+    """The uint8 pixels of a FER2013 pixel string; numpy's C parser keeps 30k rows fast."""
+    try:
+        values = np.fromstring(text, dtype=np.int32, sep=" ")
+    except ValueError:
+        raise ValueError(f"pixels must be space-separated integers, got {text[:40]!r}...") from None
+    if values.size != count:
+        raise ValueError(f"expected {count} pixel values, got {values.size}")
+    if values.min() < 0 or values.max() > 255:
+        raise ValueError(f"pixel values must lie in 0..255, got {values.min()}..{values.max()}")
+    return values.astype(np.uint8)
+
+
+class AffectNet(FERDataset):
+    """AffectNet's manually annotated images, 8 expressions (codes 8-10 are excluded, see `dropped`).
+
+    AffectNet's test set is not public: ``split="val"`` is the evaluation split papers report.
+    Layouts: ``"csv"`` is the official one (``training.csv``/``validation.csv`` with images under
+    ``Manually_Annotated_Images/``; a header-less ``validation.csv`` is accepted); ``"folders"`` is
+    the common re-distribution ``train|val/<expression code>/*.jpg``; ``"auto"`` picks whichever
+    is present.
+    """
+
+    name = "affectnet"
+    splits = ("train", "val")
+    layouts = ("auto", "csv", "folders")
+    COLUMNS = (
+        "subDirectory_filePath",
+        "face_x",
+        "face_y",
+        "face_width",
+        "face_height",
+        "facial_landmarks",
+        "expression",
+        "valence",
+        "arousal",
+    )
+    _CSV = {"train": "training.csv", "val": "validation.csv"}
+
+    def __init__(
+        self, root: str | Path, split: str = "train", layout: str = "auto", lenient: bool = False
+    ) -> None:
+        super().__init__(split, lenient)
+        if layout not in self.layouts:
+            raise ValueError(f"unknown AffectNet layout {layout!r}: expected one of {', '.join(self.layouts)}")
+        self.root = Path(root)
+        csv_path = self.root / self._CSV[split]
+        if layout == "auto":
+            layout = "csv" if csv_path.is_file() else "folders"
+        self.layout = layout
+        if layout == "csv":
+            self._read_csv(csv_path)
+        else:
+            self._read_folders(self.root / split)
+
+    def _read_csv(self, path: Path) -> None:
+        with _open_existing(path) as handle:
+            has_header = handle.readline().startswith(self.COLUMNS[0])
+        image_root = self.root / "Manually_Annotated_Images"
+        for source, row in self._csv_rows(path, self.COLUMNS, fieldnames=None if has_header else self.COLUMNS):
+            label = self._label(row["expression"].strip(), source)
+            if label is not None:
+                self._add_file(image_root / row["subDirectory_filePath"], label, source)
+
+    def _read_folders(self, split_dir: Path) -> None:
+        if not split_dir.is_dir():
+            raise FileNotFoundError(
+                f"AffectNet: neither {self.root / self._CSV[self.split]} nor the folder {split_dir} exists"
+            )
+        for folder in _subfolders(split_dir):
+            files = _image_files(folder)
+            label = self._label(folder.name, str(folder), len(files))
+            if label is not None:
+                for path in files:
+                    self._add_file(path, label, str(path))
+
+    def _label(self, code: str, source: str, images: int = 1) -> str | None:
+        """The unified label of an expression code; None when the code is excluded or malformed."""
+        if code.isdigit() and int(code) in AFFECTNET_NON_EXPRESSIONS:
+            self.dropped[AFFECTNET_NON_EXPRESSIONS[int(code)]] += images
+            return None
+        try:
+            return _coded_label(code, AFFECTNET_LABELS, "AffectNet expression")
+        except ValueError as err:
+            self._bad_row(source, str(err))
+            return None
+
+
+class _PresentClasses:
+    """Mixin for generic sources: the classes are the labels that actually occur."""
+
+    _samples: list[FERSample]
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        present = {sample.label for sample in self._samples}
+        return tuple(name for name in EMOTIONS if name in present)
+
+
+class ManifestCSV(_PresentClasses, FERDataset):
+    """A CSV listing images: column ``path`` (relative paths resolve against the CSV's folder),
+    optional ``label`` (any form `normalize_label` accepts; empty: unlabeled) and optional ``split``.
+
+    With `split` given, only rows of that split are kept (a row with an empty split belongs to
+    every split); without, all rows are kept.
+    """
+
+    name = "manifest"
+
+    def __init__(self, path: str | Path, split: str | None = None, lenient: bool = False) -> None:
+        super().__init__(split or "all", lenient)
+        self.path = Path(path)
+        for source, row in self._csv_rows(self.path, required=("path",)):
+            row_split = (row.get("split") or "").strip() or self.split
+            if split is not None and row_split != split:
+                continue
+            if not row["path"].strip():
+                self._bad_row(source, "empty path")
+                continue
+            try:
+                label = normalize_label(row["label"]) if (row.get("label") or "").strip() else None
+            except ValueError as err:
+                self._bad_row(source, str(err))
+                continue
+            self._add_file(self.path.parent / row["path"].strip(), label, source, row_split)
+
+
+class ImageFolder(_PresentClasses, FERDataset):
+    """Images in ``root/<label>/`` (label names in any form `normalize_label` accepts); images
+    directly in ``root`` are unlabeled. The folder is one split; `split` only names it."""
+
+    name = "folder"
+
+    def __init__(self, root: str | Path, split: str = "all", lenient: bool = False) -> None:
+        super().__init__(split, lenient)
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder not found: {self.root}")
+        for path in _image_files(self.root):
+            self._add_file(path, None, str(path))
+        for folder in _subfolders(self.root):
+            try:
+                label = normalize_label(folder.name)
+            except ValueError as err:
+                self._bad_row(str(folder), str(err))
+                continue
+            for path in _image_files(folder):
+                self._add_file(path, label, str(path))
+
+
+ADAPTERS: dict[str, type[FERDataset]] = {
+    adapter.name: adapter for adapter in (RafDB, FERPlus, AffectNet, ManifestCSV, ImageFolder)
+}
+_SPEC_FORMS = "rafdb:ROOT, ferplus:ROOT, affectnet:ROOT, manifest:FILE.csv, folder:DIR"
+
+
+def parse_data_spec(spec: str, split: str | None = None, lenient: bool = False) -> FERDataset:
+    """The dataset a command-line spec such as ``rafdb:/data/RAF-DB`` names; without `split`,
+    each adapter's default (``train``; all rows for manifests and folders)."""
+    kind, separator, location = spec.partition(":")
+    adapter = ADAPTERS.get(kind.strip().lower())
+    if not separator or adapter is None or not location.strip():
+        raise ValueError(f"bad data spec {spec!r}: expected one of {_SPEC_FORMS}")
+    options: dict[str, object] = {"lenient": lenient}
+    if split is not None:
+        options["split"] = split
+    return adapter(Path(location.strip()).expanduser(), **options)
