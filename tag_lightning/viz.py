@@ -19,9 +19,10 @@ _COLOURS = [(46, 204, 113), (231, 76, 60), (52, 152, 219), (241, 196, 15), (155,
 
 
 def draw_record(rgb: np.ndarray, record: AURecord, min_intensity: float = 1.0, landmarks: bool = False) -> np.ndarray:
-    """A copy of `rgb` with the face box and the box of every AU at or above `min_intensity`.
+    """A copy of `rgb` with the face box and the boxes of every AU at or above `min_intensity`.
 
-    AUs that share a region box are labelled together (``AU1 2.4 + AU4 1.1``).
+    Bilateral AUs are drawn as their two side boxes; AUs that share boxes are labelled together
+    (``AU1 2.4 + AU4 1.1``), and labels are moved down until they do not cover one another.
     """
     canvas = rgb.copy()
     thickness = max(1, round(max(canvas.shape[:2]) / 400))
@@ -32,22 +33,28 @@ def draw_record(rgb: np.ndarray, record: AURecord, min_intensity: float = 1.0, l
     if landmarks and record.landmarks is not None:
         for x, y in record.landmarks.astype(int):
             cv2.circle(canvas, (int(x), int(y)), max(1, thickness // 2), (255, 255, 255), -1)
-    by_box: dict[tuple, list[str]] = defaultdict(list)
+    by_boxes: dict[tuple, list[str]] = defaultdict(list)
     for key, entry in record.aus.items():
         value = entry.get("intensity")
         if value is not None and value >= min_intensity:
-            by_box[tuple(entry["box"])].append(f"{key} {value:.1f}")
-    for index, (box, labels) in enumerate(sorted(by_box.items(), key=lambda kv: kv[0][1])):
+            boxes = [tuple(side["box"]) for side in entry["sides"].values()] if "sides" in entry else [tuple(entry["box"])]
+            by_boxes[tuple(boxes)].append(f"{key} {value:.1f}")
+    taken: list[tuple[int, int, int, int]] = []
+    for index, (boxes, labels) in enumerate(sorted(by_boxes.items(), key=lambda kv: kv[0][0][1])):
         colour = _COLOURS[index % len(_COLOURS)]
-        x1, y1, x2, y2 = box
-        cv2.rectangle(canvas, (x1, y1), (x2, y2), colour, thickness)
-        _label(canvas, " + ".join(labels), (x1, y1), colour, font_scale, thickness)
+        for x1, y1, x2, y2 in boxes:
+            cv2.rectangle(canvas, (x1, y1), (x2, y2), colour, thickness)
+        x1, y1 = min(b[0] for b in boxes), min(b[1] for b in boxes)
+        _label(canvas, " + ".join(labels), (x1, y1), colour, font_scale, thickness, taken)
     return canvas
 
 
-def _label(canvas: np.ndarray, text: str, corner: tuple[int, int], colour, scale: float, thickness: int) -> None:
+def _label(canvas: np.ndarray, text: str, corner: tuple[int, int], colour, scale: float, thickness: int,
+           taken: list[tuple[int, int, int, int]]) -> None:
     (w, h), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
-    x, y = corner
-    y = max(h + base, y)
+    x, y = corner[0], max(h + base, corner[1])
+    while any(x < t[2] and t[0] < x + w and y - h - base < t[3] and t[1] < y for t in taken):
+        y += h + base
+    taken.append((x, y - h - base, x + w, y))
     cv2.rectangle(canvas, (x, y - h - base), (x + w, y), colour, -1)
     cv2.putText(canvas, text, (x, y - base), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thickness, cv2.LINE_AA)

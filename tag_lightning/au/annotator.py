@@ -63,33 +63,30 @@ class AUAnnotator:
 
     def annotate(self, refs: Sequence[ImageRef]) -> list[AURecord]:
         """Records for a batch of images (AU networks run batched over the faces found)."""
-        return self.annotate_loaded([(ref, *read_and_hash(ref)) for ref in refs])
-
-    def annotate_loaded(self, items: Sequence[tuple[ImageRef, bytes | None, str]]) -> list[AURecord]:
-        """Like `annotate` for images whose bytes (None: unreadable) and hash are already known."""
         records: list[AURecord] = []
-        faces: list[tuple[AURecord, Face, float]] = []
-        for ref, data, digest in items:
-            record, face, scale = self._landmark_one(ref, data, digest)
+        faces: list[tuple[AURecord, Face]] = []
+        for ref in refs:
+            record, face = self._landmark_one(ref, *read_and_hash(ref))
             records.append(record)
             if face is not None:
-                faces.append((record, face, scale))
-        measured = [source.measure([face for _, face, _ in faces]) for source in self.sources]
-        for index, (record, face, scale) in enumerate(faces):
+                faces.append((record, face))
+        measured = [source.measure([face for _, face in faces]) for source in self.sources]
+        for index, (record, _) in enumerate(faces):
             per_source = [source_values[index] for source_values in measured]
             record.aus = _merge_aus(per_source, au_region_boxes(record.landmarks, tuple(record.face_box)))
         return records
 
-    def _landmark_one(self, ref: ImageRef, data: bytes | None, digest: str):
+    def _landmark_one(self, ref: ImageRef, data: bytes | None, digest: str) -> tuple[AURecord, Face | None]:
+        """The record up to its AUs, and the face to measure them on (None without a face)."""
         if data is None:
-            return AURecord(ref.name, digest, "unreadable", reason="the file could not be read"), None, 1.0
+            return AURecord(ref.name, digest, "unreadable", reason="the file could not be read"), None
         try:
             rgb, size = decode_image(data, ref.name, max_side=DECODE_MAX_SIDE)
         except UnreadableImage as err:
-            return AURecord(ref.name, digest, "unreadable", reason=str(err)), None, 1.0
+            return AURecord(ref.name, digest, "unreadable", reason=str(err)), None
         found = self.landmarks.detect(rgb)
         if found is None:
-            return AURecord(ref.name, digest, "no_face", reason="no face detected", size=size), None, 1.0
+            return AURecord(ref.name, digest, "no_face", reason="no face detected", size=size), None
         scale = size[0] / rgb.shape[1]
         quality, failure = assess_quality(rgb, found.face_box, found.detection_score, scale, self.config.thresholds)
         record = AURecord(
@@ -104,7 +101,7 @@ class AUAnnotator:
             quality=quality,
             faces_found=found.faces_found,
         )
-        return record, Face(rgb, found), scale
+        return record, Face(rgb, found)
 
 
 def source_names(config: AnnotatorConfig) -> list[str]:

@@ -23,7 +23,6 @@ from tag_lightning.images import ImageRef
 
 CHUNK_SIZE = 8  # images per worker task: large enough to batch the AU network, small enough to resume
 
-Chunk = list[tuple[ImageRef, "bytes | None", str]]
 _worker_annotator: AUAnnotator | None = None
 
 
@@ -45,31 +44,34 @@ def _init_worker(config: AnnotatorConfig) -> None:
     atexit.register(_worker_annotator.close)
 
 
-def _annotate_chunk(chunk: Chunk) -> list[AURecord]:
-    return _worker_annotator.annotate_loaded(chunk)
+def _annotate_chunk(chunk: list[ImageRef]) -> list[AURecord]:
+    return _worker_annotator.annotate(chunk)
 
 
-def _pending(refs: Sequence[ImageRef], cache: AUCache, settings_key: str, summary: BuildSummary) -> Iterator[Chunk]:
-    """Chunks of images not yet cached; cached ones are counted and their names recorded."""
-    chunk: Chunk = []
+def _pending(refs: Sequence[ImageRef], cache: AUCache, settings_key: str, summary: BuildSummary,
+             progress: bool) -> list[ImageRef]:
+    """Images not yet cached (one per distinct content); cached ones are counted and named.
+
+    Runs before any work starts, in the main thread (SQLite connections stay in their thread);
+    it keeps hashes only, the workers read the bytes again from the OS cache.
+    """
+    pending: list[ImageRef] = []
     queued: set[str] = set()
-    for ref in refs:
-        data, digest = read_and_hash(ref)
+    named: list[tuple[str, str]] = []
+    for ref in tqdm(refs, desc="checking cache", unit="img", disable=not progress, leave=False):
+        _, digest = read_and_hash(ref)
         summary.total += 1
         status = cache.status_of(digest, settings_key)
-        if status is not None or digest in queued:  # cached, or the same content earlier in this build
-            summary.cached += 1
-            cache.name_images([(ref.name, digest)])
-            if status is not None:
-                summary.statuses[status] += 1
+        if status is None and digest not in queued:
+            queued.add(digest)
+            pending.append(ref)
             continue
-        queued.add(digest)
-        chunk.append((ref, data, digest))
-        if len(chunk) == CHUNK_SIZE:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
+        summary.cached += 1
+        named.append((ref.name, digest))
+        if status is not None:
+            summary.statuses[status] += 1
+    cache.name_images(named)
+    return pending
 
 
 def build_au_cache(
@@ -86,27 +88,27 @@ def build_au_cache(
     cache.register_build(settings_key, settings)
     summary = BuildSummary(sources=source_names(config))
     start = time.perf_counter()
-    bar = tqdm(total=len(refs), desc="AU cache", unit="img", disable=not progress, smoothing=0.1)
+    pending = _pending(refs, cache, settings_key, summary, progress)
+    chunks = [pending[i:i + CHUNK_SIZE] for i in range(0, len(pending), CHUNK_SIZE)]
+    bar = tqdm(total=summary.total, initial=summary.cached, desc="AU cache", unit="img",
+               disable=not progress, smoothing=0.1)
 
     def store(records: list[AURecord]) -> None:
         cache.put_many(records, settings_key)
         summary.computed += len(records)
         summary.statuses.update(r.status for r in records)
-        bar.n = summary.computed + summary.cached
-        bar.refresh()
+        bar.update(len(records))
 
-    chunks = _pending(refs, cache, settings_key, summary)
-    if workers <= 1:
+    if chunks and workers <= 1:
         _limit_threads(config)
         with AUAnnotator(config) as annotator:
             for chunk in chunks:
-                store(annotator.annotate_loaded(chunk))
-    else:
+                store(annotator.annotate(chunk))
+    elif chunks:
         # spawn, not fork: mediapipe and torch thread pools do not survive a fork reliably.
-        with multiprocessing.get_context("spawn").Pool(workers, _init_worker, (config,)) as pool:
+        with multiprocessing.get_context("spawn").Pool(min(workers, len(chunks)), _init_worker, (config,)) as pool:
             for records in pool.imap_unordered(_annotate_chunk, chunks):
                 store(records)
-    bar.n = summary.total
     bar.close()
     cache.finish_build(settings_key)
     summary.seconds = time.perf_counter() - start

@@ -7,6 +7,7 @@ the results are mapped back, so callers always get coordinates of their own imag
 
 from __future__ import annotations
 
+import contextlib
 import os
 import zipfile
 from dataclasses import dataclass
@@ -68,6 +69,11 @@ class FaceLandmarkDetector:
     def __init__(self, config: LandmarkerConfig | None = None):
         self.config = config or LandmarkerConfig()
         model_path = self.config.resolved_model_path()
+        with _native_stderr_silenced():
+            self._create_tasks(model_path)
+
+    def _create_tasks(self, model_path: Path) -> None:
+        self._first_call = True
         self._landmarker = vision.FaceLandmarker.create_from_options(
             vision.FaceLandmarkerOptions(
                 base_options=BaseOptions(model_asset_path=str(model_path)),
@@ -109,7 +115,12 @@ class FaceLandmarkDetector:
             interpolation=cv2.INTER_CUBIC if factor > 1 else cv2.INTER_AREA,
         )
         image = mp.Image(image_format=mp.ImageFormat.SRGB, data=np.ascontiguousarray(view))
-        result = self._landmarker.detect(image)
+        if self._first_call:  # the first inference logs a memory-alignment notice from C++
+            self._first_call = False
+            with _native_stderr_silenced():
+                result = self._landmarker.detect(image)
+        else:
+            result = self._landmarker.detect(image)
         if not result.face_landmarks:
             return None
         faces = [
@@ -139,6 +150,25 @@ class FaceLandmarkDetector:
             if iou > best_iou:
                 best_iou, best_score = iou, float(detection.categories[0].score)
         return best_score if best_iou >= 0.3 else None
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """mediapipe's C++ start-up logs (absl, TFLite) bypass Python; hide them while tasks are built.
+
+    Set TAG_LIGHTNING_NATIVE_LOGS=1 to see them when debugging mediapipe itself.
+    """
+    if os.environ.get("TAG_LIGHTNING_NATIVE_LOGS") == "1":
+        yield
+        return
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _detection_resize_factor(width: int, height: int) -> float:

