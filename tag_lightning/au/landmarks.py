@@ -101,13 +101,21 @@ class FaceLandmarkDetector:
         self.close()
 
     def close(self) -> None:
-        for task in (getattr(self, "_landmarker", None), getattr(self, "_detector", None)):
-            if task is not None:
-                task.close()
+        with _native_stderr_silenced():
+            for task in (getattr(self, "_landmarker", None), getattr(self, "_detector", None)):
+                if task is not None:
+                    task.close()
         self._landmarker = self._detector = None
 
     def detect(self, rgb: np.ndarray) -> FaceLandmarks | None:
         """The largest face in an RGB uint8 image, or None when there is no face."""
+        if self._first_call:  # LiteRT logs a memory-alignment notice on each process's first run
+            self._first_call = False
+            with _native_stderr_silenced():
+                return self._detect(rgb)
+        return self._detect(rgb)
+
+    def _detect(self, rgb: np.ndarray) -> FaceLandmarks | None:
         height, width = rgb.shape[:2]
         factor = _detection_resize_factor(width, height)
         view = rgb if factor == 1.0 else cv2.resize(
@@ -115,12 +123,7 @@ class FaceLandmarkDetector:
             interpolation=cv2.INTER_CUBIC if factor > 1 else cv2.INTER_AREA,
         )
         image = mp.Image(image_format=mp.ImageFormat.SRGB, data=np.ascontiguousarray(view))
-        if self._first_call:  # the first inference logs a memory-alignment notice from C++
-            self._first_call = False
-            with _native_stderr_silenced():
-                result = self._landmarker.detect(image)
-        else:
-            result = self._landmarker.detect(image)
+        result = self._landmarker.detect(image)
         if not result.face_landmarks:
             return None
         faces = [
