@@ -20,13 +20,19 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
 def image_refs(spec: str, split: str | None = None) -> list[ImageRef]:
     """Images named by a folder (searched recursively), a manifest CSV, or a dataset spec."""
     path = Path(spec)
-    if path.is_dir():
+    if path.is_dir():  # any folder of images, labelled or not, nested or not
         return [ImageRef.from_path(p) for p in sorted(path.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
     from tag_lightning.data.datasets import parse_data_spec
 
-    if path.suffix.lower() == ".csv" and path.is_file():
-        spec = f"manifest:{spec}"
     return [sample.image for sample in parse_data_spec(spec, split=split)]
+
+
+# -- tag demo -----------------------------------------------------------------------------------
+def _demo(args: argparse.Namespace) -> int:
+    from tag_lightning.demo import run_demo
+
+    run_demo(args.out, workers=args.workers, libreface_weights=args.libreface_weights)
+    return 0
 
 
 # -- tag prepare samples -------------------------------------------------------------------------
@@ -111,6 +117,46 @@ def _describe(record) -> str:
     return "\n".join(lines)
 
 
+# -- tag prepare traces --------------------------------------------------------------------------
+def _trace_teacher(args: argparse.Namespace):
+    from tag_lightning.data import teachers
+
+    if args.teacher == "template":
+        return teachers.TemplateTeacher(top_k=args.top_k, min_intensity=args.min_intensity, seed=args.seed)
+    if args.teacher == "openai":
+        if not args.base_url or not args.model:
+            raise ValueError("--teacher openai needs --base-url (e.g. http://localhost:8000/v1) and --model")
+        return teachers.OpenAITeacher(args.base_url, args.model, args.api_key_env, timeout=args.timeout,
+                                      retry=teachers.RetryPolicy(max_retries=args.max_http_retries),
+                                      temperature=args.temperature, max_tokens=args.max_new_tokens)
+    if not args.hf_model:
+        raise ValueError("--teacher hf needs --hf-model (a local folder saved with save_pretrained)")
+    return teachers.HFTeacher.from_pretrained(args.hf_model, device=args.device, temperature=args.temperature,
+                                              max_new_tokens=args.max_new_tokens)
+
+
+def _traces(args: argparse.Namespace) -> int:
+    from tag_lightning.au.cache import AUCache
+    from tag_lightning.data.labels import normalize_label
+    from tag_lightning.data.datasets import parse_data_spec
+    from tag_lightning.data.trace_builder import RejectionConfig, build_traces, sidecar_paths
+
+    cache = AUCache(args.cache)
+    samples = parse_data_spec(args.data, args.split)
+    candidates = [normalize_label(name) for name in args.candidates.split(",")] if args.candidates else samples.classes
+    if len(candidates) < 2:
+        raise ValueError(f"the candidate labels are {list(candidates)}; a teacher needs at least two: "
+                         "name them with --candidates")
+    config = RejectionConfig(max_format_retries=args.max_format_retries, max_label_retries=args.max_label_retries,
+                             top_k=args.top_k, min_intensity=args.min_intensity, min_box_iou=args.min_box_iou)
+    stats = build_traces(samples, cache, _trace_teacher(args), args.out, candidates, config,
+                         retry_rejected=args.retry_rejected, limit=args.limit, progress=not args.quiet)
+    rejected, stats_file = sidecar_paths(args.out)
+    print(stats.describe())
+    print(f"traces: {args.out} | given up: {rejected} | statistics: {stats_file}")
+    return 0
+
+
 # -- the parser ----------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -118,6 +164,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="tag_lightning: AU-grounded facial expression recognition with VLMs (TAG).",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    demo = commands.add_parser("demo", formatter_class=_HelpFormatter,
+                               help="run the pipeline on the sample photos (the embedded default)",
+                               description="Fetch the sample face photos, build their AU cache and draw each face "
+                                           "with its activated AU boxes.")
+    demo.add_argument("--out", type=Path, default=Path("outputs/demo"), help="folder for everything the demo writes")
+    demo.add_argument("--workers", type=int, default=2, help="worker processes for the AU cache build")
+    demo.add_argument("--libreface-weights", default=None,
+                      help="LibreFace's combined_resnet.pt; without it AU intensities come from blendshapes")
+    demo.set_defaults(func=_demo)
     prepare = commands.add_parser("prepare", help="data preparation: sample photos, AU cache",
                                   formatter_class=_HelpFormatter,
                                   description="Data preparation commands. Run `tag prepare CMD --help` for each.")
@@ -166,6 +221,53 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--draw", type=Path, default=None, help="write the face with its AU boxes to this PNG")
     show.add_argument("--min-intensity", type=float, default=1.0, help="with --draw: draw AUs at least this intense")
     show.set_defaults(func=_au_show)
+
+    traces = steps.add_parser("traces", formatter_class=_HelpFormatter,
+                              help="write AU-grounded reasoning traces with a teacher (rejection sampling)",
+                              description="Ask a teacher for an AU-grounded reasoning trace per labelled image and "
+                                          "keep it only if it is well formed, grounded in the AU cache's activated "
+                                          "AUs and boxes, and names the true label. Format failures and wrong labels "
+                                          "are retried (wrong labels with label elimination). Writes OUT (one JSON "
+                                          "object per kept image), OUT.rejected.jsonl (images given up on) and "
+                                          "OUT.stats.json; a rerun resumes where a killed run stopped.")
+    traces.add_argument("--data", required=True,
+                        help="a dataset spec (rafdb:ROOT, ferplus:ROOT, affectnet:ROOT, manifest:FILE.csv, "
+                             "folder:DIR), a manifest CSV, or a folder with one sub-folder per label")
+    traces.add_argument("--split", default=None, help="dataset split for dataset specs (e.g. train, test)")
+    traces.add_argument("--cache", required=True, type=Path, help="the AU cache folder built by `tag prepare au-cache`")
+    traces.add_argument("--out", required=True, type=Path, help="the traces JSONL file (appended to when it exists)")
+    traces.add_argument("--teacher", choices=("template", "openai", "hf"), default="template",
+                        help="template: offline, grounded by construction; openai: an OpenAI-compatible endpoint; "
+                             "hf: a local Hugging Face VLM")
+    traces.add_argument("--candidates", default=None,
+                        help="comma-separated candidate labels offered to the teacher (unset: the dataset's classes)")
+    traces.add_argument("--top-k", type=int, default=3, help="activated AUs cited by the template / shown to a VLM")
+    traces.add_argument("--min-intensity", type=float, default=1.0,
+                        help="an AU at or above this intensity (0-5) counts as activated")
+    traces.add_argument("--min-box-iou", type=float, default=0.5,
+                        help="a step's box must overlap its AU's region box at least this much to count as grounded")
+    traces.add_argument("--max-format-retries", type=int, default=3,
+                        help="re-asks after a malformed or ungrounded answer before giving up on an image")
+    traces.add_argument("--max-label-retries", type=int, default=3,
+                        help="re-asks after a wrong label (which is then removed from the candidates)")
+    traces.add_argument("--base-url", default=None,
+                        help="openai: the endpoint's base URL, e.g. http://localhost:8000/v1")
+    traces.add_argument("--model", default=None, help="openai: the model name the endpoint serves")
+    traces.add_argument("--api-key-env", default="OPENAI_API_KEY",
+                        help="openai: the environment variable holding the API key (unset: no key is sent)")
+    traces.add_argument("--timeout", type=float, default=120.0, help="openai: seconds to wait for one answer")
+    traces.add_argument("--max-http-retries", type=int, default=5,
+                        help="openai: retries of timeouts, refused connections, HTTP 429 and 5xx (exponential backoff)")
+    traces.add_argument("--hf-model", default=None, help="hf: a local model folder with its processor")
+    traces.add_argument("--device", default="cpu", help="hf: torch device (cpu, cuda, cuda:1)")
+    traces.add_argument("--temperature", type=float, default=0.7, help="openai/hf: sampling temperature (0: greedy)")
+    traces.add_argument("--max-new-tokens", type=int, default=1024, help="openai/hf: longest answer in tokens")
+    traces.add_argument("--seed", type=int, default=0, help="template: seed of the phrasing choices")
+    traces.add_argument("--limit", type=int, default=None, help="consider only the first N samples of the data")
+    traces.add_argument("--retry-rejected", action="store_true",
+                        help="ask again about images an earlier run gave up on")
+    traces.add_argument("--quiet", action="store_true", help="no progress bar")
+    traces.set_defaults(func=_traces)
     return parser
 
 

@@ -74,3 +74,11 @@ def test_clear_errors(built_cache, tmp_path, capsys):
     assert "no images found" in capsys.readouterr().err
     assert main(["prepare", "au-show", str(stranger), "--cache", str(tmp_path / "nothing")]) == 2
     assert "tag prepare au-cache" in capsys.readouterr().err
+
+
+def test_demo_runs_on_the_sample_photos(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--workers", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "0-f15-hao-ph.jpg" in out and "AU12" in out
+    drawings = sorted(p.name for p in (tmp_path / "drawings").glob("*.png"))
+    assert len(drawings) == 6 and "free-mountain-vector-01_aus.png" not in drawings

@@ -12,7 +12,7 @@ import atexit
 import multiprocessing
 import os
 import time
-from typing import Iterator, Sequence
+from typing import Sequence
 
 from tqdm import tqdm
 

@@ -16,12 +16,11 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import numpy as np
 
 from tag_lightning.au.record import AURecord
-from tag_lightning.images import ImageRef
 
 DB_NAME = "records.sqlite"
 SCHEMA = """

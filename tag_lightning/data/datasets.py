@@ -444,7 +444,16 @@ _SPEC_FORMS = "rafdb:ROOT, ferplus:ROOT, affectnet:ROOT, manifest:FILE.csv, fold
 
 def parse_data_spec(spec: str, split: str | None = None, lenient: bool = False) -> FERDataset:
     """The dataset a command-line spec such as ``rafdb:/data/RAF-DB`` names; without `split`,
-    each adapter's default (``train``; all rows for manifests and folders)."""
+    each adapter's default (``train``; all rows for manifests and folders).
+
+    A bare path is accepted too: an existing ``.csv`` file is a manifest, an existing folder an
+    image folder (``DIR/<label>/*.jpg``).
+    """
+    path = Path(spec).expanduser()
+    if path.suffix.lower() == ".csv" and path.is_file():
+        spec = f"manifest:{spec}"
+    elif path.is_dir():
+        spec = f"folder:{spec}"
     kind, separator, location = spec.partition(":")
     adapter = ADAPTERS.get(kind.strip().lower())
     if not separator or adapter is None or not location.strip():

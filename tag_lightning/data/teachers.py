@@ -1,0 +1,498 @@
+"""Teachers: whatever writes an AU-grounded reasoning trace for one face, behind one interface.
+
+The rejection sampler (`trace_builder.py`) asks a teacher for a trace and judges the answer; it
+does not care who wrote it. Three teachers exist:
+
+- `TemplateTeacher`: offline and deterministic, grounded by construction. It writes towards the
+  ground-truth label and only ever cites AUs the detector activated, with the detector's boxes.
+- `OpenAITeacher`: any OpenAI-compatible chat endpoint (OpenAI, a vLLM server, ...).
+- `HFTeacher`: a local Hugging Face image-text-to-text model.
+
+The two VLM teachers get the image, the candidate labels and the top-K activated AUs with their
+boxes (`build_prompt`), never the ground-truth label: they must find it, which is what the
+rejection sampler checks. Boxes are integer pixels of the original (upright) image throughout.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import io
+import json
+import os
+import random
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from PIL import Image
+
+from tag_lightning.au.record import AURecord
+from tag_lightning.au.taxonomy import AU_BY_ID, EMOTION_PROTOTYPES, REGIONS, ActionUnit, parse_au_key
+from tag_lightning.data.prompts import user_prompt
+from tag_lightning.data.traces import COORDINATE_SEPARATOR, Box, Step, Trace, render_trace
+from tag_lightning.images import ImageRef, decode_image
+
+NEUTRAL = "neutral"
+
+
+# ---------------------------------------------------------------------------------------------
+# The interface
+
+
+@dataclass(frozen=True)
+class AUHint:
+    """One measured AU of a face: what it is, how strong, and the box of its region."""
+
+    au: ActionUnit
+    intensity: float
+    box: Box
+
+    @property
+    def region_label(self) -> str:
+        return REGIONS[self.au.region]["label"]
+
+
+def measured_aus(record: AURecord) -> list[AUHint]:
+    """Every AU of the record with an intensity and a box, strongest first."""
+    hints = [
+        AUHint(AU_BY_ID[parse_au_key(key)], float(entry["intensity"]), _int_box(entry["box"]))
+        for key, entry in record.aus.items()
+        if entry.get("intensity") is not None and entry.get("box") is not None
+    ]
+    return sorted(hints, key=lambda hint: (-hint.intensity, hint.au.id))
+
+
+def activated_aus(record: AURecord, min_intensity: float) -> list[AUHint]:
+    """The AUs the detector activated (intensity >= `min_intensity`), strongest first."""
+    return [hint for hint in measured_aus(record) if hint.intensity >= min_intensity]
+
+
+def _int_box(values: Any) -> Box:
+    x1, y1, x2, y2 = (int(round(value)) for value in values)
+    return x1, y1, x2, y2
+
+
+@dataclass(frozen=True)
+class TeacherRequest:
+    """Everything a teacher may use for one face.
+
+    `label` is the ground truth: the template teacher writes towards it, the VLM teachers never
+    see it. `candidates` shrink as wrong answers are eliminated. `hints` are the top-K
+    activated AUs, strongest first.
+    """
+
+    record: AURecord
+    image: ImageRef
+    label: str
+    candidates: tuple[str, ...]
+    hints: tuple[AUHint, ...]
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """A teacher's raw answer and the transient transport failures it took to get it."""
+
+    text: str
+    retries: int = 0
+    errors: tuple[str, ...] = ()
+
+
+class Teacher(Protocol):
+    """Anything that answers a request with trace text; `name` is recorded with each kept trace."""
+
+    name: str
+
+    def propose(self, request: TeacherRequest) -> Proposal: ...
+
+
+class TeacherError(RuntimeError):
+    """No answer for this sample (transport failures persisted, or the request was refused).
+
+    The trace builder records the sample as failed and goes on with the next one.
+    """
+
+    def __init__(self, message: str, retries: int = 0, errors: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.retries = retries
+        self.errors = errors
+
+
+class TeacherDeclined(TeacherError):
+    """The teacher cannot write an honest grounded trace for this sample (asking again won't help)."""
+
+
+class TeacherSetupError(ValueError):
+    """The teacher refuses every request (bad key, URL or model name): the job must stop."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The template teacher
+
+# Several phrasings per sentence kind; the RNG picks one. Every claim is about an activated AU
+# (or, for neutral faces, about regions whose AUs are all below the activation threshold).
+_GLOBAL_ACTIVE = (
+    "Muscle activity is visible around the {regions}; the strongest action is the {strongest} ({key}).",
+    "The face is animated: the clearest movement is the {strongest} ({key}), with activity around the {regions}.",
+    "Looking at the whole face, the {regions} are active, and the {strongest} ({key}) is the strongest action.",
+)
+_GLOBAL_AT_REST = (
+    "The face is at rest: no action unit reaches the activation threshold.",
+    "No strong AU activity anywhere on the face; the features look relaxed.",
+    "No action unit is clearly active, and the face looks calm overall.",
+)
+_GLOBAL_CONFINED = (
+    "Muscle activity is confined to {aus}; the rest of the face looks relaxed.",
+    "Apart from {aus}, no action unit is active and the features look relaxed.",
+)
+_OBSERVE_ACTIVE = (
+    "{degree} {name}: {description} (intensity {intensity})",
+    "the {name} {description}, {degree} at intensity {intensity}",
+    "{degree} activity, the {name} {description} (intensity {intensity})",
+)
+_OBSERVE_RELAXED = (
+    "relaxed, no {name} activity (intensity {intensity})",
+    "at rest: the {name} is inactive (intensity {intensity})",
+    "calm, the {name} stays below activation (intensity {intensity})",
+)
+_CONCLUDE_PROTOTYPE = (
+    "The activation of {aus} indicates a dominant emotion of {label}.",
+    "The evidence of {aus} matches the {label} prototype, so the expression is {label}.",
+    "Taken together, the activity of {aus} points to {label}.",
+)
+_CONCLUDE_FALLBACK = (
+    "None of the typical {label} action units is clearly active; the strongest cues, {aus}, "
+    "are best read as {label}.",
+    "The classic {label} units are weak here, but the activity of {aus} remains compatible with a "
+    "dominant emotion of {label}.",
+)
+_CONCLUDE_NEUTRAL = (
+    "With {aus} at rest, the dominant emotion is neutral.",
+    "There is no activation at {aus}, so the face reads as neutral.",
+    "The relaxed state of {aus} indicates a neutral expression.",
+)
+# FACS scores intensity A (trace) to E (maximum); the detector's 0-5 scale maps onto it.
+_DEGREES = ((4.0, "intense"), (3.0, "pronounced"), (2.0, "moderate"), (1.0, "slight"), (float("-inf"), "faint"))
+
+
+@dataclass(frozen=True)
+class TemplateTeacher:
+    """Writes a grounded trace from the AU record and the ground-truth label, no model involved.
+
+    Steps cite the top-K activated AUs that support the label (`EMOTION_PROTOTYPES`), or the
+    strongest activated AUs when none of the label's AUs is active. A neutral face gets
+    `relaxed_regions` steps on regions whose AUs are all inactive, described as relaxed. The
+    phrasing is drawn from an RNG keyed on `seed` and the image content, so a rerun writes the
+    same text. Raises `TeacherDeclined` when no honest trace exists (an emotion with no
+    activated AU at all, or a neutral face without a relaxed region).
+    """
+
+    top_k: int = 3
+    min_intensity: float = 1.0
+    relaxed_regions: int = 2
+    seed: int = 0
+    name = "template"
+
+    def propose(self, request: TeacherRequest) -> Proposal:
+        return Proposal(render_trace(self.write(request.record, request.label)))
+
+    def write(self, record: AURecord, label: str) -> Trace:
+        rng = random.Random(f"{self.seed}:{record.content_hash}")
+        measured = measured_aus(record)
+        activated = [hint for hint in measured if hint.intensity >= self.min_intensity]
+        if label == NEUTRAL:
+            return self._neutral(measured, activated, rng)
+        if not activated:
+            raise TeacherDeclined(
+                f"no AU reaches intensity {self.min_intensity}, so a {label} trace would cite nothing the detector saw"
+            )
+        supporting = [hint for hint in activated if hint.au.id in EMOTION_PROTOTYPES[label]][: self.top_k]
+        cited = supporting or activated[: self.top_k]
+        groups = _group_by_region(cited)
+        strongest = activated[0]
+        global_analysis = rng.choice(_GLOBAL_ACTIVE).format(
+            regions=_join([group[0].region_label for group in groups]), strongest=strongest.au.name,
+            key=strongest.au.key,
+        )
+        steps = tuple(_step(group, _OBSERVE_ACTIVE, rng) for group in groups)
+        conclusion = rng.choice(_CONCLUDE_PROTOTYPE if supporting else _CONCLUDE_FALLBACK).format(
+            aus=" + ".join(_keys(cited)), label=label
+        )
+        return Trace(global_analysis, steps, conclusion, label)
+
+    def _neutral(self, measured: list[AUHint], activated: list[AUHint], rng: random.Random) -> Trace:
+        """Honest about neutral: say what little is active, inspect regions that are truly relaxed."""
+        relaxed = _relaxed_per_region(measured, self.min_intensity)
+        if not relaxed:
+            raise TeacherDeclined("every face region has an activated AU; none can honestly be called relaxed")
+        chosen = rng.sample(relaxed, min(self.relaxed_regions, len(relaxed)))
+        groups = _group_by_region(chosen)
+        if activated:
+            global_analysis = rng.choice(_GLOBAL_CONFINED).format(aus=_join(_keys(activated)))
+        else:
+            global_analysis = rng.choice(_GLOBAL_AT_REST)
+        steps = tuple(_step(group, _OBSERVE_RELAXED, rng) for group in groups)
+        conclusion = rng.choice(_CONCLUDE_NEUTRAL).format(aus=_join(_keys(chosen)))
+        return Trace(global_analysis, steps, conclusion, NEUTRAL)
+
+
+def _relaxed_per_region(measured: list[AUHint], min_intensity: float) -> list[AUHint]:
+    """The calmest AU of each region whose measured AUs all stay below `min_intensity`."""
+    by_region: dict[str, list[AUHint]] = {}
+    for hint in measured:
+        by_region.setdefault(hint.au.region, []).append(hint)
+    return [
+        min(hints, key=lambda hint: hint.intensity)
+        for hints in by_region.values()
+        if all(hint.intensity < min_intensity for hint in hints)
+    ]
+
+
+def _group_by_region(hints: list[AUHint]) -> list[list[AUHint]]:
+    """AUs sharing a region box share a step; steps run top of the face to the bottom."""
+    groups: dict[tuple[str, Box], list[AUHint]] = {}
+    for hint in hints:
+        groups.setdefault((hint.au.region, hint.box), []).append(hint)
+    region_order = list(REGIONS)
+    ordered = sorted(groups.items(), key=lambda item: (region_order.index(item[0][0]), item[0][1]))
+    return [sorted(group, key=lambda hint: hint.au.id) for _, group in ordered]
+
+
+def _step(group: list[AUHint], templates: tuple[str, ...], rng: random.Random) -> Step:
+    observation = "; ".join(
+        rng.choice(templates).format(
+            degree=_degree(hint.intensity), name=hint.au.name, description=hint.au.description,
+            intensity=f"{hint.intensity:.2f}",
+        )
+        for hint in group
+    )
+    return Step(group[0].region_label, tuple(hint.au.id for hint in group), observation, group[0].box)
+
+
+def _degree(intensity: float) -> str:
+    return next(word for floor, word in _DEGREES if intensity >= floor)
+
+
+def _keys(hints: list[AUHint]) -> list[str]:
+    return [hint.au.key for hint in sorted(hints, key=lambda hint: hint.au.id)]
+
+
+def _join(words: list[str]) -> str:
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# The prompt of the VLM teachers
+
+
+def build_prompt(request: TeacherRequest) -> str:
+    """The student's question (`prompts.user_prompt`) plus the detector's evidence with boxes.
+
+    Asking the teacher the student's exact question keeps the format it writes identical to
+    the one the student is trained and rewarded on. Without activated AUs (a calm face) the
+    region boxes are listed instead, so the teacher can still ground its inspection steps.
+    """
+    width, height = request.record.size or (0, 0)
+    lines = [user_prompt(request.candidates), "", f"The image is {width}x{height} pixels."]
+    if request.hints:
+        lines.append("An AU detector found these activated action units (intensity 0-5, strongest first):")
+        lines += [
+            f"- {hint.au.key} {hint.au.name} ({hint.region_label}): intensity {hint.intensity:.2f}, "
+            f"box {_box_text(hint.box)}"
+            for hint in request.hints
+        ]
+        lines.append("Inspect the regions of these action units only, name their AU ids, and copy their boxes.")
+    else:
+        lines.append("An AU detector found no activated action unit. The face regions, their AUs and boxes:")
+        lines += [
+            f"- {group[0].region_label} ({', '.join(_keys(group))}): box {_box_text(group[0].box)}"
+            for group in _group_by_region(measured_aus(request.record))
+        ]
+        lines.append("Inspect some of these regions, name the AU you check in each, and copy the region's box.")
+    return "\n".join(lines)
+
+
+def _box_text(box: Box) -> str:
+    """A box as the trace grammar writes it, so that copying it verbatim is correct."""
+    return "[" + COORDINATE_SEPARATOR.join(map(str, box)) + "]"
+
+
+def image_data_url(data: bytes) -> str:
+    """The image as a base64 data URL, re-encoded as PNG unless the bytes are web-ready and upright.
+
+    Boxes are in upright pixels, so an image with an EXIF rotation is sent already rotated.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            kind, orientation = image.format, image.getexif().get(0x0112, 1)
+    except (OSError, ValueError) as err:
+        raise TeacherError(f"the image cannot be sent: {err}") from err
+    if kind not in ("JPEG", "PNG", "WEBP") or orientation != 1:
+        buffer = io.BytesIO()
+        Image.fromarray(decode_image(data)[0]).save(buffer, format="PNG")
+        data, kind = buffer.getvalue(), "PNG"
+    return f"data:image/{kind.lower()};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The OpenAI-compatible teacher
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff for transient failures: timeouts, refused connections, HTTP 429 and 5xx."""
+
+    max_retries: int = 5
+    base_delay: float = 1.0
+    max_delay: float = 60.0
+
+    def delay(self, retry: int) -> float:
+        """Seconds to wait before retry number `retry` (0-based)."""
+        return min(self.max_delay, self.base_delay * 2**retry)
+
+
+class _Transient(Exception):
+    """A failure worth retrying after a pause."""
+
+
+class OpenAITeacher:
+    """A chat model behind an OpenAI-compatible ``POST {base_url}/chat/completions`` endpoint.
+
+    The API key is read from the environment variable named `api_key_env` (a key never goes on
+    a command line); without it no Authorization header is sent, which local servers such as
+    vLLM accept. Uses only the standard library.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key_env: str = "OPENAI_API_KEY",
+        *,
+        timeout: float = 120.0,
+        retry: RetryPolicy = RetryPolicy(),
+        temperature: float = 0.7,
+        max_tokens: int = 1024,
+    ):
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model = model
+        self.api_key_env = api_key_env
+        self.timeout = timeout
+        self.retry = retry
+        self.temperature = temperature
+        self.max_tokens = max_tokens
+        self.name = f"openai:{model}"
+        self._headers = {"Content-Type": "application/json"}
+        api_key = os.environ.get(api_key_env)
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+
+    def propose(self, request: TeacherRequest) -> Proposal:
+        body = json.dumps(self._payload(request)).encode("utf-8")
+        errors: list[str] = []
+        for retry in range(self.retry.max_retries + 1):
+            if retry:
+                time.sleep(self.retry.delay(retry - 1))
+            try:
+                return Proposal(self._post(body), retries=retry, errors=tuple(errors))
+            except _Transient as err:
+                errors.append(str(err))
+        raise TeacherError(
+            f"{self.url}: no answer after {len(errors)} tries; last error: {errors[-1]}",
+            retries=len(errors) - 1, errors=tuple(errors),
+        )
+
+    def _payload(self, request: TeacherRequest) -> dict[str, Any]:
+        content = [
+            {"type": "image_url", "image_url": {"url": image_data_url(request.image.read_bytes())}},
+            {"type": "text", "text": build_prompt(request)},
+        ]
+        return {
+            "model": self.model,
+            "messages": [{"role": "user", "content": content}],
+            "temperature": self.temperature,
+            "max_tokens": self.max_tokens,
+        }
+
+    def _post(self, body: bytes) -> str:
+        """One request: the answer text, `_Transient` for what a retry may fix, errors for the rest."""
+        request = urllib.request.Request(self.url, data=body, headers=self._headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                raw = response.read()
+        except urllib.error.HTTPError as err:
+            detail = f"HTTP {err.code}: {err.read()[:300].decode('utf-8', errors='replace').strip()}"
+            if err.code == 429 or err.code >= 500:
+                raise _Transient(detail) from err
+            if err.code in (401, 403):
+                raise TeacherSetupError(f"{self.url} refused the API key ({detail}); "
+                                        f"put a valid key in the environment variable {self.api_key_env}") from err
+            if err.code == 404:
+                raise TeacherSetupError(f"{self.url} answered {detail}; check the base URL (OpenAI-compatible "
+                                        f"servers usually end in /v1) and the model name {self.model!r}") from err
+            raise TeacherError(f"{self.url} rejected the request ({detail})") from err
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
+            raise _Transient(f"{type(err).__name__}: {getattr(err, 'reason', err)}") from err
+        return _answer_text(raw, self.url)
+
+
+def _answer_text(raw: bytes, url: str) -> str:
+    """The assistant message of a chat completion; an empty refusal reads as an empty answer."""
+    try:
+        content = json.loads(raw)["choices"][0]["message"].get("content")
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as err:
+        raise TeacherError(f"{url} did not answer with a chat completion: {raw[:200]!r}") from err
+    return content if isinstance(content, str) else ""
+
+
+# ---------------------------------------------------------------------------------------------
+# The local Hugging Face teacher
+
+
+class HFTeacher:
+    """A local Hugging Face image-text-to-text model (Qwen2-VL, Qwen2.5-VL, ...) and its processor."""
+
+    def __init__(self, model: Any, processor: Any, name: str, max_new_tokens: int = 1024, temperature: float = 0.7):
+        self.model = model.eval()
+        self.processor = processor
+        self.name = name
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str = "cpu", **options: Any) -> HFTeacher:
+        """Load a model folder written by ``save_pretrained`` (local only: nothing is downloaded)."""
+        folder = Path(path)
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(
+                f"no Hugging Face model at {folder} (missing config.json); pass the folder of a saved "
+                "image-text-to-text model and its processor"
+            )
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        try:
+            processor = AutoProcessor.from_pretrained(folder)
+            model = AutoModelForImageTextToText.from_pretrained(folder, dtype="auto").to(device)
+        except (OSError, ValueError, KeyError) as err:
+            raise ValueError(
+                f"{folder} does not load as an image-text-to-text model with its processor ({err}); "
+                "it needs the model's config and weights plus the processor files (save both with save_pretrained)"
+            ) from err
+        return cls(model, processor, f"hf:{folder.name}", **options)
+
+    def propose(self, request: TeacherRequest) -> Proposal:
+        import torch
+
+        image = Image.fromarray(decode_image(request.image.read_bytes(), request.image.name)[0])
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": build_prompt(request)}]}]
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        inputs = self.processor(text=[text], images=[image], return_tensors="pt").to(self.model.device)
+        greedy = self.temperature <= 0
+        sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": self.temperature}
+        with torch.inference_mode():
+            output = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, **sampling)
+        answer = output[:, inputs["input_ids"].shape[1]:]
+        return Proposal(self.processor.batch_decode(answer, skip_special_tokens=True)[0])

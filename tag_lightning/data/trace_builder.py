@@ -1,0 +1,350 @@
+"""Rejection sampling of teacher traces into a TAG-310K-style JSONL file, resumable after a kill.
+
+For each labelled face with an `ok` AU record, the teacher proposes a trace. It is kept only if
+it parses without a format error, is grounded in the detector's AUs and boxes, and predicts the
+ground-truth label (TAG's data construction). A malformed or ungrounded answer is asked for
+again, up to `max_format_retries` times; a wrong label is asked for again with that label
+removed from the candidates (label elimination), up to `max_label_retries` times.
+
+Every kept line is appended, flushed and fsynced, so a killed job loses at most the line it was
+writing; a rerun repairs a torn last line and skips the images already written. Samples given
+up on go to a sidecar file so that a rerun does not ask the teacher about them again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+from tqdm import tqdm
+
+from tag_lightning.au.record import AURecord
+from tag_lightning.boxes import box_iou
+from tag_lightning.data.datasets import FERSample
+from tag_lightning.data.teachers import (
+    NEUTRAL,
+    Teacher,
+    TeacherDeclined,
+    TeacherError,
+    TeacherRequest,
+    activated_aus,
+)
+from tag_lightning.data.traces import ParsedTrace, Trace, parse_trace, render_trace
+from tag_lightning.images import ImageRef, UnreadableImage, content_hash
+
+_AU_MENTION_RE = re.compile(r"\bAU([1-9][0-9]?)\b")
+
+
+@dataclass(frozen=True)
+class RejectionConfig:
+    """How hard to try per sample, and what counts as grounded."""
+
+    max_format_retries: int = 3
+    max_label_retries: int = 3
+    top_k: int = 3  # activated AUs shown to a VLM teacher
+    min_intensity: float = 1.0  # an AU at or above this intensity is activated
+    min_box_iou: float = 0.5  # a step's box must overlap its AU's region box this much
+
+
+@dataclass
+class Attempts:
+    """What one sample cost: teacher answers, retries of each kind, labels eliminated."""
+
+    proposals: int = 0
+    format_retries: int = 0
+    label_retries: int = 0
+    http_retries: int = 0
+    eliminated: list[str] = field(default_factory=list)
+    transport_errors: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """`status` is kept, rejected (the teacher never got it right) or failed (no answer at all)."""
+
+    status: str
+    attempts: Attempts
+    trace: Trace | None = None
+    reason: str | None = None  # a short category, counted in the statistics
+    detail: str | None = None  # what exactly went wrong last
+
+
+# ---------------------------------------------------------------------------------------------
+# Judging one answer
+
+
+def check_answer(text: str, record: AURecord, candidates: Sequence[str], config: RejectionConfig) -> ParsedTrace:
+    """Parse `text` and add grounding errors: the format errors a retry should fix."""
+    parsed = parse_trace(text, image_size=record.size, labels=candidates)
+    grounding = grounding_errors(parsed.trace, record, config.min_intensity, config.min_box_iou)
+    return ParsedTrace(parsed.trace, parsed.errors + tuple(grounding))
+
+
+def grounding_errors(trace: Trace, record: AURecord, min_intensity: float, min_box_iou: float) -> list[str]:
+    """Claims the AU detector does not back.
+
+    Every AU a trace names must be measured on this face and, unless the answer is neutral,
+    activated (a neutral trace may inspect AUs and report them relaxed). Every step's box must
+    overlap the region box of each of its AUs by at least `min_box_iou`.
+    """
+    errors: list[str] = []
+    neutral = (trace.answer or "").strip().casefold() == NEUTRAL
+    mentioned = [(f"step {number}", au, step.box) for number, step in enumerate(trace.steps, 1) for au in step.aus]
+    for where, text in (("global analysis", trace.global_analysis), ("conclusion", trace.conclusion)):
+        mentioned += [(where, int(au), None) for au in _AU_MENTION_RE.findall(text)]
+    for where, au, box in mentioned:
+        entry = record.aus.get(f"AU{au}")
+        intensity = None if entry is None else entry.get("intensity")
+        if intensity is None:
+            errors.append(f"{where}: AU{au} was not measured on this face")
+            continue
+        if not neutral and intensity < min_intensity:
+            errors.append(f"{where}: AU{au} is not activated (intensity {intensity:.2f} < {min_intensity})")
+        if box is not None and box_iou(box, entry["box"]) < min_box_iou:
+            errors.append(f"{where}: box {list(box)} misses the AU{au} region {entry['box']} (IoU below {min_box_iou})")
+    return errors
+
+
+# ---------------------------------------------------------------------------------------------
+# Rejection sampling for one sample
+
+
+def sample_trace(
+    teacher: Teacher,
+    record: AURecord,
+    image: ImageRef,
+    label: str,
+    candidates: Sequence[str],
+    config: RejectionConfig = RejectionConfig(),
+) -> Outcome:
+    """Ask `teacher` until it writes a well-formed, grounded trace with the right label, or give up."""
+    attempts = Attempts()
+    remaining = list(candidates)
+    hints = tuple(activated_aus(record, config.min_intensity)[: config.top_k])
+    while True:
+        request = TeacherRequest(record, image, label, tuple(remaining), hints)
+        try:
+            proposal = teacher.propose(request)
+        except TeacherError as err:
+            attempts.http_retries += err.retries
+            attempts.transport_errors += err.errors
+            declined = isinstance(err, TeacherDeclined)  # asking again would not help
+            return Outcome("rejected" if declined else "failed", attempts,
+                           reason="declined" if declined else "teacher error", detail=str(err))
+        attempts.proposals += 1
+        attempts.http_retries += proposal.retries
+        attempts.transport_errors += proposal.errors
+        parsed = check_answer(proposal.text, record, remaining, config)
+        if parsed.errors:
+            if attempts.format_retries == config.max_format_retries:
+                return Outcome("rejected", attempts, reason="format", detail="; ".join(parsed.errors[:3]))
+            attempts.format_retries += 1
+            continue
+        answer = parsed.trace.answer.strip().casefold()
+        if answer != label:
+            if attempts.label_retries == config.max_label_retries:
+                return Outcome("rejected", attempts, reason="wrong label", detail=f"last answer {answer!r}")
+            attempts.label_retries += 1
+            attempts.eliminated.append(answer)
+            remaining = [candidate for candidate in remaining if candidate.casefold() != answer]
+            continue
+        return Outcome("kept", attempts, trace=replace(parsed.trace, answer=label))
+
+
+# ---------------------------------------------------------------------------------------------
+# The job: many samples, one JSONL file, resumable
+
+
+class RecordSource(Protocol):
+    """Where AU records come from: an `AUCache`, or any mapping from content hash to record."""
+
+    def get(self, content_hash: str) -> AURecord | None: ...
+
+
+@dataclass
+class TraceStats:
+    """What one run of `build_traces` did; `describe` is the line printed at the end."""
+
+    samples: int = 0
+    kept: int = 0
+    rejected: Counter = field(default_factory=Counter)  # reason -> samples
+    failed: int = 0
+    skipped: Counter = field(default_factory=Counter)  # reason -> samples
+    format_retries: int = 0
+    label_retries: int = 0
+    http_retries: int = 0
+    seconds: float = 0.0
+
+    def add(self, outcome: Outcome) -> None:
+        if outcome.status == "kept":
+            self.kept += 1
+        elif outcome.status == "failed":
+            self.failed += 1
+        else:
+            self.rejected[outcome.reason] += 1
+        self.format_retries += outcome.attempts.format_retries
+        self.label_retries += outcome.attempts.label_retries
+        self.http_retries += outcome.attempts.http_retries
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "rejected": dict(self.rejected), "skipped": dict(self.skipped)}
+
+    def describe(self) -> str:
+        def counts(counter: Counter) -> str:
+            return ", ".join(f"{reason} {count}" for reason, count in counter.most_common()) or "none"
+
+        asked = self.kept + self.failed + sum(self.rejected.values())
+        rate = asked / self.seconds if self.seconds > 0 else 0.0
+        return (
+            f"{self.samples} samples: kept {self.kept}, rejected {sum(self.rejected.values())} "
+            f"({counts(self.rejected)}), failed {self.failed} | skipped {sum(self.skipped.values())} "
+            f"({counts(self.skipped)}) | retries: format {self.format_retries}, label {self.label_retries}, "
+            f"http {self.http_retries} | {rate:.2f} samples/s"
+        )
+
+
+def sidecar_paths(out: Path) -> tuple[Path, Path]:
+    """The given-up samples file and the statistics file that sit beside `out`."""
+    return Path(f"{out}.rejected.jsonl"), Path(f"{out}.stats.json")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The lines of a JSONL file this job appends to; a torn last line (a kill mid-write) is
+    dropped and the file rewritten without it. A damaged line elsewhere is an error."""
+    if not path.exists():
+        return []
+    chunks = path.read_bytes().split(b"\n")
+    lines: list[dict] = []
+    for number, chunk in enumerate(chunks, start=1):
+        if not chunk.strip():
+            continue
+        try:
+            lines.append(json.loads(chunk))
+        except ValueError:
+            if number < len(chunks):  # followed by a newline: not a torn write
+                raise ValueError(f"{path}:{number} is not a JSON line; remove or repair that line and rerun") from None
+    if chunks[-1]:  # the file does not end with a newline: rewrite it cleanly
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines), encoding="utf-8")
+        os.replace(partial, path)
+    return lines
+
+
+class _AppendLog:
+    """A JSONL file opened for appending; each line is on disk before `append` returns."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = path.open("a", encoding="utf-8")
+
+    def append(self, line: dict) -> None:
+        self._file.write(json.dumps(line, ensure_ascii=False) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def build_traces(
+    samples: Sequence[FERSample],
+    records: RecordSource,
+    teacher: Teacher,
+    out: str | Path,
+    candidates: Sequence[str],
+    config: RejectionConfig = RejectionConfig(),
+    retry_rejected: bool = False,
+    limit: int | None = None,
+    progress: bool = True,
+) -> TraceStats:
+    """Write one kept trace per sample to `out`, resuming whatever an earlier run wrote.
+
+    Samples without a label, without an `ok` AU record, already in `out`, or given up on
+    earlier (unless `retry_rejected`) are skipped and counted by reason. Failed samples (the
+    teacher could not be reached) are logged but asked again on the next run. Only the first
+    `limit` samples are considered, so a limited run covers the same images each time. The
+    statistics are returned and written to ``<out>.stats.json``.
+    """
+    out = Path(out)
+    rejected_path, stats_path = sidecar_paths(out)
+    done = {line["image"] for line in read_jsonl(out)}  # reading also repairs a torn last line
+    given_up = {line["image"] for line in read_jsonl(rejected_path) if line["status"] == "rejected"} - done
+    if retry_rejected:
+        given_up.clear()
+    stats = TraceStats()
+    start = time.perf_counter()
+    kept_log, rejected_log = _AppendLog(out), _AppendLog(rejected_path)
+    count = len(samples) if limit is None else min(limit, len(samples))
+    bar = tqdm((samples[index] for index in range(count)), total=count, desc="traces", unit="img",
+               disable=not progress, smoothing=0.1)
+    try:
+        for sample in bar:
+            stats.samples += 1
+            skip, record, digest = _screen(sample, records, done, given_up, candidates)
+            if skip is not None:
+                stats.skipped[skip] += 1
+                continue
+            outcome = sample_trace(teacher, record, sample.image, sample.label, candidates, config)
+            stats.add(outcome)
+            line = _line(sample, record, digest, teacher.name, outcome)
+            (kept_log if outcome.status == "kept" else rejected_log).append(line)
+            bar.set_postfix(kept=stats.kept, rejected=sum(stats.rejected.values()), failed=stats.failed)
+    finally:
+        bar.close()
+        kept_log.close()
+        rejected_log.close()
+        stats.seconds = time.perf_counter() - start
+        stats_path.write_text(json.dumps(stats.to_dict(), indent=2) + "\n")
+    return stats
+
+
+def _screen(
+    sample: FERSample, records: RecordSource, done: set[str], given_up: set[str], candidates: Sequence[str]
+) -> tuple[str | None, AURecord | None, str | None]:
+    """Why `sample` is skipped (None: it is not), with its AU record and content hash."""
+    name = sample.image.name
+    if sample.label is None:
+        return "no label", None, None
+    if name in done:
+        return "already written", None, None
+    if name in given_up:
+        return "rejected earlier", None, None
+    if sample.label not in candidates:
+        return "label not a candidate", None, None
+    try:
+        digest = content_hash(sample.image.read_bytes())
+    except (OSError, UnreadableImage):
+        return "unreadable image", None, None
+    record = records.get(digest)
+    if record is None:
+        return "not in the AU cache", None, None
+    if record.status != "ok":
+        return f"AU record {record.status}", None, None
+    return None, record, digest
+
+
+def _line(sample: FERSample, record: AURecord, digest: str, teacher: str, outcome: Outcome) -> dict[str, Any]:
+    """A kept sample's JSONL object (TAG-310K style), or a given-up sample's sidecar object."""
+    line: dict[str, Any] = {"image": sample.image.name, "label": sample.label}
+    if outcome.trace is not None:
+        line |= {"trace": render_trace(outcome.trace), "trace_struct": outcome.trace.to_dict()}
+    else:
+        line |= {"status": outcome.status, "reason": outcome.reason, "detail": outcome.detail}
+    return line | {
+        "teacher": teacher,
+        "attempts": outcome.attempts.to_dict(),
+        "content_hash": digest,
+        "dataset": sample.dataset,
+        "split": sample.split,
+        "image_size": list(record.size) if record.size else None,
+    }

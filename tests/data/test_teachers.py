@@ -1,0 +1,380 @@
+"""Teachers: the template teacher on real photos' AU records, the OpenAI-compatible teacher against a
+real HTTP server on 127.0.0.1, and the local Hugging Face teacher with a tiny random Qwen2-VL."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import socket
+import threading
+from dataclasses import replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tag_lightning.au.taxonomy import EMOTION_PROTOTYPES
+from tag_lightning.data.samples import DISGUST, HAPPINESS, SAMPLE_LABELS, SINGLE_FACE, SURPRISE
+from tag_lightning.data.teachers import (
+    HFTeacher,
+    OpenAITeacher,
+    RetryPolicy,
+    TeacherDeclined,
+    TeacherError,
+    TeacherRequest,
+    TeacherSetupError,
+    TemplateTeacher,
+    activated_aus,
+    build_prompt,
+    image_data_url,
+)
+from tag_lightning.data.datasets import FERSample
+from tag_lightning.data.trace_builder import RejectionConfig, build_traces, read_jsonl, sample_trace, sidecar_paths
+from tag_lightning.data.traces import parse_trace, render_trace
+from tag_lightning.images import ImageRef
+
+LABELLED = sorted(name for name, label in SAMPLE_LABELS.items() if label)
+CANDIDATES = ("surprise", "fear", "happiness", "anger", "disgust")
+AU_MENTION = re.compile(r"\bAU(\d+)\b")
+
+
+def _intensity(record, au: int) -> float | None:
+    return record.intensity(f"AU{au}")
+
+
+def _request(record, label: str, candidates=CANDIDATES, top_k: int = 3) -> TeacherRequest:
+    hints = tuple(activated_aus(record, 1.0)[:top_k])
+    return TeacherRequest(record, ImageRef.from_path(record.image), label, tuple(candidates), hints)
+
+
+# -- the template teacher ------------------------------------------------------------------------
+@pytest.mark.parametrize("photo", LABELLED)
+def test_template_trace_parses_and_claims_only_activated_aus_with_their_boxes(sample_records, photo):
+    record, label = sample_records[photo], SAMPLE_LABELS[photo]
+    text = TemplateTeacher().propose(_request(record, label)).text
+    parsed = parse_trace(text, image_size=record.size, labels=CANDIDATES)
+    assert parsed.errors == ()
+    assert parsed.trace.answer == label
+    assert render_trace(parsed.trace) == text
+    for step in parsed.trace.steps:
+        assert all(isinstance(value, int) for value in step.box)
+        for au in step.aus:
+            assert _intensity(record, au) >= 1.0, f"AU{au} is claimed but not activated"
+            assert list(step.box) == record.aus[f"AU{au}"]["box"]
+    for au in AU_MENTION.findall(text):  # the global analysis and conclusion too
+        assert _intensity(record, int(au)) >= 1.0
+
+
+@pytest.mark.parametrize("photo", LABELLED)
+def test_template_cites_the_label_s_prototype_aus_or_else_the_strongest(sample_records, photo):
+    record, label = sample_records[photo], SAMPLE_LABELS[photo]
+    trace = TemplateTeacher(top_k=3).write(record, label)
+    cited = sorted(au for step in trace.steps for au in step.aus)
+    activated = [hint.au.id for hint in activated_aus(record, 1.0)]
+    supporting = [au for au in activated if au in EMOTION_PROTOTYPES[label]]
+    assert cited == sorted((supporting or activated)[:3])
+    assert all(f"AU{au}" in trace.conclusion for au in cited) and label in trace.conclusion
+
+
+def test_template_falls_back_to_the_strongest_aus_and_says_so(sample_records):
+    """The posed disgust photo: the blendshape detector activates none of AU9, AU10, AU15."""
+    record = sample_records[DISGUST]
+    assert not [au for au in EMOTION_PROTOTYPES["disgust"] if _intensity(record, au) >= 1.0]
+    trace = TemplateTeacher().write(record, "disgust")
+    strongest = activated_aus(record, 1.0)[0].au.id
+    assert strongest in trace.steps[0].aus
+    assert "weak" in trace.conclusion or "None of the typical" in trace.conclusion
+
+
+def test_template_top_k_and_threshold_bound_the_claims(sample_records):
+    record = sample_records[SURPRISE]
+    one = TemplateTeacher(top_k=1).write(record, "surprise")
+    assert sum(len(step.aus) for step in one.steps) == 1
+    strict = TemplateTeacher(min_intensity=2.0).write(record, "surprise")
+    assert all(_intensity(record, au) >= 2.0 for step in strict.steps for au in step.aus)
+
+
+def test_template_is_reproducible_per_seed_and_varies_across_seeds(sample_records):
+    for photo in LABELLED:
+        record, label = sample_records[photo], SAMPLE_LABELS[photo]
+        texts = [render_trace(TemplateTeacher(seed=seed).write(record, label)) for seed in range(8)]
+        assert texts == [render_trace(TemplateTeacher(seed=seed).write(record, label)) for seed in range(8)]
+        assert len(set(texts)) > 1, f"{photo}: every seed wrote the same text"
+        assert all(parse_trace(text, record.size, CANDIDATES).valid for text in texts)
+
+
+def test_template_neutral_inspects_only_relaxed_regions_and_names_what_is_active(sample_records):
+    record = sample_records[SINGLE_FACE]  # a smiling face: AU6, AU7, AU10, AU12 are activated
+    activated = {hint.au.id for hint in activated_aus(record, 1.0)}
+    trace = TemplateTeacher(relaxed_regions=2).write(record, "neutral")
+    assert parse_trace(render_trace(trace), record.size, ["neutral"]).valid
+    assert len(trace.steps) == 2
+    for step in trace.steps:
+        region_aus = [key for key in record.aus if record.aus[key]["box"] == list(step.box)]
+        assert all(record.aus[key]["intensity"] < 1.0 for key in region_aus), "a relaxed region has an active AU"
+        assert any(word in step.observation for word in ("relaxed", "at rest", "calm"))
+    assert {int(au) for au in AU_MENTION.findall(trace.global_analysis)} == activated
+
+
+def test_template_declines_rather_than_inventing_evidence(sample_records):
+    record = sample_records[SURPRISE]
+    calm = replace(record, aus={key: {**entry, "intensity": 0.1} for key, entry in record.aus.items()})
+    with pytest.raises(TeacherDeclined, match="no AU reaches"):
+        TemplateTeacher().write(calm, "surprise")
+    neutral = TemplateTeacher().write(calm, "neutral")
+    assert "no action unit" in neutral.global_analysis.lower() or "no strong" in neutral.global_analysis.lower()
+    tense = replace(record, aus={key: {**entry, "intensity": 3.0} for key, entry in record.aus.items()})
+    with pytest.raises(TeacherDeclined, match="relaxed"):
+        TemplateTeacher().write(tense, "neutral")
+
+
+# -- the prompt ----------------------------------------------------------------------------------
+def test_prompt_lists_the_candidates_the_activated_aus_with_boxes_and_the_format(sample_records):
+    record = sample_records[SURPRISE]
+    request = _request(record, "surprise")
+    prompt = build_prompt(request)
+    assert "surprise" in request.candidates and all(label in prompt for label in CANDIDATES)
+    for hint in request.hints:
+        x1, y1, x2, y2 = hint.box
+        assert f"{hint.au.key} {hint.au.name}" in prompt and f"[{x1},{y1},{x2},{y2}]" in prompt
+    assert "Global analysis:" in prompt and "<answer>" in prompt and "512x512" in prompt
+    calm_prompt = build_prompt(replace(request, hints=()))
+    assert "no activated action unit" in calm_prompt and "lip corner (AU12, AU14, AU15, AU20)" in calm_prompt
+
+
+def test_image_data_url_sends_web_images_as_is_and_rotates_exif_images(tmp_path, samples_dir):
+    jpeg = (samples_dir / SURPRISE).read_bytes()
+    assert image_data_url(jpeg) == "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()
+    buffer = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    Image.new("RGB", (40, 20), (200, 10, 10)).save(buffer, format="JPEG", exif=exif)
+    url = image_data_url(buffer.getvalue())
+    assert url.startswith("data:image/png;base64,")
+    assert Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).size == (20, 40)
+    with pytest.raises(TeacherError, match="cannot be sent"):
+        image_data_url(b"not an image")
+
+
+# -- the OpenAI-compatible teacher against a real HTTP server -------------------------------------
+class ChatServer(ThreadingHTTPServer):
+    """A scripted OpenAI-compatible endpoint that checks each request before answering it."""
+
+    def __init__(self, expected_image: bytes | None = None):
+        super().__init__(("127.0.0.1", 0), _ChatHandler)
+        self.script: list[tuple[int, str]] = []  # (HTTP status, assistant text or error body)
+        self.prompts: list[str] = []
+        self.expected_image = expected_image
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/v1"
+
+    def problem(self, headers, body: dict) -> str | None:
+        """What is wrong with a request, or None."""
+        if headers.get("Authorization") != "Bearer test-key":
+            return f"bad Authorization header {headers.get('Authorization')!r}"
+        if body.get("model") != "teacher-model":
+            return f"bad model {body.get('model')!r}"
+        parts = {part["type"]: part for part in body["messages"][0]["content"]}
+        url = parts.get("image_url", {}).get("image_url", {}).get("url", "")
+        if not url.startswith("data:image/jpeg;base64,"):
+            return "no image data URL"
+        if self.expected_image is not None and base64.b64decode(url.split(",", 1)[1]) != self.expected_image:
+            return "the image is not the sample's"
+        if "Choose one of:" not in parts.get("text", {}).get("text", ""):
+            return "no candidate labels in the prompt"
+        return None
+
+
+class _ChatHandler(BaseHTTPRequestHandler):
+    server: ChatServer
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if self.path != "/v1/chat/completions":
+            return self._send(404, json.dumps({"error": "not found"}))
+        problem = self.server.problem(self.headers, body)
+        if problem:
+            return self._send(400, json.dumps({"error": problem}))
+        self.server.prompts.append(body["messages"][0]["content"][1]["text"])
+        status, text = self.server.script.pop(0) if self.server.script else (500, "script exhausted")
+        if status != 200:
+            return self._send(status, json.dumps({"error": text}))
+        self._send(200, json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}))
+
+    def _send(self, status: int, payload: str) -> None:
+        data = payload.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args) -> None:  # keep the test output quiet
+        pass
+
+
+@pytest.fixture
+def chat_server(samples_dir, monkeypatch):
+    monkeypatch.setenv("TAG_TEST_KEY", "test-key")
+    server = ChatServer(expected_image=(samples_dir / SURPRISE).read_bytes())
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def _openai(base_url: str, max_retries: int = 3) -> OpenAITeacher:
+    return OpenAITeacher(base_url, "teacher-model", api_key_env="TAG_TEST_KEY", timeout=10,
+                         retry=RetryPolicy(max_retries=max_retries, base_delay=0.001, max_delay=0.01))
+
+
+def _candidates_in(prompt: str) -> list[str]:
+    return re.search(r"Choose one of: (.*?)\.\n", prompt).group(1).split(", ")
+
+
+def test_openai_teacher_retries_format_eliminates_wrong_labels_and_backs_off(sample_records, chat_server):
+    record = sample_records[SURPRISE]
+    right = TemplateTeacher().write(record, "surprise")
+    chat_server.script = [
+        (200, "I think this person is surprised."),  # garbage: a format retry
+        (200, render_trace(replace(right, answer="fear"))),  # well formed, wrong label: eliminate fear
+        (503, "overloaded"),  # transient: backoff retry inside the teacher
+        (200, render_trace(right)),
+    ]
+    outcome = sample_trace(_openai(chat_server.base_url), record, ImageRef.from_path(record.image), "surprise",
+                           CANDIDATES)
+    assert outcome.status == "kept", outcome.detail
+    assert outcome.trace == right
+    attempts = outcome.attempts
+    assert (attempts.proposals, attempts.format_retries, attempts.label_retries, attempts.http_retries) == (3, 1, 1, 1)
+    assert attempts.eliminated == ["fear"] and "HTTP 503" in attempts.transport_errors[0]
+    asked = [_candidates_in(prompt) for prompt in chat_server.prompts]
+    assert len(asked) == 4
+    assert asked[0] == asked[1] == list(CANDIDATES)
+    assert asked[2] == asked[3] == [label for label in CANDIDATES if label != "fear"]
+
+
+def test_openai_teacher_gives_up_after_persistent_server_errors(sample_records, chat_server):
+    record = sample_records[SURPRISE]
+    chat_server.script = [(500, "down")] * 10
+    with pytest.raises(TeacherError, match="no answer after 3 tries") as caught:
+        _openai(chat_server.base_url, max_retries=2).propose(_request(record, "surprise"))
+    assert caught.value.retries == 2 and len(chat_server.prompts) == 3
+
+
+def test_a_down_endpoint_fails_each_sample_and_the_job_goes_on(sample_records, chat_server, tmp_path):
+    chat_server.expected_image = None  # two different photos
+    chat_server.script = [(500, "down")] * 6
+    records = {record.content_hash: record for record in sample_records.values()}
+    samples = [FERSample(ImageRef.from_path(sample_records[name].image), SAMPLE_LABELS[name], "manifest", "all", name)
+               for name in (SURPRISE, HAPPINESS)]
+    out = tmp_path / "traces.jsonl"
+    stats = build_traces(samples, records, _openai(chat_server.base_url, max_retries=2), out, CANDIDATES,
+                         progress=False)
+    assert (stats.samples, stats.kept, stats.failed, stats.http_retries) == (2, 0, 2, 4)
+    assert out.read_text() == "" and len(chat_server.prompts) == 6
+    failed = read_jsonl(sidecar_paths(out)[0])
+    assert [(line["status"], line["reason"], line["attempts"]["http_retries"]) for line in failed] == [
+        ("failed", "teacher error", 2)] * 2
+    assert "HTTP 500" in failed[0]["detail"] and len(failed[0]["attempts"]["transport_errors"]) == 3
+
+
+def test_openai_teacher_retries_a_refused_connection(sample_records):
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(TeacherError) as caught:
+        _openai(f"http://127.0.0.1:{port}/v1", max_retries=2).propose(_request(sample_records[SURPRISE], "surprise"))
+    assert caught.value.retries == 2 and "refused" in caught.value.errors[0].lower()
+
+
+def test_openai_teacher_does_not_retry_client_errors(sample_records, chat_server, monkeypatch):
+    request = _request(sample_records[SURPRISE], "surprise")
+    chat_server.script = [(422, "unprocessable")]
+    with pytest.raises(TeacherError, match="HTTP 422") as caught:
+        _openai(chat_server.base_url).propose(request)
+    assert caught.value.retries == 0 and len(chat_server.prompts) == 1
+    monkeypatch.setenv("TAG_TEST_KEY", "wrong-key")  # the server answers 400 to a wrong key
+    with pytest.raises(TeacherError, match="Authorization"):
+        _openai(chat_server.base_url).propose(request)
+    chat_server.script = [(401, "invalid key")]
+    monkeypatch.setenv("TAG_TEST_KEY", "test-key")
+    with pytest.raises(TeacherSetupError, match="TAG_TEST_KEY"):
+        _openai(chat_server.base_url).propose(request)
+    with pytest.raises(TeacherSetupError, match="base URL"):
+        _openai(chat_server.base_url.removesuffix("/v1")).propose(request)
+
+
+def test_retry_policy_backs_off_exponentially_up_to_a_cap():
+    policy = RetryPolicy(max_retries=6, base_delay=0.5, max_delay=3.0)
+    assert [policy.delay(retry) for retry in range(5)] == [0.5, 1.0, 2.0, 3.0, 3.0]
+
+
+# -- the local Hugging Face teacher --------------------------------------------------------------
+def test_hf_teacher_says_what_folder_it_needs(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        HFTeacher.from_pretrained(tmp_path / "nowhere")
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="image-text-to-text"):
+        HFTeacher.from_pretrained(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen2_vl(tmp_path_factory) -> Path:
+    """A randomly initialised Qwen2-VL with a 263-token byte-level vocabulary, saved with its processor."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import (
+        PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor,
+        Qwen2VLProcessor, Qwen2VLVideoProcessor,
+    )
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                "<|image_pad|>", "<|video_pad|>"]
+    vocab = {char: index for index, char in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab |= {token: len(vocab) + offset for offset, token in enumerate(specials)}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(specials)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}"
+        "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c['text'] }}{% endif %}"
+        "{% endfor %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    processor = Qwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=112 * 112),
+        tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(), chat_template=chat_template,
+    )
+    ids = tokenizer.convert_tokens_to_ids
+    config = Qwen2VLConfig(
+        text_config={"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64,
+                     "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+                     "rope_scaling": {"type": "mrope", "mrope_section": [2, 2, 4]},
+                     "bos_token_id": ids("<|endoftext|>"), "eos_token_id": ids("<|im_end|>")},
+        vision_config={"depth": 1, "embed_dim": 32, "hidden_size": 32, "num_heads": 2, "mlp_ratio": 2},
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+    )
+    folder = tmp_path_factory.mktemp("tiny-qwen2-vl")
+    Qwen2VLForConditionalGeneration(config).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.slow
+def test_hf_teacher_answers_and_its_garbage_is_rejected_as_format(sample_records, tiny_qwen2_vl):
+    record = sample_records[SURPRISE]
+    teacher = HFTeacher.from_pretrained(tiny_qwen2_vl, max_new_tokens=8, temperature=0)
+    assert teacher.name == f"hf:{tiny_qwen2_vl.name}"
+    proposal = teacher.propose(_request(record, "surprise"))
+    assert isinstance(proposal.text, str) and proposal.retries == 0
+    outcome = sample_trace(teacher, record, ImageRef.from_path(record.image), "surprise", CANDIDATES,
+                           RejectionConfig(max_format_retries=1))
+    assert (outcome.status, outcome.reason, outcome.attempts.proposals) == ("rejected", "format", 2)

@@ -1,0 +1,236 @@
+"""Rejection sampling and the resumable `tag prepare traces` job, on the real sample photos."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from tag_lightning.au.build import build_au_cache
+from tag_lightning.cli import image_refs, main
+from tag_lightning.data.datasets import FERSample
+from tag_lightning.data.samples import ANGER, HAPPINESS, MANIFEST_NAME, SAMPLE_LABELS, SINGLE_FACE, SURPRISE
+from tag_lightning.data.teachers import Proposal, TeacherDeclined, TeacherError, TeacherRequest, TemplateTeacher
+from tag_lightning.data.trace_builder import (
+    RejectionConfig,
+    build_traces,
+    grounding_errors,
+    read_jsonl,
+    sample_trace,
+    sidecar_paths,
+)
+from tag_lightning.data.traces import Step, render_trace
+from tag_lightning.images import ImageRef, content_hash
+
+CANDIDATES = ("surprise", "fear", "happiness", "anger", "disgust", "neutral")
+LABELLED = [name for name, label in SAMPLE_LABELS.items() if label]
+KEYS = {"image", "label", "trace", "trace_struct", "teacher", "attempts", "content_hash", "dataset", "split"}
+
+
+class ScriptedTeacher:
+    """Answers from a list (a TeacherError in the list is raised) and remembers every request."""
+
+    name = "scripted"
+
+    def __init__(self, answers: list):
+        self.answers = list(answers)
+        self.requests: list[TeacherRequest] = []
+
+    def propose(self, request: TeacherRequest) -> Proposal:
+        self.requests.append(request)
+        answer = self.answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return Proposal(answer)
+
+
+def _sample(record, label: str | None) -> FERSample:
+    return FERSample(ImageRef.from_path(record.image), label, "manifest", "all", record.image)
+
+
+# -- judging answers -----------------------------------------------------------------------------
+def test_grounding_accepts_the_template_and_catches_unbacked_claims(sample_records):
+    record = sample_records[HAPPINESS]
+    trace = TemplateTeacher().write(record, "happiness")
+    assert grounding_errors(trace, record, 1.0, 0.5) == []
+    step = trace.steps[0]
+    inactive = replace(trace, steps=(replace(step, aus=(15,)), *trace.steps[1:]))
+    assert any("AU15 is not activated" in error for error in grounding_errors(inactive, record, 1.0, 0.5))
+    x1, y1, x2, y2 = step.box
+    moved = replace(trace, steps=(replace(step, box=(x2, y2, x2 + 40, y2 + 40)), *trace.steps[1:]))
+    assert any("misses the AU" in error for error in grounding_errors(moved, record, 1.0, 0.5))
+    unknown = replace(trace, steps=(replace(step, aus=(99,)),))
+    assert any("AU99 was not measured" in error for error in grounding_errors(unknown, record, 1.0, 0.5))
+    boasting = replace(trace, conclusion="AU15 and AU12 indicate happiness.")
+    assert any("conclusion: AU15" in error for error in grounding_errors(boasting, record, 1.0, 0.5))
+
+
+def test_a_neutral_answer_may_report_inactive_aus_as_relaxed(sample_records):
+    record = sample_records[HAPPINESS]
+    au15 = record.aus["AU15"]
+    trace = TemplateTeacher().write(record, "happiness")
+    relaxed = replace(trace, steps=(Step("lip corner", (15,), "relaxed", tuple(au15["box"])),), answer="neutral")
+    assert grounding_errors(relaxed, record, 1.0, 0.5) == []
+
+
+# -- rejection sampling --------------------------------------------------------------------------
+def test_format_failures_are_retried_up_to_the_limit(sample_records):
+    record = sample_records[SURPRISE]
+    teacher = ScriptedTeacher(["no trace here"] * 3)
+    outcome = sample_trace(teacher, record, ImageRef.from_path(record.image), "surprise", CANDIDATES,
+                           RejectionConfig(max_format_retries=2))
+    assert (outcome.status, outcome.reason) == ("rejected", "format")
+    assert (outcome.attempts.proposals, outcome.attempts.format_retries) == (3, 2)
+    assert "missing 'Global analysis:' line" in outcome.detail
+
+
+def test_wrong_labels_are_eliminated_one_by_one_until_the_limit(sample_records):
+    record = sample_records[SURPRISE]
+    right = TemplateTeacher().write(record, "surprise")
+    wrong = [render_trace(replace(right, answer=label)) for label in ("fear", "anger", "happiness")]
+    teacher = ScriptedTeacher(wrong)
+    outcome = sample_trace(teacher, record, ImageRef.from_path(record.image), "surprise", CANDIDATES,
+                           RejectionConfig(max_label_retries=2))
+    assert (outcome.status, outcome.reason, outcome.attempts.label_retries) == ("rejected", "wrong label", 2)
+    assert outcome.attempts.eliminated == ["fear", "anger"]
+    assert [request.candidates for request in teacher.requests] == [
+        CANDIDATES,
+        tuple(label for label in CANDIDATES if label != "fear"),
+        tuple(label for label in CANDIDATES if label not in ("fear", "anger")),
+    ]
+    assert all(request.label == "surprise" for request in teacher.requests)
+
+
+def test_an_eliminated_label_answered_again_is_a_format_failure(sample_records):
+    record = sample_records[SURPRISE]
+    right = TemplateTeacher().write(record, "surprise")
+    fear = render_trace(replace(right, answer="fear"))
+    outcome = sample_trace(ScriptedTeacher([fear, fear, render_trace(right)]), record,
+                           ImageRef.from_path(record.image), "surprise", CANDIDATES)
+    assert outcome.status == "kept"
+    assert (outcome.attempts.label_retries, outcome.attempts.format_retries) == (1, 1)
+
+
+def test_declines_and_transport_failures_end_the_sample_without_retries(sample_records):
+    record = sample_records[SURPRISE]
+    image = ImageRef.from_path(record.image)
+    declined = sample_trace(ScriptedTeacher([TeacherDeclined("nothing to cite")]), record, image, "surprise",
+                            CANDIDATES)
+    assert (declined.status, declined.reason, declined.detail) == ("rejected", "declined", "nothing to cite")
+    failed = sample_trace(ScriptedTeacher([TeacherError("down", retries=4, errors=("HTTP 503",) * 5)]), record,
+                          image, "surprise", CANDIDATES)
+    assert (failed.status, failed.reason, failed.attempts.http_retries) == ("failed", "teacher error", 4)
+
+
+def test_failed_samples_are_asked_again_on_the_next_run(sample_records, tmp_path):
+    records = {r.content_hash: r for r in sample_records.values()}
+    samples = [_sample(sample_records[name], SAMPLE_LABELS[name]) for name in (SURPRISE, HAPPINESS)]
+    out = tmp_path / "traces.jsonl"
+    down = ScriptedTeacher([TeacherError("connection refused", retries=3)] * 2)
+    stats = build_traces(samples, records, down, out, CANDIDATES, progress=False)
+    assert (stats.kept, stats.failed, stats.http_retries) == (0, 2, 6)
+    rejected, stats_file = sidecar_paths(out)
+    assert [(line["status"], line["reason"]) for line in read_jsonl(rejected)] == [("failed", "teacher error")] * 2
+    assert json.loads(stats_file.read_text())["failed"] == 2
+    again = build_traces(samples, records, TemplateTeacher(), out, CANDIDATES, progress=False)
+    assert again.kept == 2, "failed samples are asked again on the next run"
+
+
+def test_samples_are_screened_by_label_and_record_status(sample_records, tmp_path):
+    records = {r.content_hash: r for r in sample_records.values()}
+    no_face = next(r for r in sample_records.values() if r.status == "no_face")
+    unknown = FERSample(ImageRef(name="elsewhere.png", data=b"\x89PNG other bytes"), "anger", "manifest", "all", "-")
+    samples = [
+        _sample(sample_records[SINGLE_FACE], None),
+        _sample(no_face, "surprise"),
+        unknown,
+        _sample(sample_records[ANGER], "contempt"),
+        _sample(sample_records[ANGER], "anger"),
+    ]
+    stats = build_traces(samples, records, TemplateTeacher(), tmp_path / "t.jsonl", CANDIDATES, progress=False)
+    assert stats.kept == 1 and stats.samples == 5
+    assert stats.skipped == {"no label": 1, "AU record no_face": 1, "not in the AU cache": 1,
+                             "label not a candidate": 1}
+
+
+def test_a_torn_last_line_is_dropped_and_a_damaged_middle_is_an_error(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"image": "a"}\n{"image": "b"}\n{"image": "c", "la')
+    assert read_jsonl(path) == [{"image": "a"}, {"image": "b"}]
+    assert path.read_text() == '{"image": "a"}\n{"image": "b"}\n'
+    path.write_text('{"image": "a"}\nnot json\n{"image": "c"}\n')
+    with pytest.raises(ValueError, match=r"t.jsonl:2 is not a JSON line"):
+        read_jsonl(path)
+
+
+# -- tag prepare traces, end to end --------------------------------------------------------------
+@pytest.fixture(scope="module")
+def au_cache(samples_dir, tmp_path_factory) -> Path:
+    """The AU cache of the sample photos, built the way `tag prepare au-cache` builds it."""
+    folder = tmp_path_factory.mktemp("au-cache")
+    build_au_cache(image_refs(str(samples_dir)), folder, progress=False)
+    return folder
+
+
+def _prepare_traces(samples_dir: Path, au_cache: Path, out: Path, *options: str) -> int:
+    return main(["prepare", "traces", "--data", str(samples_dir / MANIFEST_NAME), "--cache", str(au_cache),
+                 "--teacher", "template", "--out", str(out), "--quiet", *options])
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_prepare_traces_writes_tag310k_style_jsonl(samples_dir, au_cache, tmp_path, capsys):
+    out = tmp_path / "traces.jsonl"
+    assert _prepare_traces(samples_dir, au_cache, out) == 0
+    lines = _lines(out)
+    assert sorted(Path(line["image"]).name for line in lines) == sorted(LABELLED)
+    for line in lines:
+        assert KEYS <= set(line)
+        image = Path(line["image"])
+        assert line["label"] == SAMPLE_LABELS[image.name] == line["trace_struct"]["answer"]
+        assert line["content_hash"] == content_hash(image.read_bytes())
+        assert (line["teacher"], line["dataset"], line["split"]) == ("template", "manifest", "all")
+        assert line["trace"].endswith(f"<answer> {line['label']} </answer>")
+        assert line["attempts"]["proposals"] == 1
+    printed = capsys.readouterr().out
+    assert "kept 4" in printed and "no label 3" in printed and "retries: format 0, label 0, http 0" in printed
+    stats = json.loads(sidecar_paths(out)[1].read_text())
+    assert stats["kept"] == 4 and stats["skipped"] == {"no label": 3}
+
+
+def test_prepare_traces_resumes_after_a_kill_without_duplicates(samples_dir, au_cache, tmp_path):
+    out = tmp_path / "traces.jsonl"
+    assert _prepare_traces(samples_dir, au_cache, out) == 0
+    complete = _lines(out)
+    written = out.read_bytes().splitlines(keepends=True)
+    out.write_bytes(b"".join(written[:2]) + written[2][: len(written[2]) // 2])  # killed while writing line 3
+    assert _prepare_traces(samples_dir, au_cache, out) == 0
+    resumed = _lines(out)
+    assert len(resumed) == len(complete) == 4
+    assert len({line["image"] for line in resumed}) == 4
+    assert resumed[:2] == complete[:2] and sorted(map(json.dumps, resumed)) == sorted(map(json.dumps, complete))
+    stats = json.loads(sidecar_paths(out)[1].read_text())
+    assert stats["kept"] == 2 and stats["skipped"]["already written"] == 2
+
+
+def test_given_up_images_are_not_retried_unless_asked(samples_dir, au_cache, tmp_path):
+    out = tmp_path / "traces.jsonl"
+    assert _prepare_traces(samples_dir, au_cache, out, "--min-intensity", "9") == 0  # nothing is activated
+    assert out.read_text() == ""
+    given_up = read_jsonl(sidecar_paths(out)[0])
+    assert [(line["status"], line["reason"]) for line in given_up] == [("rejected", "declined")] * 4
+    assert _prepare_traces(samples_dir, au_cache, out) == 0
+    assert json.loads(sidecar_paths(out)[1].read_text())["skipped"]["rejected earlier"] == 4
+    assert _prepare_traces(samples_dir, au_cache, out, "--retry-rejected", "--limit", "2") == 0
+    assert len(_lines(out)) == 2  # the first two manifest rows are labelled
+
+
+def test_prepare_traces_explains_missing_teacher_options(samples_dir, au_cache, tmp_path, capsys):
+    assert _prepare_traces(samples_dir, au_cache, tmp_path / "t.jsonl", "--teacher", "openai") == 2
+    assert "--base-url" in capsys.readouterr().err
+    assert _prepare_traces(samples_dir, au_cache, tmp_path / "t.jsonl", "--candidates", "anger") == 2
+    assert "--candidates" in capsys.readouterr().err
