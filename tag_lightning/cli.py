@@ -12,6 +12,10 @@ from pathlib import Path
 
 from tag_lightning.images import IMAGE_SUFFIXES, ImageRef
 
+# Handled by LightningCLI (tag_lightning/training.py), which imports torch and lightning: kept
+# here as names so that `tag prepare ...` starts without them.
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     pass
@@ -27,11 +31,20 @@ def image_refs(spec: str, split: str | None = None) -> list[ImageRef]:
     return [sample.image for sample in parse_data_spec(spec, split=split)]
 
 
+# -- tag export ---------------------------------------------------------------------------------
+def _export(args: argparse.Namespace) -> int:
+    from tag_lightning.training import export_checkpoint
+
+    out = export_checkpoint(args.ckpt, args.out)
+    print(f"merged Hugging Face model: {out} (load it with AutoModelForImageTextToText.from_pretrained)")
+    return 0
+
+
 # -- tag demo -----------------------------------------------------------------------------------
 def _demo(args: argparse.Namespace) -> int:
     from tag_lightning.demo import run_demo
 
-    run_demo(args.out, workers=args.workers, libreface_weights=args.libreface_weights)
+    run_demo(args.out, workers=args.workers, libreface_weights=args.libreface_weights, train_steps=args.train_steps)
     return 0
 
 
@@ -173,14 +186,26 @@ def build_parser() -> argparse.ArgumentParser:
         description="tag_lightning: AU-grounded facial expression recognition with VLMs (TAG).",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in LIGHTNING_COMMANDS:  # handled by LightningCLI (see `main`), listed here for --help
+        commands.add_parser(name, add_help=False, help=f"LightningCLI {name} (`tag {name} --help` lists its options)",
+                            description=f"LightningCLI {name}")
+    export = commands.add_parser("export", formatter_class=_HelpFormatter,
+                                 help="write a merged Hugging Face model folder from a training checkpoint",
+                                 description="Rebuild the network of a `tag fit` checkpoint, merge LoRA adapters into "
+                                             "it and save it with its processor files, loadable by plain transformers.")
+    export.add_argument("--ckpt", required=True, type=Path, help="a checkpoint written by `tag fit`")
+    export.add_argument("--out", required=True, type=Path, help="folder to write the merged model into")
+    export.set_defaults(func=_export)
     demo = commands.add_parser("demo", formatter_class=_HelpFormatter,
                                help="run the pipeline on the sample photos (the embedded default)",
-                               description="Fetch the sample face photos, build their AU cache and draw each face "
-                                           "with its activated AU boxes.")
+                               description="Fetch the sample face photos, build their AU cache, draw each face with "
+                                           "its activated AU boxes, write template traces, build the tiny Qwen2.5-VL "
+                                           "and run a short SFT fit on it (configs/sft.yaml + configs/data/samples.yaml).")
     demo.add_argument("--out", type=Path, default=Path("outputs/demo"), help="folder for everything the demo writes")
     demo.add_argument("--workers", type=int, default=2, help="worker processes for the AU cache build")
     demo.add_argument("--libreface-weights", default=None,
                       help="LibreFace's combined_resnet.pt; without it AU intensities come from blendshapes")
+    demo.add_argument("--train-steps", type=int, default=20, help="SFT optimizer steps at the end (0: no training)")
     demo.set_defaults(func=_demo)
     prepare = commands.add_parser("prepare", help="data preparation: sample photos, AU cache",
                                   formatter_class=_HelpFormatter,
@@ -295,6 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in LIGHTNING_COMMANDS:
+        from tag_lightning.training import lightning_main
+
+        return lightning_main(argv)
     args = build_parser().parse_args(argv)
     from tag_lightning.resources import ResourceUnavailable
 

@@ -35,3 +35,11 @@ def sample_records(samples_dir, annotator) -> dict:
 
     refs = [ImageRef.from_path(samples_dir / name) for name in SAMPLE_LABELS]
     return {Path(r.image).name: r for r in annotator.annotate(refs)}
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory) -> Path:
+    """What `tag demo` prepares (samples, AU cache, drawings, traces, tiny model), without its SFT run."""
+    from tag_lightning.demo import prepare_demo_data
+
+    return prepare_demo_data(tmp_path_factory.mktemp("demo"), workers=1)

@@ -76,9 +76,8 @@ def test_clear_errors(built_cache, tmp_path, capsys):
     assert "tag prepare au-cache" in capsys.readouterr().err
 
 
-def test_demo_runs_on_the_sample_photos(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path), "--workers", "1"]) == 0
-    out = capsys.readouterr().out
-    assert "0-f15-hao-ph.jpg" in out and "AU12" in out
-    drawings = sorted(p.name for p in (tmp_path / "drawings").glob("*.png"))
+def test_demo_prepares_everything_the_configs_expect(demo_dir, capsys):
+    drawings = sorted(p.name for p in (demo_dir / "drawings").glob("*.png"))
     assert len(drawings) == 6 and "free-mountain-vector-01_aus.png" not in drawings
+    assert (demo_dir / "traces.jsonl").read_text().count("\n") == 4  # the four labelled photos
+    assert (demo_dir / "tiny-qwen2.5-vl" / "config.json").is_file()

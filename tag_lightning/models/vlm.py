@@ -139,7 +139,6 @@ class VLMWrapper(nn.Module):
         generation_ends = model.generation_config.eos_token_id
         generation_ends = [generation_ends] if isinstance(generation_ends, int) else list(generation_ends or [])
         self.end_ids = sorted({tokenizer.convert_tokens_to_ids(self.backbone.end_of_turn), *generation_ends})
-        self.eval()  # as loaded; Lightning switches to training mode for fit
 
     @property
     def device(self) -> torch.device:

@@ -1,0 +1,270 @@
+"""Image augmentation that moves every box with the pixels it names.
+
+The boxes a model learns (trace steps) and is rewarded against (detector AU regions) must be
+boxes of the image it actually sees, so they travel through albumentations (pascal_voc boxes,
+clipped to the image) together with the pixels:
+
+1. letterbox to a square `image_size` (longest side resized bilinearly, centred on black), always;
+2. for training: horizontal flip, a random affine (zoom in or out, i.e. a random resized crop
+   or a wider view; a shift; a small rotation) and colour jitter (pixels only).
+
+Vanished boxes. A random draw that leaves any box with less than `min_visibility` of its area in
+view is redrawn, up to `MAX_DRAWS` times, and then replaced by the plain letterbox. So no trace
+step loses its box and no detector AU silently disappears; a box partly out of view is clipped.
+A box that has no area inside its own image to begin with comes back as None.
+
+Flip. Mirroring a face mirrors its anatomy: the half that was the subject's left now looks like a
+subject's right. Side labels are therefore swapped with the flip, so that "left" keeps meaning
+the subject's left in the image delivered: the record's AU `sides` trade their labels (each box
+moved with the pixels, each intensity staying with its half of the face), and in a trace every
+whole word "left"/"right" is exchanged (regions such as "left lip corner" as well as observations
+and conclusions that name a side).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import albumentations as A
+import cv2
+import numpy as np
+
+from tag_lightning.boxes import round_box
+from tag_lightning.data.traces import Box, Step, Trace
+
+MAX_DRAWS = 5
+"""Random draws tried per sample before falling back to the plain letterbox."""
+
+_SIDE_WORD_RE = re.compile(r"\b(left|right)\b", re.IGNORECASE)
+_OTHER_SIDE = {"left": "right", "right": "left"}
+
+
+@dataclass(frozen=True)
+class AugmentOptions:
+    """Random training augmentation; the geometric parts move the boxes, colour jitter does not.
+
+    Args:
+        hflip: probability of a horizontal flip (side labels are swapped with it).
+        scale: zoom range; above 1 crops into the face (a random resized crop), below 1 shows a
+            wider view with black borders.
+        translate: largest shift, as a fraction of the image side.
+        rotate: largest rotation in degrees, either way.
+        brightness: colour jitter: brightness factor drawn from 1 ± brightness.
+        contrast: colour jitter: contrast factor drawn from 1 ± contrast.
+        saturation: colour jitter: saturation factor drawn from 1 ± saturation.
+        hue: colour jitter: hue shift drawn from ± hue (a fraction of the hue circle); off by
+            default, as skin hue carries little expression and the HSV round trip is the costliest part.
+        min_visibility: a draw that leaves any box less than this fraction of its area in view is
+            redrawn; in (0, 1].
+    """
+
+    hflip: float = 0.5
+    scale: tuple[float, float] = (0.9, 1.15)
+    translate: float = 0.05
+    rotate: float = 10.0
+    brightness: float = 0.2
+    contrast: float = 0.2
+    saturation: float = 0.2
+    hue: float = 0.0
+    min_visibility: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.min_visibility <= 1.0:
+            raise ValueError(f"min_visibility must lie in (0, 1], got {self.min_visibility}")
+        if not 0.0 < self.scale[0] <= self.scale[1]:
+            raise ValueError(f"scale must be a range (low, high) with 0 < low <= high, got {self.scale}")
+
+
+@dataclass(frozen=True)
+class AugmentedFace:
+    """One augmented image with its boxed structures, boxes in its pixels and sides relabelled."""
+
+    image: np.ndarray
+    """(image_size, image_size, 3) uint8 RGB."""
+    trace: Trace | None
+    aus: dict[str, dict] | None
+    """The record's AU entries (see `AURecord.aus`); AUs whose box has no area in view are dropped."""
+    mirrored: bool
+
+
+class FaceAugment:
+    """Letterbox images to `image_size` squares; with `options`, augment them at random too.
+
+    The letterbox resize is bilinear, fine for the last factor of two at most: decode larger
+    images at reduced size first (JPEG draft and area averaging, `decode_image(max_side=...)`).
+    """
+
+    def __init__(self, image_size: int, options: AugmentOptions | None = None) -> None:
+        if image_size < 1:
+            raise ValueError(f"image_size must be positive, got {image_size}")
+        self.image_size = image_size
+        self._letterbox = A.Compose(_letterbox(image_size), bbox_params=_bbox_params(min_visibility=0.0))
+        self._random = None
+        if options is not None:
+            self._random = A.Compose(
+                _letterbox(image_size) + _random_transforms(options),
+                bbox_params=_bbox_params(options.min_visibility),
+                save_applied_params=True,
+            )
+
+    def __call__(
+        self,
+        image: np.ndarray,
+        source_size: tuple[int, int],
+        rng: np.random.Generator | None = None,
+        *,
+        trace: Trace | None = None,
+        aus: Mapping[str, dict] | None = None,
+    ) -> AugmentedFace:
+        """Augment `image` with the boxes of `trace` and `aus`, given in pixels of a
+        `source_size` (width, height) image of which `image` may be a resized copy."""
+        steps = trace.steps if trace is not None else ()
+        slots = _au_slots(aus) if aus is not None else []
+        boxes = [step.box for step in steps] + [_slot_box(aus, slot) for slot in slots]
+        pixels, moved, mirrored = self.transform(image, boxes, source_size, rng)
+        return AugmentedFace(
+            image=pixels,
+            trace=None if trace is None else _moved_trace(trace, moved[: len(steps)], mirrored),
+            aus=None if aus is None else _moved_aus(aus, dict(zip(slots, moved[len(steps) :])), mirrored),
+            mirrored=mirrored,
+        )
+
+    def transform(
+        self,
+        image: np.ndarray,
+        boxes: Sequence[Sequence[float] | None],
+        source_size: tuple[int, int],
+        rng: np.random.Generator | None = None,
+    ) -> tuple[np.ndarray, list[Box | None], bool]:
+        """The augmented image, each box in its integer pixels (None where the input box is None
+        or has no area in its image), and whether the image was mirrored."""
+        height, width = image.shape[:2]
+        factors = np.array([width / source_size[0], height / source_size[1]] * 2)
+        bounds = np.array([width, height, width, height], dtype=float)
+        kept, rows = [], []
+        for index, box in enumerate(boxes):
+            if box is None:
+                continue
+            row = np.clip(np.asarray(box, dtype=float) * factors, 0.0, bounds)
+            if row[2] > row[0] and row[3] > row[1]:
+                kept.append(index)
+                rows.append(row)
+        data = {"image": image, "bboxes": np.array(rows, dtype=np.float32).reshape(-1, 4), "box_ids": kept}
+        result = self._draw(data, rng or np.random.default_rng())
+        moved: list[Box | None] = [None] * len(boxes)
+        for index, row in zip(result["box_ids"], result["bboxes"]):
+            moved[int(index)] = _pixel_box(row, self.image_size)
+        mirrored = any(name == "HorizontalFlip" for name, _ in result.get("applied_transforms", ()))
+        return result["image"], moved, mirrored
+
+    def _draw(self, data: dict, rng: np.random.Generator) -> dict:
+        """A random draw that keeps every box in view, else the plain letterbox."""
+        if self._random is not None:
+            self._random.set_random_state(rng, random.Random(int(rng.integers(2**63))))
+            for _ in range(MAX_DRAWS):
+                result = self._random(**data)
+                if len(result["box_ids"]) == len(data["box_ids"]):
+                    return result
+        return self._letterbox(**data)
+
+
+def mirror_sides(text: str) -> str:
+    """`text` with every whole word "left" and "right" exchanged, keeping its capitalisation."""
+
+    def swap(match: re.Match[str]) -> str:
+        word = match.group(0)
+        other = _OTHER_SIDE[word.lower()]
+        return other.upper() if word.isupper() else other.capitalize() if word[0].isupper() else other
+
+    return _SIDE_WORD_RE.sub(swap, text)
+
+
+def _bbox_params(min_visibility: float) -> A.BboxParams:
+    """Boxes judged once, on the final image (checking after every transform costs a third more)."""
+    return A.BboxParams(
+        format="pascal_voc",
+        label_fields=["box_ids"],
+        clip=True,
+        min_visibility=min_visibility,
+        check_each_transform=False,
+    )
+
+
+def _letterbox(image_size: int) -> list[A.BasicTransform]:
+    return [
+        A.LongestMaxSize(max_size=image_size, interpolation=cv2.INTER_LINEAR),
+        A.PadIfNeeded(image_size, image_size, position="center", border_mode=cv2.BORDER_CONSTANT, fill=0),
+    ]
+
+
+def _random_transforms(options: AugmentOptions) -> list[A.BasicTransform]:
+    return [
+        A.HorizontalFlip(p=options.hflip),
+        A.Affine(
+            scale=options.scale,
+            translate_percent=(-options.translate, options.translate),
+            rotate=(-options.rotate, options.rotate),
+            border_mode=cv2.BORDER_CONSTANT,
+            fill=0,
+            p=1.0,
+        ),
+        A.ColorJitter(
+            brightness=(1 - options.brightness, 1 + options.brightness),
+            contrast=(1 - options.contrast, 1 + options.contrast),
+            saturation=(1 - options.saturation, 1 + options.saturation),
+            hue=(-options.hue, options.hue),
+            p=1.0,
+        ),
+    ]
+
+
+def _pixel_box(row: Sequence[float], size: int) -> Box:
+    """Integer pixels of a float box inside a `size` square: rounded, at least one pixel each way."""
+    x1, y1, x2, y2 = round_box(row)
+    x1, y1 = min(x1, size - 1), min(y1, size - 1)
+    return x1, y1, max(x2, x1 + 1), max(y2, y1 + 1)
+
+
+# -- the boxed structures ---------------------------------------------------------------------
+Slot = tuple[str, str | None]
+"""Where a box lives in an AU dict: (AU key, None) for the AU's box, (AU key, side) for a side's."""
+
+
+def _au_slots(aus: Mapping[str, dict]) -> list[Slot]:
+    sides = [(key, side) for key, entry in aus.items() for side in entry.get("sides", {})]
+    return [(key, None) for key in aus] + sides
+
+
+def _slot_box(aus: Mapping[str, dict], slot: Slot) -> Sequence[float]:
+    key, side = slot
+    return aus[key]["box"] if side is None else aus[key]["sides"][side]["box"]
+
+
+def _moved_aus(aus: Mapping[str, dict], moved: dict[Slot, Box | None], mirrored: bool) -> dict[str, dict]:
+    """The AU entries with moved boxes (as lists, like records), sides relabelled after a mirror."""
+    result = {}
+    for key, entry in aus.items():
+        box = moved[(key, None)]
+        if box is None:
+            continue
+        result[key] = {**entry, "box": list(box)}
+        if "sides" in entry:
+            result[key]["sides"] = {
+                _OTHER_SIDE[side] if mirrored else side: {**value, "box": list(moved[(key, side)])}
+                for side, value in entry["sides"].items()
+                if moved[(key, side)] is not None
+            }
+    return result
+
+
+def _moved_trace(trace: Trace, boxes: Sequence[Box | None], mirrored: bool) -> Trace:
+    """The trace with moved step boxes and, after a mirror, its side words exchanged."""
+    text = mirror_sides if mirrored else str
+    steps = tuple(
+        Step(region=text(step.region), aus=step.aus, observation=text(step.observation), box=box)
+        for step, box in zip(trace.steps, boxes)
+    )
+    return Trace(text(trace.global_analysis), steps, text(trace.conclusion), trace.answer)

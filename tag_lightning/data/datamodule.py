@@ -1,0 +1,366 @@
+"""FERDataModule: FER datasets + AU cache (+ trace JSONL) -> batches for SFT, GRPO and evaluation.
+
+Selection (at `setup`, per split). A sample is kept when the AU cache holds a record for it whose
+status is not excluded (`exclude_statuses`; an image without a record is excluded too), when it
+has a label and, for SFT training, a trace whose boxes lie in its image. Every
+exclusion is counted by reason (`counts`) and summarised in the log.
+
+Items (one dict per sample; `collate` turns them into a batch of the same keys):
+
+- every item: ``image`` (uint8 HWC RGB, `image_size` square, augmented in training),
+  ``image_name``, ``prompt`` (`prompts.user_prompt` with its dataset's labels), ``label``;
+- ``"sft"`` items (training in stage sft) add ``trace`` (the target `Trace`) and ``target``
+  (its rendered text);
+- ``"rl"`` items (training in stage rl; validation and test in both stages, as evaluation is
+  generation scored against the label and the detector) add ``detector_aus`` (the record's AU
+  entries: box, intensity, sides) and ``activated_aus`` (AU keys at or above
+  `activation_threshold`, strongest first).
+
+Every box is in pixels of the delivered image: traces and AU records (original-image pixels)
+move with resizing and augmentation, and a target's text is rendered only afterwards. A model
+wrapper that sees another frame maps the boxes of ``trace`` and re-renders it (`render_trace`);
+the text in ``target`` is for models that see the delivered image as it is.
+
+Training batches come from a `ResumableSampler`: shuffled per (seed, epoch), sharded over DDP
+ranks, and resumable mid-epoch: the datamodule's state in a checkpoint says how many samples of
+which epoch were trained on, and a resumed run skips exactly those.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import cv2
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, Dataset
+
+from tag_lightning.au.cache import AUCache
+from tag_lightning.au.record import STATUSES, AURecord
+from tag_lightning.data.augment import AugmentOptions, FaceAugment
+from tag_lightning.data.datasets import FERDataset, parse_data_spec
+from tag_lightning.data.prompts import user_prompt
+from tag_lightning.data.sampling import ResumableSampler
+from tag_lightning.data.traces import Trace, render_trace
+from tag_lightning.images import ImageRef, content_hash, decode_image
+
+SPLITS = ("train", "val", "test")
+DEFAULT_AUGMENT = AugmentOptions()
+_SPLITS_OF_STAGE = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ()}
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """A kept sample: where it is, which content it must have, and its target trace if any."""
+
+    dataset: int
+    index: int
+    content_hash: str
+    size: tuple[int, int]  # the original (width, height), as recorded
+    trace: Trace | None
+
+
+class FERItems(Dataset):
+    """The kept samples of one split as items of one kind ("sft" or "rl"), decoded and augmented."""
+
+    def __init__(
+        self,
+        datasets: Sequence[FERDataset],
+        entries: Sequence[_Entry],
+        cache: AUCache,
+        kind: Literal["sft", "rl"],
+        augment: FaceAugment,
+        seed: int = 0,
+        activation_threshold: float = 1.0,
+    ) -> None:
+        self.datasets = list(datasets)
+        self.entries = list(entries)
+        self.cache = cache
+        self.kind = kind
+        self.augment = augment
+        self.seed = seed
+        self.activation_threshold = activation_threshold
+        self.prompts = [user_prompt(dataset.classes) for dataset in self.datasets]
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        """The item at `key`: an index, or ``(epoch, index)`` from the training sampler."""
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        entry = self.entries[index]
+        sample = self.datasets[entry.dataset][entry.index]
+        data = sample.image.read_bytes()
+        if content_hash(data) != entry.content_hash:
+            raise RuntimeError(
+                f"{sample.image.name} changed since its AU record (and trace) were made; rebuild the AU cache "
+                f"(`tag prepare au-cache`) and its traces"
+            )
+        image, size = _decode(data, sample.image.name, max(entry.size), self.augment.image_size)
+        # A function of (seed, epoch, sample): the same whatever the worker, prefetching or resumption.
+        rng = np.random.default_rng([self.seed, epoch, index])
+        item = {"image_name": sample.image.name, "prompt": self.prompts[entry.dataset], "label": sample.label}
+        if self.kind == "sft":
+            out = self.augment(image, size, rng, trace=entry.trace)
+            item.update(trace=out.trace, target=render_trace(out.trace))
+        else:
+            record = self.cache.get(entry.content_hash)
+            out = self.augment(image, size, rng, aus=record.aus)
+            activated = [key for key, _ in record.activated(self.activation_threshold) if key in out.aus]
+            item.update(detector_aus=out.aus, activated_aus=activated)
+        return {"image": out.image, **item}
+
+
+def collate(items: list[dict]) -> dict:
+    """A batch with the items' keys: images stacked into one uint8 (B, H, W, 3) tensor, the rest as
+    lists (prompts and targets stay text: the model wrapper tokenises)."""
+    batch = {key: [item[key] for item in items] for key in items[0]}
+    batch["image"] = torch.from_numpy(np.stack(batch["image"]))
+    return batch
+
+
+class FERDataModule(LightningDataModule):
+    """FER images with their AU records, and traces for SFT, as batches for training and evaluation.
+
+    Args:
+        au_cache: folder of the AU cache built over these images (`tag prepare au-cache`).
+        train_data: dataset spec(s) of the training samples, e.g. ``rafdb:/data/RAF-DB``
+            (forms: rafdb:ROOT, ferplus:ROOT, affectnet:ROOT, manifest:FILE.csv, folder:DIR).
+        val_data: dataset spec(s) of the validation samples.
+        test_data: dataset spec(s) of the test samples.
+        train_split: split of `train_data` to read.
+        val_split: split of `val_data` to read (RAF-DB has none but ``test``).
+        test_split: split of `test_data` to read (AffectNet's evaluation split is ``val``).
+        train_traces: trace JSONL of the training samples (`tag prepare traces`); needed in stage sft.
+        stage: ``sft``: training items carry a target trace; ``rl``: they carry the detector's AU
+            boxes for the rewards. Validation and test items always carry the detector's AU boxes.
+        image_size: side of the square images delivered (letterboxed).
+        augment: random training augmentation (None: training images are only letterboxed).
+        exclude_statuses: AU record statuses whose images are left out (``unreadable`` must be one).
+        activation_threshold: AU intensity at which an AU counts as activated (rl items).
+        batch_size: samples per batch.
+        num_workers: dataloader worker processes (0: load in the main process).
+        seed: base of the augmentation randomness (combined with torch's per-worker seed).
+        lenient: skip malformed dataset rows (listed by the adapters) instead of failing.
+    """
+
+    def __init__(
+        self,
+        au_cache: str,
+        train_data: str | list[str] | None = None,
+        val_data: str | list[str] | None = None,
+        test_data: str | list[str] | None = None,
+        train_split: str = "train",
+        val_split: str = "val",
+        test_split: str = "test",
+        train_traces: str | None = None,
+        stage: Literal["sft", "rl"] = "sft",
+        image_size: int = 448,
+        augment: AugmentOptions | None = DEFAULT_AUGMENT,
+        exclude_statuses: tuple[str, ...] = ("no_face", "low_quality", "unreadable"),
+        activation_threshold: float = 1.0,
+        batch_size: int = 8,
+        num_workers: int = 2,
+        seed: int = 0,
+        lenient: bool = False,
+    ) -> None:
+        super().__init__()
+        unknown = set(exclude_statuses) - set(STATUSES)
+        if unknown:
+            raise ValueError(f"unknown record status(es) {sorted(unknown)} in exclude_statuses: expected {STATUSES}")
+        if "unreadable" not in exclude_statuses:
+            raise ValueError("unreadable images cannot be loaded: keep 'unreadable' in exclude_statuses")
+        if stage not in ("sft", "rl"):
+            raise ValueError(f"stage must be 'sft' or 'rl', got {stage!r}")
+        self.save_hyperparameters()
+        self.au_cache = au_cache
+        self.specs = {"train": _as_list(train_data), "val": _as_list(val_data), "test": _as_list(test_data)}
+        self.split_names = {"train": train_split, "val": val_split, "test": test_split}
+        self.train_traces = train_traces
+        self.stage = stage
+        self.image_size = image_size
+        self.augment = augment
+        self.exclude_statuses = tuple(exclude_statuses)
+        self.activation_threshold = activation_threshold
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.lenient = lenient
+        self.items: dict[str, FERItems] = {}
+        self._consumed = (0, 0)  # (epoch, training samples consumed in it), for mid-epoch resumption
+        self._resume: tuple[int, int] | None = None
+        self.counts: dict[str, Counter] = {}
+        """Per split: ``samples``, ``kept`` and one count per exclusion reason."""
+
+    def kind(self, split: str) -> Literal["sft", "rl"]:
+        """The item kind a split yields (see the module doc)."""
+        return "sft" if self.stage == "sft" and split == "train" else "rl"
+
+    def setup(self, stage: str | None = None) -> None:
+        splits = SPLITS if stage is None else _SPLITS_OF_STAGE[stage]
+        wanted = [split for split in splits if self.specs[split] and split not in self.items]
+        if not wanted:
+            return
+        # One OpenCV thread per process: each dataloader worker is already a core's worth of work,
+        # and a worker that resizes OpenCV's thread pool inherited over fork can deadlock.
+        cv2.setNumThreads(1)
+        cache = AUCache(self.au_cache)
+        for split in wanted:
+            self.items[split], self.counts[split] = self._build(split, cache)
+            rank_zero_info(f"FERDataModule {split}: {_describe(self.counts[split])}")
+
+    def _build(self, split: str, cache: AUCache) -> tuple[FERItems, Counter]:
+        kind = self.kind(split)
+        traces = None
+        if kind == "sft":
+            if self.train_traces is None:
+                raise ValueError("stage sft trains on traces: set train_traces (a `tag prepare traces` JSONL)")
+            traces = load_traces(self.train_traces)
+        datasets = [parse_data_spec(spec, self.split_names[split], self.lenient) for spec in self.specs[split]]
+        entries, counts = [], Counter()
+        for number, dataset in enumerate(datasets):
+            for index, sample in enumerate(dataset):
+                record = _find_record(cache, sample.image)
+                reason = self._exclusion(record, sample.label, traces)
+                counts[reason or "kept"] += 1
+                if reason is None:
+                    trace = None if traces is None else traces[record.content_hash]
+                    entries.append(_Entry(number, index, record.content_hash, record.size, trace))
+        counts["samples"] = sum(len(dataset) for dataset in datasets)
+        if not entries:
+            raise ValueError(f"FERDataModule {split}: no usable sample, {_describe(counts)}")
+        augment = FaceAugment(self.image_size, self.augment if split == "train" else None)
+        items = FERItems(datasets, entries, cache, kind, augment, self.seed, self.activation_threshold)
+        return items, counts
+
+    def _exclusion(self, record: AURecord | None, label: str | None, traces: dict[str, Trace] | None) -> str | None:
+        """Why a sample is left out, or None when it is kept."""
+        if record is None:
+            return "not_cached"
+        if record.status in self.exclude_statuses:
+            return record.status
+        if label is None:
+            return "unlabeled"
+        if traces is None:
+            return None
+        trace = traces.get(record.content_hash)
+        if trace is None:
+            return "no_trace"
+        return None if trace_fits(trace, record.size) else "bad_trace"
+
+    def transfer_batch_to_device(self, batch: dict, device: torch.device, dataloader_idx: int) -> dict:
+        """The batch as it is: its images go through the model wrapper's processor on the CPU first,
+        which moves its own tensors (and Lightning's default mover refuses frozen `Trace`s)."""
+        return batch
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = ResumableSampler(self._items("train"), replicas, rank, shuffle=True, seed=self.seed)
+        if self._resume is not None:
+            sampler.resume(*self._resume)
+            self._resume = None
+        return self._loader("train", sampler=sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def _items(self, split: str) -> FERItems:
+        if split not in self.items:
+            raise RuntimeError(f"no {split} data: set {split}_data and call setup() first")
+        return self.items[split]
+
+    def _loader(self, split: str, sampler: ResumableSampler | None = None) -> DataLoader:
+        return DataLoader(
+            self._items(split),
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            collate_fn=collate,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    # -- resuming mid-epoch ----------------------------------------------------------------------
+
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        """Count the training batches the loop actually consumes (not those prefetched)."""
+        trainer = self.trainer
+        if trainer is not None and trainer.training:
+            epoch = trainer.current_epoch
+            self._consumed = (epoch, (self._consumed[1] if self._consumed[0] == epoch else 0) + len(batch["image"]))
+        return batch
+
+    def state_dict(self) -> dict:
+        """Saved in training checkpoints: how far into which epoch training got (on this rank)."""
+        return {"epoch": self._consumed[0], "samples_done": self._consumed[1]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._consumed = (state["epoch"], state["samples_done"])
+        self._resume = self._consumed
+
+
+def load_traces(path: str | Path) -> dict[str, Trace]:
+    """Traces of a `tag prepare traces` JSONL by content hash; lines without a trace are skipped."""
+    traces = {}
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if row.get("trace_struct") is not None:
+                    traces[row["content_hash"]] = Trace.from_dict(row["trace_struct"])
+            except (ValueError, KeyError, TypeError, AttributeError) as err:
+                raise ValueError(f"{path}:{number}: not a trace line ({type(err).__name__}: {err})") from err
+    return traces
+
+
+def trace_fits(trace: Trace, size: tuple[int, int] | None) -> bool:
+    """Whether every step of `trace` has a non-empty box inside a `size` (width, height) image."""
+    if size is None or not trace.steps:
+        return False
+    width, height = size
+    return all(
+        step.box is not None and 0 <= step.box[0] < step.box[2] <= width and 0 <= step.box[1] < step.box[3] <= height
+        for step in trace.steps
+    )
+
+
+def _decode(data: bytes, name: str, longest_side: int, image_size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """Pixels at most about twice `image_size`, for the letterbox's bilinear resize, decoded cheaply.
+
+    An image at least twice as large is decoded at reduced size (JPEG draft mode, then area
+    averaging); a smaller one fully, as area averaging by a fraction costs more than decoding.
+    """
+    return decode_image(data, name, max_side=image_size if longest_side >= 2 * image_size else None)
+
+
+def _find_record(cache: AUCache, image: ImageRef) -> AURecord | None:
+    """The image's record: by name (no file read), else by content (a cache built under other names)."""
+    record = cache.get_by_name(image.name)
+    if record is not None:
+        return record
+    try:
+        data = image.read_bytes()
+    except OSError:
+        return None
+    return cache.get(content_hash(data))
+
+
+def _as_list(specs: str | list[str] | None) -> list[str]:
+    return [specs] if isinstance(specs, str) else list(specs or [])
+
+
+def _describe(counts: Counter) -> str:
+    excluded = ", ".join(f"{reason} {n}" for reason, n in sorted(counts.items()) if reason not in ("samples", "kept"))
+    return f"kept {counts['kept']} of {counts['samples']} samples" + (f" (excluded: {excluded})" if excluded else "")
