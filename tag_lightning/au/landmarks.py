@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import threading
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +73,7 @@ class FaceLandmarkDetector:
         model_path = self.config.resolved_model_path()
         with _native_stderr_silenced():
             self._create_tasks(model_path)
+        _tell_python_sigprof_is_ignored()
 
     def _create_tasks(self, model_path: Path) -> None:
         self._first_call = True
@@ -153,6 +156,19 @@ class FaceLandmarkDetector:
             if iou > best_iou:
                 best_iou, best_score = iou, float(detection.categories[0].score)
         return best_score if best_iou >= 0.3 else None
+
+
+def _tell_python_sigprof_is_ignored() -> None:
+    """Make Python's view of SIGPROF match what mediapipe did natively.
+
+    mediapipe's profiler arms a per-thread CPU timer that sends SIGPROF to each of its threads
+    and ignores the signal with a native `sigaction`, which Python never sees: Python still
+    believes the default (terminate) is installed. Code that saves and restores signal handlers
+    through Python, as Lightning's Trainer does when it finishes, would then "restore" the
+    default, and the next tick kills the process ("Profiling timer expired").
+    """
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGPROF, signal.SIG_IGN)
 
 
 @contextlib.contextmanager

@@ -72,3 +72,24 @@ def test_every_taxonomy_au_has_a_box_and_a_source(sample_records):
     assert set(record.aus) == {au.key for au in ACTION_UNITS}
     for entry in record.aus.values():
         assert entry["source"] == "blendshape" and 0.0 <= entry["intensity"] <= 5.0 and len(entry["box"]) == 4
+
+
+def test_restoring_signal_handlers_does_not_kill_a_process_running_mediapipe(tmp_path):
+    """mediapipe's profiler sends SIGPROF to its threads; a handler 'restored' through Python
+    (as Lightning's Trainer does when it finishes) must not turn those ticks into a kill."""
+    import subprocess
+    import sys
+
+    code = (
+        "import signal, time, numpy as np\n"
+        "from tag_lightning.au.landmarks import FaceLandmarkDetector\n"
+        "saved = signal.getsignal(signal.SIGPROF)\n"
+        "with FaceLandmarkDetector() as detector:\n"
+        "    signal.signal(signal.SIGPROF, signal.getsignal(signal.SIGPROF))  # a save-and-restore\n"
+        "    start = time.time()\n"
+        "    while time.time() - start < 1.5:\n"
+        "        detector.detect(np.zeros((64, 64, 3), np.uint8))\n"
+        "print('alive')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "alive" in result.stdout, result.stderr[-2000:]
