@@ -7,6 +7,7 @@ always the `FERDataModule`. Configs compose: ``tag fit -c configs/sft.yaml -c co
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -28,7 +29,18 @@ class TagCLI(LightningCLI):
 
 
 def lightning_main(argv: list[str]) -> int:
-    """Run LightningCLI on `argv` (its first word is the subcommand)."""
+    """Run LightningCLI on `argv` (its first word is the subcommand).
+
+    `argv` is not always the process's command line (`tag demo` runs a fit too), which
+    LightningCLI warns about; here that is intended.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        _run(argv)
+    return 0
+
+
+def _run(argv: list[str]) -> None:
     TagCLI(
         LightningModule,
         FERDataModule,
@@ -37,7 +49,6 @@ def lightning_main(argv: list[str]) -> int:
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"prog": "tag", "description": "Train and evaluate TAG models (LightningCLI)."},
     )
-    return 0
 
 
 def load_network(checkpoint_path: str | Path) -> VLMWrapper:
