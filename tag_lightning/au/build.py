@@ -8,8 +8,8 @@ chunk. Killing the build loses only the chunks in flight.
 
 from __future__ import annotations
 
-import atexit
 import multiprocessing
+import multiprocessing.util
 import os
 import time
 from typing import Sequence
@@ -41,7 +41,9 @@ def _init_worker(config: AnnotatorConfig) -> None:
     global _worker_annotator
     _limit_threads(config)
     _worker_annotator = AUAnnotator(config)
-    atexit.register(_worker_annotator.close)
+    # Close mediapipe when the worker's process ends, before interpreter shutdown: mediapipe's
+    # close needs its dispatch threads, which are gone by the time atexit handlers run.
+    multiprocessing.util.Finalize(_worker_annotator, _worker_annotator.close, exitpriority=10)
 
 
 def _annotate_chunk(chunk: list[ImageRef]) -> list[AURecord]:

@@ -9,6 +9,7 @@ Construction only checks what it must (files exist, pixel counts); images are de
 
 from __future__ import annotations
 
+import bisect
 import csv
 import io
 import itertools
@@ -439,7 +440,57 @@ class ImageFolder(_PresentClasses, FERDataset):
 ADAPTERS: dict[str, type[FERDataset]] = {
     adapter.name: adapter for adapter in (RafDB, FERPlus, AffectNet, ManifestCSV, ImageFolder)
 }
-_SPEC_FORMS = "rafdb:ROOT, ferplus:ROOT, affectnet:ROOT, manifest:FILE.csv, folder:DIR"
+_SPEC_FORMS = "rafdb:ROOT, ferplus:ROOT, affectnet:ROOT, manifest:FILE.csv, folder:DIR, or a YAML data config"
+
+
+class CombinedDataset(FERDataset):
+    """Several datasets read as one, in order (a YAML data config may list several per split)."""
+
+    name = "combined"
+
+    def __init__(self, parts: Sequence[FERDataset]) -> None:
+        super().__init__(split="+".join(dict.fromkeys(part.split for part in parts)))
+        self.parts = list(parts)
+        self._starts = list(itertools.accumulate((len(part) for part in self.parts), initial=0))
+        for part in self.parts:
+            self.skipped += part.skipped
+            self.dropped.update(part.dropped)
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        present = {label for part in self.parts for label in part.classes}
+        return tuple(label for label in EMOTIONS if label in present)
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def __getitem__(self, index: int) -> FERSample:  # type: ignore[override]
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        part = bisect.bisect_right(self._starts, index) - 1
+        return self.parts[part][index - self._starts[part]]
+
+
+def data_config_dataset(path: Path, role: str | None = None, lenient: bool = False) -> FERDataset:
+    """The datasets a LightningCLI data config (``configs/data/*.yaml``) names for one role.
+
+    `role` is ``train`` (default), ``val`` or ``test``: the config's ``{role}_data`` spec(s) are
+    read in its ``{role}_split`` (default: the role's own name).
+    """
+    import yaml
+
+    with open(path, encoding="utf-8") as handle:
+        document = yaml.safe_load(handle) or {}
+    section = document.get("data", document)
+    role = role or "train"
+    if role not in ("train", "val", "test"):
+        raise ValueError(f"{path}: a data config has train, val and test data; got split {role!r}")
+    specs = section.get(f"{role}_data")
+    if not specs:
+        raise ValueError(f"{path} names no {role}_data")
+    split = section.get(f"{role}_split", role)
+    parts = [parse_data_spec(spec, split, lenient) for spec in ([specs] if isinstance(specs, str) else specs)]
+    return parts[0] if len(parts) == 1 else CombinedDataset(parts)
 
 
 def parse_data_spec(spec: str, split: str | None = None, lenient: bool = False) -> FERDataset:
@@ -447,9 +498,12 @@ def parse_data_spec(spec: str, split: str | None = None, lenient: bool = False) 
     each adapter's default (``train``; all rows for manifests and folders).
 
     A bare path is accepted too: an existing ``.csv`` file is a manifest, an existing folder an
-    image folder (``DIR/<label>/*.jpg``).
+    image folder (``DIR/<label>/*.jpg``), a ``.yaml`` file a data config (`split` then names its
+    role: train, val or test; see `data_config_dataset`).
     """
     path = Path(spec).expanduser()
+    if path.suffix.lower() in (".yaml", ".yml") and path.is_file():
+        return data_config_dataset(path, split, lenient)
     if path.suffix.lower() == ".csv" and path.is_file():
         spec = f"manifest:{spec}"
     elif path.is_dir():

@@ -343,3 +343,39 @@ def test_parse_data_spec_builds_each_adapter(tmp_path, make_rafdb, make_ferplus,
 def test_parse_data_spec_rejects_unknown_forms_listing_the_accepted_ones(spec):
     with pytest.raises(ValueError, match=re.escape("rafdb:ROOT, ferplus:ROOT, affectnet:ROOT, manifest:FILE.csv")):
         parse_data_spec(spec)
+
+
+def test_au_cache_builds_from_ferplus_pixel_strings(make_ferplus, samples_dir, tmp_path):
+    """`tag prepare au-cache --images ferplus:ROOT`: the images live inside the CSV, not in files."""
+    from PIL import Image as PILImage
+
+    from tag_lightning.au.cache import AUCache
+    from tag_lightning.cli import main
+    from tag_lightning.data.samples import HAPPINESS
+
+    face = np.asarray(PILImage.open(samples_dir / HAPPINESS).convert("L"))[140:480, 100:400]
+    face48 = np.asarray(PILImage.fromarray(face).resize((48, 48), PILImage.Resampling.BOX))
+    root = make_ferplus(tmp_path / "ferplus", [{"pixels": " ".join(map(str, face48.flatten()))}, {}])
+    assert main(["prepare", "au-cache", "--images", f"ferplus:{root}", "--split", "train",
+                 "--out", str(tmp_path / "cache"), "--quiet"]) == 0
+    cache = AUCache(tmp_path / "cache")
+    face_record = cache.get_by_name("ferplus:FER2013Train:0")
+    assert face_record.status in ("ok", "low_quality") and face_record.landmarks.shape == (478, 2)
+    assert face_record.size == (48, 48)
+    assert cache.get_by_name("ferplus:FER2013Train:1").status == "no_face"  # random pixels
+
+
+def test_a_yaml_data_config_is_a_data_spec(make_rafdb, tmp_path):
+    first, second = make_rafdb(tmp_path / "a"), make_rafdb(tmp_path / "b")
+    config = tmp_path / "data.yaml"
+    config.write_text(f"data:\n  train_data: [rafdb:{first}, rafdb:{second}]\n  test_data: rafdb:{first}\n"
+                      "  test_split: test\n")
+    combined = parse_data_spec(str(config))
+    separate = [RafDB(first), RafDB(second)]
+    assert len(combined) == sum(len(d) for d in separate)
+    assert [s.image.name for s in combined] == [s.image.name for d in separate for s in d]
+    assert combined.classes == separate[0].classes
+    test = parse_data_spec(str(config), split="test")
+    assert [s.image.name for s in test] == [s.image.name for s in RafDB(first, split="test")]
+    with pytest.raises(ValueError, match="val_data"):
+        parse_data_spec(str(config), split="val")
