@@ -16,9 +16,9 @@ REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs"
 
 
-def fit_args(demo_dir: Path, root: Path, *extra: str, strategy: str | None = None) -> list[str]:
+def fit_args(demo_dir: Path, root: Path, *extra: str, strategy: str | None = None, command: str = "fit") -> list[str]:
     """`tag fit` on configs/sft.yaml + configs/data/samples.yaml, pointed at a prepared demo folder."""
-    args = ["fit", "-c", str(CONFIGS / "sft.yaml"), "-c", str(CONFIGS / "data" / "samples.yaml")]
+    args = [command, "-c", str(CONFIGS / "sft.yaml"), "-c", str(CONFIGS / "data" / "samples.yaml")]
     if strategy:
         args += ["-c", str(CONFIGS / "strategy" / f"{strategy}.yaml")]
     manifest = f"manifest:{demo_dir / 'samples' / 'manifest.csv'}"
@@ -76,6 +76,8 @@ def test_checkpoints_hold_only_trained_weights_and_export_a_plain_hf_model(demo_
     state = trained_weights(checkpoint)
     assert state and all("lora_" in name or "merger" in name for name in state), sorted(state)[:5]
     assert checkpoint.stat().st_size < 5_000_000  # the 40 MB embedding stays out
+    for command in ("validate", "test"):  # evaluation restores the trained weights over the base model
+        assert main(fit_args(demo_dir, tmp_path, f"--ckpt_path={checkpoint}", command=command)) == 0
     out = tmp_path / "exported"
     assert main(["export", "--ckpt", str(checkpoint), "--out", str(out)]) == 0
     model = AutoModelForImageTextToText.from_pretrained(out)
