@@ -53,7 +53,7 @@ from tag_lightning.images import ImageRef, content_hash, decode_image
 
 SPLITS = ("train", "val", "test")
 DEFAULT_AUGMENT = AugmentOptions()
-_SPLITS_OF_STAGE = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ()}
+_SPLITS_OF_STAGE = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
 
 
 @dataclass(frozen=True)
@@ -273,6 +273,10 @@ class FERDataModule(LightningDataModule):
         return self._loader("val")
 
     def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        """Prediction answers the test split's images."""
         return self._loader("test")
 
     def _items(self, split: str) -> FERItems:

@@ -22,7 +22,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from tag_lightning.data.labels import EMOTIONS
 from tag_lightning.data.traces import render_trace
-from tag_lightning.metrics import GroundedAnswerMetrics, score_answer
+from tag_lightning.metrics import AnswerScore, GroundedAnswerMetrics, score_answer
 from tag_lightning.models.vlm import VLMWrapper
 
 
@@ -95,21 +95,32 @@ class SFTModule(LightningModule):
                  batch_size=len(images))
         return loss
 
-    def _evaluate(self, batch: dict, metrics: GroundedAnswerMetrics) -> None:
+    def _answer(self, batch: dict) -> list[tuple[str, AnswerScore]]:
+        """Greedy answers to a batch, each with its score against the label and the detector."""
         images = [image.numpy() for image in batch["image"].cpu()]
         output = self.network.generate(images, batch["prompt"], max_new_tokens=self.max_new_tokens)
-        scores = [
-            score_answer(text, label, detector_aus, EMOTIONS,
-                         to_image_frame=self.network.frame(image.shape[1], image.shape[0]).trace_to_original)
-            for text, label, detector_aus, image in zip(output.texts, batch["label"], batch.get("detector_aus", [None] * len(images)), images)
+        return [
+            (text, score_answer(text, label, detector_aus, EMOTIONS,
+                                to_image_frame=self.network.frame(image.shape[1], image.shape[0]).trace_to_original))
+            for text, label, detector_aus, image in zip(output.texts, batch["label"], batch["detector_aus"], images)
         ]
-        metrics.update(scores)
+
+    def _evaluate(self, batch: dict, metrics: GroundedAnswerMetrics) -> None:
+        metrics.update([score for _, score in self._answer(batch)])
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._evaluate(batch, self.val_metrics)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self._evaluate(batch, self.test_metrics)
+
+    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
+        """One JSON-ready row per image: the generated text and what it is worth."""
+        return [
+            {"image": name, "label": label, "answer": score.answer, "correct": score.correct,
+             "format_valid": score.valid, "box_iou": score.box_iou, "text": text}
+            for name, label, (text, score) in zip(batch["image_name"], batch["label"], self._answer(batch))
+        ]
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val", self.val_metrics)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -78,6 +79,11 @@ def test_checkpoints_hold_only_trained_weights_and_export_a_plain_hf_model(demo_
     assert checkpoint.stat().st_size < 5_000_000  # the 40 MB embedding stays out
     for command in ("validate", "test"):  # evaluation restores the trained weights over the base model
         assert main(fit_args(demo_dir, tmp_path, f"--ckpt_path={checkpoint}", command=command)) == 0
+    predictions = tmp_path / "predictions"
+    assert main(fit_args(demo_dir, tmp_path, "-c", str(CONFIGS / "predict.yaml"), f"--ckpt_path={checkpoint}",
+                         f"--trainer.callbacks.init_args.output_dir={predictions}", command="predict")) == 0
+    rows = [json.loads(line) for line in (predictions / "predictions.rank0.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and {"image", "label", "answer", "correct", "format_valid", "text"} <= set(rows[0])
     out = tmp_path / "exported"
     assert main(["export", "--ckpt", str(checkpoint), "--out", str(out)]) == 0
     model = AutoModelForImageTextToText.from_pretrained(out)
