@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="LibreFace's combined_resnet.pt; without it AU intensities come from blendshapes")
     demo.add_argument("--train-steps", type=int, default=20, help="SFT optimizer steps at the end (0: no training)")
     demo.set_defaults(func=_demo)
-    prepare = commands.add_parser("prepare", help="data preparation: sample photos, AU cache",
+    prepare = commands.add_parser("prepare", help="data preparation: sample photos, AU cache, traces, tiny model",
                                   formatter_class=_HelpFormatter,
                                   description="Data preparation commands. Run `tag prepare CMD --help` for each.")
     steps = prepare.add_subparsers(dest="step", required=True, metavar="STEP")
