@@ -27,7 +27,7 @@ _worker_annotator: AUAnnotator | None = None
 
 
 def _limit_threads(config: AnnotatorConfig) -> None:
-    """One compute thread per process: N workers use N cores, not N x cores."""
+    """One compute thread per worker process: N workers use N cores, not N x cores."""
     import cv2
 
     cv2.setNumThreads(1)
@@ -101,8 +101,7 @@ def build_au_cache(
         summary.statuses.update(r.status for r in records)
         bar.update(len(records))
 
-    if chunks and workers <= 1:
-        _limit_threads(config)
+    if chunks and workers <= 1:  # in this process, with every core its libraries want
         with AUAnnotator(config) as annotator:
             for chunk in chunks:
                 store(annotator.annotate(chunk))

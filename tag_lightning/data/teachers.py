@@ -32,6 +32,7 @@ from PIL import Image
 
 from tag_lightning.au.record import AURecord
 from tag_lightning.au.taxonomy import AU_BY_ID, EMOTION_PROTOTYPES, REGIONS, ActionUnit, parse_au_key
+from tag_lightning.boxes import round_box
 from tag_lightning.data.prompts import user_prompt
 from tag_lightning.data.traces import COORDINATE_SEPARATOR, Box, Step, Trace, render_trace
 from tag_lightning.images import ImageRef, decode_image
@@ -59,7 +60,7 @@ class AUHint:
 def measured_aus(record: AURecord) -> list[AUHint]:
     """Every AU of the record with an intensity and a box, strongest first."""
     hints = [
-        AUHint(AU_BY_ID[parse_au_key(key)], float(entry["intensity"]), _int_box(entry["box"]))
+        AUHint(AU_BY_ID[parse_au_key(key)], float(entry["intensity"]), tuple(round_box(entry["box"])))
         for key, entry in record.aus.items()
         if entry.get("intensity") is not None and entry.get("box") is not None
     ]
@@ -69,11 +70,6 @@ def measured_aus(record: AURecord) -> list[AUHint]:
 def activated_aus(record: AURecord, min_intensity: float) -> list[AUHint]:
     """The AUs the detector activated (intensity >= `min_intensity`), strongest first."""
     return [hint for hint in measured_aus(record) if hint.intensity >= min_intensity]
-
-
-def _int_box(values: Any) -> Box:
-    x1, y1, x2, y2 = (int(round(value)) for value in values)
-    return x1, y1, x2, y2
 
 
 @dataclass(frozen=True)
