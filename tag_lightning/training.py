@@ -53,8 +53,13 @@ def _run(argv: list[str]) -> None:
 
 def load_network(checkpoint_path: str | Path) -> VLMWrapper:
     """The network of a training checkpoint: its VLM config rebuilt, its trained weights loaded."""
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    if "vlm_config" not in checkpoint:
+    try:
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # a checkpoint is data: anything unloadable is the user's file
+        raise ValueError(f"{checkpoint_path}: not a loadable checkpoint ({type(err).__name__}: {err})") from err
+    if not isinstance(checkpoint, dict) or "vlm_config" not in checkpoint:
         raise ValueError(f"{checkpoint_path} is not a tag_lightning training checkpoint (it has no vlm_config)")
     fields = dict(checkpoint["vlm_config"])
     if fields.get("lora"):

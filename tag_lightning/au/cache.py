@@ -70,12 +70,6 @@ class AUCache:
         row = self.db.execute("SELECT settings_key FROM builds ORDER BY rowid DESC LIMIT 1").fetchone()
         return row[0] if row else None
 
-    def settings(self, settings_key: str | None = None) -> dict | None:
-        row = self.db.execute(
-            "SELECT settings FROM builds WHERE settings_key = ?", (settings_key or self.settings_key,)
-        ).fetchone()
-        return json.loads(row[0]) if row else None
-
     # -- writing ---------------------------------------------------------------------------
     def register_build(self, settings_key: str, settings: dict) -> None:
         """Make `settings_key` the cache's current settings (the ones reads default to)."""
@@ -143,13 +137,6 @@ class AUCache:
             "SELECT content_hash FROM records WHERE settings_key = ?", (settings_key or self.settings_key,)
         )
         return [r[0] for r in rows]
-
-    def status_counts(self, settings_key: str | None = None) -> Counter:
-        rows = self.db.execute(
-            "SELECT status, COUNT(*) FROM records WHERE settings_key = ? GROUP BY status",
-            (settings_key or self.settings_key,),
-        )
-        return Counter(dict(rows.fetchall()))
 
     def __len__(self) -> int:
         return self.db.execute(

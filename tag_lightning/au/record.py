@@ -85,8 +85,3 @@ class AURecord:
             aus=data.get("aus") or {},
             faces_found=data.get("faces_found", 0),
         )
-
-    @classmethod
-    def from_json(cls, data: dict) -> "AURecord":
-        points = data.get("landmarks")
-        return cls.from_metadata(data, None if points is None else np.asarray(points, dtype=np.float32))

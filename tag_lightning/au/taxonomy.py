@@ -75,10 +75,6 @@ EMOTION_PROTOTYPES: dict[str, tuple[int, ...]] = {
 }
 
 
-def au_key(au_id: int) -> str:
-    return AU_BY_ID[au_id].key
-
-
 def parse_au_key(key: str) -> int:
     """``"AU12"`` -> 12; raises ValueError for anything that is not a known AU."""
     text = key.strip().upper()

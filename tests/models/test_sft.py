@@ -121,3 +121,13 @@ def test_two_cpu_processes(demo_dir, tmp_path, strategy):
                                "--trainer.val_check_interval=2", "--trainer.accelerator=cpu", strategy=strategy))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "`Trainer.fit` stopped: `max_steps=2` reached" in result.stderr + result.stdout
+
+
+def test_export_refuses_a_missing_or_garbage_checkpoint(tmp_path, capsys):
+    assert main(["export", "--ckpt", str(tmp_path / "missing.ckpt"), "--out", str(tmp_path / "out")]) == 2
+    assert "missing.ckpt" in capsys.readouterr().err
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"not a checkpoint")
+    assert main(["export", "--ckpt", str(garbage), "--out", str(tmp_path / "out")]) == 2
+    assert "not a loadable checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
