@@ -5,6 +5,10 @@ in a transaction as soon as it is computed, so a killed build loses only images 
 rerun skips every (content, settings) pair already present. A changed image (new content hash)
 or a changed setting (new settings key) is recomputed; nothing else is. Reads need no mediapipe:
 a JSON text and a float32 landmark blob per record, fast enough for a training dataloader.
+
+Reading needs no write access (caches often sit on shared read-only mounts): readers open the
+file read-only, and `immutable` when its folder cannot be written and holds no WAL file, because
+SQLite cannot otherwise set up WAL reading there. Building needs write access and says so.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Iterable
 import numpy as np
 
 from tag_lightning.au.record import AURecord
+from tag_lightning.errors import UserError
 
 DB_NAME = "records.sqlite"
 SCHEMA = """
@@ -38,11 +43,15 @@ CREATE TABLE IF NOT EXISTS builds (settings_key TEXT PRIMARY KEY, settings TEXT 
 
 
 class AUCache:
-    """Read and write AU records in a cache folder. Safe to use after `fork` (reconnects per process)."""
+    """Read (or, with `create`, build) AU records in a cache folder.
+
+    Safe to use after `fork` (reconnects per process).
+    """
 
     def __init__(self, root: str | Path, create: bool = False):
         self.root = Path(root)
         self.path = self.root / DB_NAME
+        self._writer = create
         if create:
             self.root.mkdir(parents=True, exist_ok=True)
         elif not self.path.is_file():
@@ -51,17 +60,31 @@ class AUCache:
             )
         self._connection: sqlite3.Connection | None = None
         self._pid = None
-        self.settings_key = self._latest_settings_key()
+        try:
+            self.settings_key = self._latest_settings_key()
+        except sqlite3.DatabaseError as err:
+            read_only = create and not os.access(self.root, os.W_OK)
+            problem = "building a cache needs write access to its folder" if read_only else str(err)
+            raise UserError(f"cannot {'build' if create else 'read'} the AU cache {self.path}: {problem}") from None
 
     @property
     def db(self) -> sqlite3.Connection:
         if self._connection is None or self._pid != os.getpid():
-            self._connection = sqlite3.connect(self.path, timeout=60)
-            self._connection.execute("PRAGMA journal_mode=WAL")
-            self._connection.execute("PRAGMA synchronous=NORMAL")
-            self._connection.executescript(SCHEMA)
+            self._connection = self._connect()
             self._pid = os.getpid()
         return self._connection
+
+    def _connect(self) -> sqlite3.Connection:
+        if not self._writer:
+            folder_read_only = not os.access(self.root, os.W_OK)
+            wal_absent = not self.path.with_name(DB_NAME + "-wal").exists()
+            immutable = "&immutable=1" if folder_read_only and wal_absent else ""
+            return sqlite3.connect(f"{self.path.absolute().as_uri()}?mode=ro{immutable}", uri=True, timeout=60)
+        connection = sqlite3.connect(self.path, timeout=60)
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("PRAGMA synchronous=NORMAL")
+        connection.executescript(SCHEMA)
+        return connection
 
     def __getstate__(self) -> dict:  # dataloader workers reopen their own connection
         return {**self.__dict__, "_connection": None, "_pid": None}
