@@ -3,7 +3,9 @@
 Every adapter turns its native files into `FERSample`s with unified labels (see `labels.py`). A
 malformed row (bad label, missing image, broken pixel string) is an error naming its file and line,
 or, with ``lenient=True``, a message in `skipped`; rows a dataset's own convention excludes
-(FERPlus ties, AffectNet "uncertain", ...) are never errors and are counted in `dropped`.
+(FERPlus ties, AffectNet "uncertain", ...) are never errors and are counted in `dropped`. With
+``keep_missing=True`` a row naming a missing image file is kept as a sample (the AU cache records
+it as unreadable). Input that is read but not used (unknown manifest columns) is told in `notes`.
 Construction only checks what it must (files exist, pixel counts); images are decoded by the caller.
 """
 
@@ -14,7 +16,7 @@ import csv
 import io
 import itertools
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, NamedTuple
@@ -31,6 +33,7 @@ from tag_lightning.data.labels import (
     RAFDB_LABELS,
     normalize_label,
 )
+from tag_lightning.errors import read_yaml
 from tag_lightning.images import IMAGE_SUFFIXES, ImageRef
 
 
@@ -56,12 +59,14 @@ class FERDataset(Sequence[FERSample]):
     splits: ClassVar[tuple[str, ...] | None] = None
     """The splits the dataset ships; None: any name (the caller decides what the data is for)."""
 
-    def __init__(self, split: str, lenient: bool = False) -> None:
+    def __init__(self, split: str, lenient: bool = False, keep_missing: bool = False) -> None:
         if self.splits is not None and split not in self.splits:
             raise ValueError(f"{self.name} has no split {split!r}: expected one of {', '.join(self.splits)}")
         self.split = split
         self.lenient = lenient
+        self.keep_missing = keep_missing
         self.skipped: list[str] = []
+        self.notes: list[str] = []
         self.dropped: Counter[str] = Counter()
         self._samples: list[FERSample] = []
 
@@ -90,23 +95,30 @@ class FERDataset(Sequence[FERSample]):
         self.skipped.append(message)
 
     def _add_file(self, path: Path, label: str | None, source: str, split: str | None = None) -> None:
-        """Add an image file as a sample, or report the row if the file is missing."""
-        if not path.is_file():
+        """Add an image file as a sample, or report the row if the file is missing (unless `keep_missing`)."""
+        if not self.keep_missing and not path.is_file():
             self._bad_row(source, f"image file not found: {path}")
             return
         self._samples.append(FERSample(ImageRef.from_path(path), label, self.name, split or self.split, source))
 
     def _csv_rows(
-        self, path: Path, required: Iterable[str], fieldnames: Sequence[str] | None = None
+        self, path: Path, required: Sequence[str], fieldnames: Sequence[str] | None = None,
+        optional: Sequence[str] | None = None,
     ) -> Iterator[tuple[str, dict[str, str]]]:
-        """Rows of a CSV file as dicts with their ``file:line``; missing cells read as ""."""
+        """Rows of a CSV file as dicts with their ``file:line``; missing cells read as "".
+
+        With `optional` given, the file's format is fully known: any other column is told in `notes`.
+        """
         with _open_existing(path) as handle:
             reader = csv.DictReader(handle, fieldnames=fieldnames, restval="")
-            missing = [column for column in required if column not in (reader.fieldnames or ())]
+            header = reader.fieldnames or ()
+            missing = [column for column in required if column not in header]
             if missing:
-                raise DatasetFormatError(
-                    f"{path}:1: missing column(s) {', '.join(missing)}; the header is {reader.fieldnames}"
-                )
+                raise DatasetFormatError(f"{path}:1: missing column(s) {', '.join(missing)}; the header is {header}")
+            unknown = [column for column in header if column not in (*required, *(optional or ()))]
+            if optional is not None and unknown:
+                self.notes.append(f"{path}:1: column(s) {', '.join(unknown)} ignored (read: "
+                                  f"{', '.join((*required, *optional))})")
             for row in reader:
                 yield f"{path}:{reader.line_num}", row
 
@@ -146,9 +158,10 @@ class RafDB(FERDataset):
     splits = ("train", "test")
 
     def __init__(
-        self, root: str | Path, split: str = "train", aligned: bool = True, lenient: bool = False
+        self, root: str | Path, split: str = "train", aligned: bool = True, lenient: bool = False,
+        keep_missing: bool = False,
     ) -> None:
-        super().__init__(split, lenient)
+        super().__init__(split, lenient, keep_missing)
         self.root = Path(root)
         labels_path = self.root / "EmoLabel" / "list_patition_label.txt"
         image_dir = self.root / "Image" / ("aligned" if aligned else "original")
@@ -206,9 +219,10 @@ class FERPlus(FERDataset):
     SIDE = 48
 
     def __init__(
-        self, root: str | Path, split: str = "train", vote_policy: str = "majority", lenient: bool = False
+        self, root: str | Path, split: str = "train", vote_policy: str = "majority", lenient: bool = False,
+        keep_missing: bool = False,
     ) -> None:
-        super().__init__(split, lenient)
+        super().__init__(split, lenient, keep_missing)
         if vote_policy not in self.vote_policies:
             raise ValueError(
                 f"unknown vote_policy {vote_policy!r}: expected one of {', '.join(self.vote_policies)}"
@@ -327,9 +341,10 @@ class AffectNet(FERDataset):
     _CSV = {"train": "training.csv", "val": "validation.csv"}
 
     def __init__(
-        self, root: str | Path, split: str = "train", layout: str = "auto", lenient: bool = False
+        self, root: str | Path, split: str = "train", layout: str = "auto", lenient: bool = False,
+        keep_missing: bool = False,
     ) -> None:
-        super().__init__(split, lenient)
+        super().__init__(split, lenient, keep_missing)
         if layout not in self.layouts:
             raise ValueError(f"unknown AffectNet layout {layout!r}: expected one of {', '.join(self.layouts)}")
         self.root = Path(root)
@@ -396,10 +411,12 @@ class ManifestCSV(_PresentClasses, FERDataset):
 
     name = "manifest"
 
-    def __init__(self, path: str | Path, split: str | None = None, lenient: bool = False) -> None:
-        super().__init__(split or "all", lenient)
+    def __init__(
+        self, path: str | Path, split: str | None = None, lenient: bool = False, keep_missing: bool = False
+    ) -> None:
+        super().__init__(split or "all", lenient, keep_missing)
         self.path = Path(path)
-        for source, row in self._csv_rows(self.path, required=("path",)):
+        for source, row in self._csv_rows(self.path, required=("path",), optional=("label", "split")):
             row_split = (row.get("split") or "").strip() or self.split
             if split is not None and row_split != split:
                 continue
@@ -420,11 +437,11 @@ class ImageFolder(_PresentClasses, FERDataset):
 
     name = "folder"
 
-    def __init__(self, root: str | Path, split: str = "all", lenient: bool = False) -> None:
-        super().__init__(split, lenient)
+    def __init__(self, root: str | Path, split: str = "all", lenient: bool = False, keep_missing: bool = False) -> None:
+        super().__init__(split, lenient, keep_missing)
         self.root = Path(root)
         if not self.root.is_dir():
-            raise FileNotFoundError(f"image folder not found: {self.root}")
+            raise FileNotFoundError(f"no such folder: {self.root}")
         for path in _image_files(self.root):
             self._add_file(path, None, str(path))
         for folder in _subfolders(self.root):
@@ -454,6 +471,7 @@ class CombinedDataset(FERDataset):
         self._starts = list(itertools.accumulate((len(part) for part in self.parts), initial=0))
         for part in self.parts:
             self.skipped += part.skipped
+            self.notes += part.notes
             self.dropped.update(part.dropped)
 
     @property
@@ -471,16 +489,18 @@ class CombinedDataset(FERDataset):
         return self.parts[part][index - self._starts[part]]
 
 
-def data_config_dataset(path: Path, role: str | None = None, lenient: bool = False) -> FERDataset:
+def data_config_dataset(
+    path: Path, role: str | None = None, lenient: bool = False, keep_missing: bool = False
+) -> FERDataset:
     """The datasets a LightningCLI data config (``configs/data/*.yaml``) names for one role.
 
     `role` is ``train`` (default), ``val`` or ``test``: the config's ``{role}_data`` spec(s) are
     read in its ``{role}_split`` (default: the role's own name).
     """
-    import yaml
-
-    with open(path, encoding="utf-8") as handle:
-        document = yaml.safe_load(handle) or {}
+    document = read_yaml(path) or {}
+    if not isinstance(document, dict):
+        raise DatasetFormatError(f"{path}: a data config is a mapping (data: train_data: ...), "
+                                 f"not a {type(document).__name__}")
     section = document.get("data", document)
     role = role or "train"
     if role not in ("train", "val", "test"):
@@ -489,30 +509,37 @@ def data_config_dataset(path: Path, role: str | None = None, lenient: bool = Fal
     if not specs:
         raise ValueError(f"{path} names no {role}_data")
     split = section.get(f"{role}_split", role)
-    parts = [parse_data_spec(spec, split, lenient) for spec in ([specs] if isinstance(specs, str) else specs)]
+    specs = [specs] if isinstance(specs, str) else specs
+    parts = [parse_data_spec(spec, split, lenient, keep_missing) for spec in specs]
     return parts[0] if len(parts) == 1 else CombinedDataset(parts)
 
 
-def parse_data_spec(spec: str, split: str | None = None, lenient: bool = False) -> FERDataset:
+def parse_data_spec(
+    spec: str, split: str | None = None, lenient: bool = False, keep_missing: bool = False
+) -> FERDataset:
     """The dataset a command-line spec such as ``rafdb:/data/RAF-DB`` names; without `split`,
     each adapter's default (``train``; all rows for manifests and folders).
 
     A bare path is accepted too: an existing ``.csv`` file is a manifest, an existing folder an
     image folder (``DIR/<label>/*.jpg``), a ``.yaml`` file a data config (`split` then names its
-    role: train, val or test; see `data_config_dataset`).
+    role: train, val or test; see `data_config_dataset`). `lenient` and `keep_missing`: see the
+    module's doc.
     """
     path = Path(spec).expanduser()
     if path.suffix.lower() in (".yaml", ".yml") and path.is_file():
-        return data_config_dataset(path, split, lenient)
+        return data_config_dataset(path, split, lenient, keep_missing)
     if path.suffix.lower() == ".csv" and path.is_file():
         spec = f"manifest:{spec}"
     elif path.is_dir():
         spec = f"folder:{spec}"
     kind, separator, location = spec.partition(":")
+    if not separator and not path.exists():  # a bare path that is not there
+        raise FileNotFoundError(f"no such {'file' if path.suffix else 'folder'}: {spec} (a data spec is a path or "
+                                f"one of {_SPEC_FORMS})")
     adapter = ADAPTERS.get(kind.strip().lower())
     if not separator or adapter is None or not location.strip():
         raise ValueError(f"bad data spec {spec!r}: expected one of {_SPEC_FORMS}")
-    options: dict[str, object] = {"lenient": lenient}
+    options: dict[str, object] = {"lenient": lenient, "keep_missing": keep_missing}
     if split is not None:
         options["split"] = split
     return adapter(Path(location.strip()).expanduser(), **options)

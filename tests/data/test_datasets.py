@@ -339,10 +339,27 @@ def test_parse_data_spec_builds_each_adapter(tmp_path, make_rafdb, make_ferplus,
     assert parse_data_spec(f"folder:{tmp_path / 'folder'}")[0].label == "happiness"
 
 
-@pytest.mark.parametrize("spec", ["raf:/data", "/data/rafdb", "rafdb:", ""])
+@pytest.mark.parametrize("spec", ["raf:/data", "rafdb:", ""])
 def test_parse_data_spec_rejects_unknown_forms_listing_the_accepted_ones(spec):
     with pytest.raises(ValueError, match=re.escape("rafdb:ROOT, ferplus:ROOT, affectnet:ROOT, manifest:FILE.csv")):
         parse_data_spec(spec)
+
+
+def test_a_bare_path_that_is_not_there_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"no such folder: {re.escape(str(tmp_path / 'rafdb'))}"):
+        parse_data_spec(str(tmp_path / "rafdb"))
+    with pytest.raises(FileNotFoundError, match="no such file: .*labels.csv"):
+        parse_data_spec(str(tmp_path / "labels.csv"))
+
+
+def test_missing_images_can_be_kept_and_unknown_manifest_columns_are_told(tmp_path, make_face):
+    make_face(tmp_path / "a.jpg")
+    (tmp_path / "m.csv").write_text("path,label,age,notes\na.jpg,happy,30,x\ngone.jpg,sad,40,y\n")
+    with pytest.raises(DatasetFormatError, match="m.csv:3: image file not found"):
+        parse_data_spec(str(tmp_path / "m.csv"))
+    kept = parse_data_spec(str(tmp_path / "m.csv"), keep_missing=True)
+    assert [Path(sample.image.name).name for sample in kept] == ["a.jpg", "gone.jpg"]
+    assert kept.notes == [f"{tmp_path / 'm.csv'}:1: column(s) age, notes ignored (read: path, label, split)"]
 
 
 def test_au_cache_builds_from_ferplus_pixel_strings(make_ferplus, samples_dir, tmp_path):
