@@ -122,7 +122,7 @@ class TeacherDeclined(TeacherError):
 
 
 class TeacherSetupError(ValueError):
-    """The teacher refuses every request (bad key, URL or model name): the job must stop."""
+    """The teacher cannot serve the job (bad key, URL or model name, or it does not answer): the job must stop."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,7 +373,8 @@ class OpenAITeacher:
         temperature: float = 0.7,
         max_tokens: int = 1024,
     ):
-        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.base_url = base_url.rstrip("/")
+        self.url = self.base_url + "/chat/completions"
         self.model = model
         self.api_key_env = api_key_env
         self.timeout = timeout
@@ -401,6 +402,28 @@ class OpenAITeacher:
             retries=len(errors) - 1, errors=tuple(errors),
         )
 
+    def probe(self, timeout: float = 10.0) -> None:
+        """Raise `TeacherSetupError` unless the endpoint answers a cheap ``GET {base_url}/models``.
+
+        Called before the first image, so that a dead endpoint ends the job in seconds rather than
+        after every image's retries. Any HTTP answer but a refused key counts as alive (not every
+        OpenAI-compatible server serves ``/models``).
+        """
+        request = urllib.request.Request(self.base_url + "/models", headers=self._headers, method="GET")
+        try:
+            with urllib.request.urlopen(request, timeout=min(timeout, self.timeout)):
+                return
+        except urllib.error.HTTPError as err:
+            if err.code in (401, 403):
+                raise self._key_refused(f"HTTP {err.code}") from err
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
+            raise TeacherSetupError(f"{self.base_url} does not answer ({getattr(err, 'reason', err)}); is the server "
+                                    "running, and is the base URL right?") from err
+
+    def _key_refused(self, detail: str) -> TeacherSetupError:
+        return TeacherSetupError(f"{self.url} refused the API key ({detail}); "
+                                 f"put a valid key in the environment variable {self.api_key_env}")
+
     def _payload(self, request: TeacherRequest) -> dict[str, Any]:
         content = [
             {"type": "image_url", "image_url": {"url": image_data_url(request.image.read_bytes())}},
@@ -424,8 +447,7 @@ class OpenAITeacher:
             if err.code == 429 or err.code >= 500:
                 raise _Transient(detail) from err
             if err.code in (401, 403):
-                raise TeacherSetupError(f"{self.url} refused the API key ({detail}); "
-                                        f"put a valid key in the environment variable {self.api_key_env}") from err
+                raise self._key_refused(detail) from err
             if err.code == 404:
                 raise TeacherSetupError(f"{self.url} answered {detail}; check the base URL (OpenAI-compatible "
                                         f"servers usually end in /v1) and the model name {self.model!r}") from err

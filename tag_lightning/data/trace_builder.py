@@ -8,7 +8,10 @@ removed from the candidates (label elimination), up to `max_label_retries` times
 
 Every kept line is appended, flushed and fsynced, so a killed job loses at most the line it was
 writing; a rerun repairs a torn last line and skips the images already written. Samples given
-up on go to a sidecar file so that a rerun does not ask the teacher about them again.
+up on go to a sidecar file so that a rerun does not ask the teacher about them again. What is
+done is keyed by image content, not by path text, so a teacher is never asked twice about one
+image, however it is named. A teacher that answers nothing for several images in a row stops the
+job (`TeacherSetupError`) rather than failing every remaining image after its backoff.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from tag_lightning.data.teachers import (
     TeacherDeclined,
     TeacherError,
     TeacherRequest,
+    TeacherSetupError,
     activated_aus,
 )
 from tag_lightning.data.traces import ParsedTrace, Trace, parse_trace, render_trace
@@ -196,6 +200,11 @@ class TraceStats:
         self.label_retries += outcome.attempts.label_retries
         self.http_retries += outcome.attempts.http_retries
 
+    @property
+    def asked(self) -> int:
+        """Samples the teacher was asked about (not skipped)."""
+        return self.kept + self.failed + sum(self.rejected.values())
+
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "rejected": dict(self.rejected), "skipped": dict(self.skipped)}
 
@@ -203,8 +212,7 @@ class TraceStats:
         def counts(counter: Counter) -> str:
             return ", ".join(f"{reason} {count}" for reason, count in counter.most_common()) or "none"
 
-        asked = self.kept + self.failed + sum(self.rejected.values())
-        rate = asked / self.seconds if self.seconds > 0 else 0.0
+        rate = self.asked / self.seconds if self.seconds > 0 else 0.0
         return (
             f"{self.samples} samples: kept {self.kept}, rejected {sum(self.rejected.values())} "
             f"({counts(self.rejected)}), failed {self.failed} | skipped {sum(self.skipped.values())} "
@@ -266,21 +274,24 @@ def build_traces(
     retry_rejected: bool = False,
     limit: int | None = None,
     progress: bool = True,
+    max_failures_in_a_row: int = 3,
 ) -> TraceStats:
     """Write one kept trace per sample to `out`, resuming whatever an earlier run wrote.
 
-    Samples without a label, without an `ok` AU record, already in `out`, or given up on
-    earlier (unless `retry_rejected`) are skipped and counted by reason. Failed samples (the
-    teacher could not be reached) are logged but asked again on the next run. Only the first
-    `limit` samples are considered, so a limited run covers the same images each time. The
+    Samples without a label, without an `ok` AU record, whose image content is already in `out`
+    or was given up on earlier (unless `retry_rejected`) are skipped and counted by reason.
+    Failed samples (the teacher could not be reached) are logged but asked again on the next
+    run; `max_failures_in_a_row` of them in a row stop the job with `TeacherSetupError`. Only the
+    first `limit` samples are considered, so a limited run covers the same images each time. The
     statistics are returned and written to ``<out>.stats.json``.
     """
     out = Path(out)
     rejected_path, stats_path = sidecar_paths(out)
-    done = {line["image"] for line in read_jsonl(out)}  # reading also repairs a torn last line
-    given_up = {line["image"] for line in read_jsonl(rejected_path) if line["status"] == "rejected"} - done
+    done = {line["content_hash"] for line in read_jsonl(out)}  # reading also repairs a torn last line
+    given_up = {line["content_hash"] for line in read_jsonl(rejected_path) if line["status"] == "rejected"} - done
     if retry_rejected:
         given_up.clear()
+    failures_in_a_row = 0
     stats = TraceStats()
     start = time.perf_counter()
     kept_log, rejected_log = _AppendLog(out), _AppendLog(rejected_path)
@@ -298,7 +309,17 @@ def build_traces(
             stats.add(outcome)
             line = _line(sample, record, digest, teacher.name, outcome)
             (kept_log if outcome.status == "kept" else rejected_log).append(line)
+            if outcome.status == "kept":  # the same content under another name is not asked about again
+                done.add(digest)
+            elif outcome.status == "rejected":
+                given_up.add(digest)
             bar.set_postfix(kept=stats.kept, rejected=sum(stats.rejected.values()), failed=stats.failed)
+            failures_in_a_row = failures_in_a_row + 1 if outcome.status == "failed" else 0
+            if failures_in_a_row == max_failures_in_a_row:
+                raise TeacherSetupError(
+                    f"the teacher gave no answer for {failures_in_a_row} images in a row (last: {outcome.detail}); "
+                    "stopping. Rerun once it answers: the job resumes where it stopped"
+                )
     finally:
         bar.close()
         kept_log.close()
@@ -312,19 +333,18 @@ def _screen(
     sample: FERSample, records: RecordSource, done: set[str], given_up: set[str], candidates: Sequence[str]
 ) -> tuple[str | None, AURecord | None, str | None]:
     """Why `sample` is skipped (None: it is not), with its AU record and content hash."""
-    name = sample.image.name
     if sample.label is None:
         return "no label", None, None
-    if name in done:
-        return "already written", None, None
-    if name in given_up:
-        return "rejected earlier", None, None
     if sample.label not in candidates:
         return "label not a candidate", None, None
     try:
         digest = content_hash(sample.image.read_bytes())
     except (OSError, UnreadableImage):
         return "unreadable image", None, None
+    if digest in done:
+        return "already written", None, None
+    if digest in given_up:
+        return "rejected earlier", None, None
     record = records.get(digest)
     if record is None:
         return "not in the AU cache", None, None
