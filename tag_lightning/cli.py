@@ -1,16 +1,20 @@
 """The `tag` command: data preparation now, LightningCLI training commands as they land.
 
-Thin by design: each command parses its options and calls one library function.
+Thin by design: each command parses its options and calls one library function. A user's mistake
+(a bad option, path or file) ends, for every command, in one line on stderr and exit status 2:
+`main` is the one place that turns errors into that line (see `errors.py`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
-from tag_lightning.images import IMAGE_SUFFIXES, ImageRef
+from tag_lightning.errors import UserError, describe
+from tag_lightning.images import IMAGE_SUFFIXES, ImageRef, content_hash
 
 # Handled by LightningCLI (tag_lightning/training.py), which imports torch and lightning: kept
 # here as names so that `tag prepare ...` starts without them.
@@ -21,14 +25,48 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
     pass
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose complaints are one line (the usage is one `--help` away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _image_file(text: str) -> Path:
+    """An output image path whose extension says a format Pillow writes."""
+    path = Path(text)
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise argparse.ArgumentTypeError(f"{text!r} has no image extension; use one of {', '.join(IMAGE_SUFFIXES)}")
+    return path
+
+
+def _dataset(spec: str, split: str | None = None, keep_missing: bool = False):
+    """The dataset a spec names; what it read but does not use is told on stderr."""
+    from tag_lightning.data.datasets import parse_data_spec
+
+    dataset = parse_data_spec(spec, split, keep_missing=keep_missing)
+    for note in dataset.notes:
+        print(f"note: {note}", file=sys.stderr)
+    return dataset
+
+
 def image_refs(spec: str, split: str | None = None) -> list[ImageRef]:
-    """Images named by a folder (searched recursively), a manifest CSV, or a dataset spec."""
+    """Images named by a folder (searched recursively), a manifest CSV, or a dataset spec.
+
+    Rows naming a missing file are kept: the AU cache records them as unreadable, one record per
+    image whatever happened to it.
+    """
     path = Path(spec)
     if path.is_dir():  # any folder of images, labelled or not, nested or not
         return [ImageRef.from_path(p) for p in sorted(path.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
-    from tag_lightning.data.datasets import parse_data_spec
-
-    return [sample.image for sample in parse_data_spec(spec, split=split)]
+    return [sample.image for sample in _dataset(spec, split, keep_missing=True)]
 
 
 # -- tag export ---------------------------------------------------------------------------------
@@ -76,8 +114,7 @@ def _au_cache(args: argparse.Namespace) -> int:
 
     refs = image_refs(args.images, args.split)
     if not refs:
-        print(f"error: no images found in {args.images}", file=sys.stderr)
-        return 2
+        raise UserError(f"no images found in {args.images}")
     summary = build_au_cache(refs, args.out, _annotator_config(args), workers=args.workers, progress=not args.quiet)
     print(summary.describe())
     return 0
@@ -85,24 +122,26 @@ def _au_cache(args: argparse.Namespace) -> int:
 
 # -- tag prepare au-show -------------------------------------------------------------------------
 def _au_show(args: argparse.Namespace) -> int:
-    from tag_lightning.au.annotator import read_and_hash
+    """Look the record up by the file's content only: a record cached under this name for other
+    content (the file was replaced since) describes another picture."""
     from tag_lightning.au.cache import AUCache
 
     cache = AUCache(args.cache)
-    ref = ImageRef.from_path(args.image)
-    data, digest = read_and_hash(ref)
-    record = cache.get(digest) or cache.get_by_name(str(args.image))
+    data = args.image.read_bytes()
+    record = cache.get(content_hash(data))
     if record is None:
-        print(f"error: {args.image} is not in the AU cache {args.cache}; build it with "
-              f"`tag prepare au-cache --images ... --out {args.cache}`", file=sys.stderr)
-        return 1
+        build = f"`tag prepare au-cache --images ... --out {args.cache}`"
+        if cache.get_by_name(str(args.image)) is not None:
+            raise UserError(f"{args.image} changed since the AU cache {args.cache} was built (its content has no "
+                            f"record); rebuild the cache with {build}")
+        raise UserError(f"{args.image} is not in the AU cache {args.cache}; build it with {build}")
     record.image = str(args.image)
     if args.json:
         print(json.dumps(record.to_json()))
     else:
         print(_describe(record))
     if args.draw:
-        if data is None or not record.has_face:
+        if not record.has_face:
             print(f"nothing drawn: the record's status is {record.status}", file=sys.stderr)
             return 0
         from PIL import Image
@@ -138,12 +177,14 @@ def _trace_teacher(args: argparse.Namespace):
         return teachers.TemplateTeacher(top_k=args.top_k, min_intensity=args.min_intensity, seed=args.seed)
     if args.teacher == "openai":
         if not args.base_url or not args.model:
-            raise ValueError("--teacher openai needs --base-url (e.g. http://localhost:8000/v1) and --model")
-        return teachers.OpenAITeacher(args.base_url, args.model, args.api_key_env, timeout=args.timeout,
-                                      retry=teachers.RetryPolicy(max_retries=args.max_http_retries),
-                                      temperature=args.temperature, max_tokens=args.max_new_tokens)
+            raise UserError("--teacher openai needs --base-url (e.g. http://localhost:8000/v1) and --model")
+        teacher = teachers.OpenAITeacher(args.base_url, args.model, args.api_key_env, timeout=args.timeout,
+                                         retry=teachers.RetryPolicy(max_retries=args.max_http_retries),
+                                         temperature=args.temperature, max_tokens=args.max_new_tokens)
+        teacher.probe()  # a dead endpoint stops the job now, not after hours of backoff
+        return teacher
     if not args.hf_model:
-        raise ValueError("--teacher hf needs --hf-model (a local folder saved with save_pretrained)")
+        raise UserError("--teacher hf needs --hf-model (a local folder saved with save_pretrained)")
     return teachers.HFTeacher.from_pretrained(args.hf_model, device=args.device, temperature=args.temperature,
                                               max_new_tokens=args.max_new_tokens)
 
@@ -151,22 +192,25 @@ def _trace_teacher(args: argparse.Namespace):
 def _traces(args: argparse.Namespace) -> int:
     from tag_lightning.au.cache import AUCache
     from tag_lightning.data.labels import normalize_label
-    from tag_lightning.data.datasets import parse_data_spec
     from tag_lightning.data.trace_builder import RejectionConfig, build_traces, sidecar_paths
 
     cache = AUCache(args.cache)
-    samples = parse_data_spec(args.data, args.split)
+    samples = _dataset(args.data, args.split)
     candidates = [normalize_label(name) for name in args.candidates.split(",")] if args.candidates else samples.classes
     if len(candidates) < 2:
-        raise ValueError(f"the candidate labels are {list(candidates)}; a teacher needs at least two: "
-                         "name them with --candidates")
+        raise UserError(f"the candidate labels are {list(candidates)}; a teacher needs at least two: "
+                        "name them with --candidates")
     config = RejectionConfig(max_format_retries=args.max_format_retries, max_label_retries=args.max_label_retries,
                              top_k=args.top_k, min_intensity=args.min_intensity, min_box_iou=args.min_box_iou)
     stats = build_traces(samples, cache, _trace_teacher(args), args.out, candidates, config,
-                         retry_rejected=args.retry_rejected, limit=args.limit, progress=not args.quiet)
+                         retry_rejected=args.retry_rejected, limit=args.limit, progress=not args.quiet,
+                         max_failures_in_a_row=args.max_failures_in_a_row)
     rejected, stats_file = sidecar_paths(args.out)
     print(stats.describe())
     print(f"traces: {args.out} | given up: {rejected} | statistics: {stats_file}")
+    if stats.failed and stats.failed == stats.asked:
+        raise UserError(f"the teacher answered none of the {stats.asked} images it was asked about; "
+                        f"see {rejected} for why")
     return 0
 
 
@@ -181,7 +225,7 @@ def _tiny_model(args: argparse.Namespace) -> int:
 
 # -- the parser ----------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="tag", formatter_class=_HelpFormatter,
         description="tag_lightning: AU-grounded facial expression recognition with VLMs (TAG).",
     )
@@ -202,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
                                            "its activated AU boxes, write template traces, build the tiny Qwen2.5-VL "
                                            "and run a short SFT fit on it (configs/sft.yaml + configs/data/samples.yaml).")
     demo.add_argument("--out", type=Path, default=Path("outputs/demo"), help="folder for everything the demo writes")
-    demo.add_argument("--workers", type=int, default=2, help="worker processes for the AU cache build")
+    demo.add_argument("--workers", type=_positive_int, default=2, help="worker processes for the AU cache build")
     demo.add_argument("--libreface-weights", default=None,
                       help="LibreFace's combined_resnet.pt; without it AU intensities come from blendshapes")
     demo.add_argument("--train-steps", type=int, default=20, help="SFT optimizer steps at the end (0: no training)")
@@ -230,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "dataset spec (rafdb:ROOT, ferplus:ROOT, affectnet:ROOT, manifest:FILE.csv, folder:DIR)")
     cache.add_argument("--split", default=None, help="dataset split for dataset specs (e.g. train, test)")
     cache.add_argument("--out", required=True, type=Path, help="cache folder (created if missing)")
-    cache.add_argument("--workers", type=int, default=1, help="worker processes (one core each)")
+    cache.add_argument("--workers", type=_positive_int, default=1, help="worker processes (one core each)")
     cache.add_argument("--libreface-weights", default=None,
                        help="LibreFace's combined_resnet.pt ({'model': state_dict}); without it AU intensities "
                             "come from mediapipe blendshapes, and each record says which source it used")
@@ -252,7 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("image", type=Path, help="the image file")
     show.add_argument("--cache", required=True, type=Path, help="the AU cache folder")
     show.add_argument("--json", action="store_true", help="print the record as one JSON object")
-    show.add_argument("--draw", type=Path, default=None, help="write the face with its AU boxes to this PNG")
+    show.add_argument("--draw", type=_image_file, default=None,
+                      help="write the face with its AU boxes to this image file (.png, .jpg, ...)")
     show.add_argument("--min-intensity", type=float, default=1.0, help="with --draw: draw AUs at least this intense")
     show.set_defaults(func=_au_show)
 
@@ -292,6 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     traces.add_argument("--timeout", type=float, default=120.0, help="openai: seconds to wait for one answer")
     traces.add_argument("--max-http-retries", type=int, default=5,
                         help="openai: retries of timeouts, refused connections, HTTP 429 and 5xx (exponential backoff)")
+    traces.add_argument("--max-failures-in-a-row", type=_positive_int, default=3,
+                        help="stop when the teacher gave no answer (after its retries) for this many images in a row")
     traces.add_argument("--hf-model", default=None, help="hf: a local model folder with its processor")
     traces.add_argument("--device", default="cpu", help="hf: torch device (cpu, cuda, cuda:1)")
     traces.add_argument("--temperature", type=float, default=0.7, help="openai/hf: sampling temperature (0: greedy)")
@@ -320,18 +367,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in LIGHTNING_COMMANDS:
-        from tag_lightning.training import lightning_main
+    """Run one `tag` command; a user's mistake becomes one line on stderr and exit status 2.
 
-        return lightning_main(argv)
-    args = build_parser().parse_args(argv)
+    The classes caught are those of bad input: `UserError`, the OS's errors about paths
+    (missing, a file where a folder belongs, read-only), the `ValueError`s our readers and configs
+    raise for malformed content, and a wheel that cannot be fetched. ``TAG_DEBUG=1`` re-raises.
+    """
     from tag_lightning.resources import ResourceUnavailable
 
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        if argv and argv[0] in LIGHTNING_COMMANDS:
+            from tag_lightning.training import lightning_main
+
+            return lightning_main(argv)
+        args = build_parser().parse_args(argv)
         return args.func(args)
-    except (FileNotFoundError, ValueError, ResourceUnavailable) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (UserError, OSError, ValueError, ResourceUnavailable) as err:
+        if os.environ.get("TAG_DEBUG"):
+            raise
+        print(f"error: {describe(err)}", file=sys.stderr)
         return 2
 
 

@@ -66,7 +66,7 @@ def test_au_show_no_face_and_drawing(built_cache, samples_dir, tmp_path, capsys)
 def test_clear_errors(built_cache, tmp_path, capsys):
     stranger = tmp_path / "stranger.jpg"
     Image.new("RGB", (64, 64), (10, 200, 30)).save(stranger)
-    assert main(["prepare", "au-show", str(stranger), "--cache", str(built_cache)]) == 1
+    assert main(["prepare", "au-show", str(stranger), "--cache", str(built_cache)]) == 2
     assert "not in the AU cache" in capsys.readouterr().err
     empty = tmp_path / "empty_dir"
     empty.mkdir()
