@@ -88,13 +88,17 @@ _SYNONYMS: dict[str, str] = {
 }
 
 
-def normalize_label(text: str) -> str:
-    """The unified name of an emotion written as a unified name or a common synonym ("Happy ")."""
+def find_label(text: object) -> str | None:
+    """The unified name of an emotion written as a unified name or a common synonym ("Happy "), else None."""
     key = " ".join(str(text).split()).lower()
-    if key in EMOTION_INDEX:
-        return key
-    if key in _SYNONYMS:
-        return _SYNONYMS[key]
+    return key if key in EMOTION_INDEX else _SYNONYMS.get(key)
+
+
+def normalize_label(text: str) -> str:
+    """`find_label`, for labels that must be valid: unknown text raises."""
+    label = find_label(text)
+    if label is not None:
+        return label
     raise ValueError(
         f"unknown emotion label {text!r}: expected one of {', '.join(EMOTIONS)} "
         f"or a synonym ({', '.join(_SYNONYMS)})"

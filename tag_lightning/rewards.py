@@ -1,0 +1,104 @@
+"""The GRPO rewards of TAG: format, answer and AU grounding, as pure functions of one parsed completion.
+
+A reward takes a `Completion` (parsed once, boxes in the detector's frame, see `claims.py`) and
+the sample's `References`, and returns a `RewardResult`: its value and named parts, which the
+GRPO module logs as ``train/rewards/<name>/<part>``. No reward ever raises: the parser is total
+and every check below is defined for any parse, garbage included.
+
+Adding a reward is one function here, one entry in `REWARDS`, and one line under ``rewards:`` in
+the GRPO config (its weight).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from tag_lightning.claims import HALLUCINATION, MISS, Completion, References, claims_of
+
+
+@dataclass(frozen=True)
+class RewardResult:
+    """A reward's value and the named figures it was computed from."""
+
+    value: float
+    parts: dict[str, float] = field(default_factory=dict)
+
+
+Reward = Callable[[Completion, References], RewardResult]
+
+
+def format_reward(completion: Completion, references: References) -> RewardResult:
+    """0..1: the mean of four checks, so a partly well-formed answer earns partial credit.
+
+    ``grammar``: the TAG grammar holds (no parse error); ``grounded_step``: at least one step
+    names an AU and has a box; ``boxes_in_image``: there are steps and every one has a
+    well-formed box inside the image; ``answer_in_labels``: the answer is one of the dataset's labels.
+    """
+    width, height = references.image_size
+    steps = completion.trace.steps
+    checks = {
+        "grammar": completion.valid,
+        "grounded_step": any(step.aus and step.box is not None for step in steps),
+        "boxes_in_image": bool(steps) and all(
+            step.box is not None and step.box[2] <= width and step.box[3] <= height for step in steps
+        ),
+        "answer_in_labels": completion.answer is not None and completion.answer in references.labels,
+    }
+    parts = {name: float(passed) for name, passed in checks.items()}
+    return RewardResult(sum(parts.values()) / len(parts), parts)
+
+
+def answer_reward(completion: Completion, references: References) -> RewardResult:
+    """1 when the answer names the label (synonyms resolved, `labels.find_label`), else 0."""
+    correct = float(completion.answer == references.label)
+    return RewardResult(correct, {"answered": float(completion.answer is not None)})
+
+
+def grounding_reward(completion: Completion, references: References) -> RewardResult:
+    """0..1: the mean over claims of the box IoU with the detector's box, hallucinated and missed
+    claims scoring 0 (`claims.py`); an answer that claims nothing scores 0."""
+    claims = claims_of(completion, references)
+    if not claims:
+        return RewardResult(0.0, {"mean_iou": 0.0, "hallucinations": 0.0, "misses": 0.0, "claims": 0.0})
+    return RewardResult(
+        sum(claim.score for claim in claims) / len(claims),
+        {
+            "mean_iou": sum(claim.iou for claim in claims) / len(claims),
+            "hallucinations": float(sum(claim.verdict == HALLUCINATION for claim in claims)),
+            "misses": float(sum(claim.verdict == MISS for claim in claims)),
+            "claims": float(len(claims)),
+        },
+    )
+
+
+REWARDS: dict[str, Reward] = {
+    "format": format_reward,
+    "answer": answer_reward,
+    "grounding": grounding_reward,
+}
+"""Every reward by the name its weight is given under in the config; the one place a name is resolved."""
+
+DEFAULT_WEIGHTS: dict[str, float] = {"format": 0.5, "answer": 1.0, "grounding": 1.0}
+
+
+def check_weights(weights: Mapping[str, float]) -> dict[str, float]:
+    """The reward weights of a config, or a ValueError naming what is wrong and the known rewards."""
+    unknown = sorted(set(weights) - set(REWARDS))
+    if unknown:
+        raise ValueError(f"unknown reward(s) {unknown} in rewards; known rewards: {', '.join(REWARDS)} "
+                         "(a new reward is a function plus an entry in tag_lightning.rewards.REWARDS)")
+    if not weights:
+        raise ValueError(f"rewards is empty: give at least one weight, e.g. {DEFAULT_WEIGHTS}")
+    bad = {name: weight for name, weight in weights.items()
+           if not isinstance(weight, (int, float)) or not math.isfinite(weight)}
+    if bad:
+        raise ValueError(f"reward weights must be finite numbers, got {bad}")
+    return {name: float(weight) for name, weight in weights.items()}
+
+
+def score(completion: Completion, references: References, weights: Mapping[str, float]) -> tuple[float, dict[str, RewardResult]]:
+    """The weighted total and each weighted reward's result, for one completion."""
+    results = {name: REWARDS[name](completion, references) for name in weights}
+    return sum(weights[name] * result.value for name, result in results.items()), results
