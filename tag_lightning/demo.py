@@ -83,6 +83,7 @@ def run_demo(out: str | Path, workers: int = 2, libreface_weights: str | None = 
         f"--data.train_traces={out / 'traces.jsonl'}",
         f"--trainer.max_steps={train_steps}",
         f"--trainer.default_root_dir={out / 'sft'}",
+        f"--trainer.callbacks.init_args.dirpath={out / 'sft' / 'checkpoints'}",  # where configs/grpo.yaml starts
     ])
     print(f"SFT checkpoints and logs: {out / 'sft'}")
     return out

@@ -1,21 +1,19 @@
 """torchmetrics for generated traces: answer accuracy, format validity, box IoU with the detector.
 
-The trace is parsed once per answer (`score_answer`) and the metric only accumulates sums, so it
-syncs across DDP ranks by summing. The fuller faithfulness metrics (AU precision/recall,
-hallucination rate) join this module with the GRPO rewards.
+The answer is parsed once (`claims.read_completion`), scored once (`score_answer`, with the claim
+rule the GRPO rewards use), and the metric only accumulates sums, so it syncs across DDP ranks by
+summing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torchmetrics import Metric
 
-from tag_lightning.au.taxonomy import AU_BY_ID
-from tag_lightning.boxes import box_iou
-from tag_lightning.data.traces import Trace, parse_trace
+from tag_lightning.claims import Completion, References, claims_of
 
 
 @dataclass(frozen=True)
@@ -25,29 +23,15 @@ class AnswerScore:
     answer: str | None
     correct: bool
     valid: bool
-    box_iou: float | None  # mean IoU of the boxes of the AUs it claims vs the detector's; None: no claim to score
+    box_iou: float | None  # mean IoU of its claims' boxes with the detector's (`claims.py`); None: no claim
 
 
-def claimed_box_ious(trace: Trace, detector_aus: Mapping[str, dict]) -> list[float]:
-    """IoU of each (step, AU) claim's box with the detector's box of that AU (0 when the AU is unknown)."""
-    ious = []
-    for step in trace.steps:
-        if step.box is None:
-            continue
-        for au in step.aus:
-            entry = detector_aus.get(AU_BY_ID[au].key) if au in AU_BY_ID else None
-            ious.append(0.0 if entry is None else box_iou(step.box, entry["box"]))
-    return ious
-
-
-def score_answer(text: str, label: str, detector_aus: Mapping[str, dict] | None, labels: Iterable[str],
-                 to_image_frame=None) -> AnswerScore:
-    """Parse a generated answer and score it; `to_image_frame` maps its boxes to the detector's frame."""
-    parsed = parse_trace(text, labels=labels)
-    trace = parsed.trace if to_image_frame is None else to_image_frame(parsed.trace)
-    answer = None if trace.answer is None else trace.answer.strip().lower()
-    ious = claimed_box_ious(trace, detector_aus) if detector_aus is not None else []
-    return AnswerScore(answer, answer == label, parsed.valid, sum(ious) / len(ious) if ious else None)
+def score_answer(completion: Completion, references: References) -> AnswerScore:
+    """Score a parsed answer against its label and the detector (the claim rule of `claims.py`)."""
+    claims = claims_of(completion, references)
+    valid = completion.valid and completion.answer in references.labels
+    return AnswerScore(completion.answer, completion.answer == references.label, valid,
+                       sum(claim.iou for claim in claims) / len(claims) if claims else None)
 
 
 class GroundedAnswerMetrics(Metric):

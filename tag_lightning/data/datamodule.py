@@ -8,7 +8,8 @@ exclusion is counted by reason (`counts`) and summarised in the log.
 Items (one dict per sample; `collate` turns them into a batch of the same keys):
 
 - every item: ``image`` (uint8 HWC RGB, `image_size` square, augmented in training),
-  ``image_name``, ``prompt`` (`prompts.user_prompt` with its dataset's labels), ``label``;
+  ``image_name``, ``prompt`` (`prompts.user_prompt` with its dataset's labels), ``label``,
+  ``labels`` (its dataset's labels: the answers allowed);
 - ``"sft"`` items (training in stage sft) add ``trace`` (the target `Trace`) and ``target``
   (its rendered text);
 - ``"rl"`` items (training in stage rl; validation and test in both stages, as evaluation is
@@ -106,7 +107,8 @@ class FERItems(Dataset):
         image, size = _decode(data, sample.image.name, max(entry.size), self.augment.image_size)
         # A function of (seed, epoch, sample): the same whatever the worker, prefetching or resumption.
         rng = np.random.default_rng([self.seed, epoch, index])
-        item = {"image_name": sample.image.name, "prompt": self.prompts[entry.dataset], "label": sample.label}
+        item = {"image_name": sample.image.name, "prompt": self.prompts[entry.dataset], "label": sample.label,
+                "labels": self.datasets[entry.dataset].classes}
         if self.kind == "sft":
             out = self.augment(image, size, rng, trace=entry.trace)
             item.update(trace=out.trace, target=render_trace(out.trace))

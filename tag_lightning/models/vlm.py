@@ -158,17 +158,18 @@ class VLMWrapper(nn.Module):
         self,
         images: Sequence[np.ndarray],
         prompts: Sequence[str],
-        targets: Sequence[str] | None = None,
+        targets: Sequence[str] | Sequence[Sequence[int]] | None = None,
         padding_side: str | None = None,
     ) -> BatchFeature:
         """Model inputs for one image (HWC uint8 RGB) and prompt per sample, and labels with `targets`.
 
         Each prompt is rendered by the chat template as the user's turn (after the optional
-        system turn) up to the assistant's generation prompt and processed with its image. Each
-        target is tokenised on its own and appended through the template's end-of-turn token:
-        exactly the tokens the model would have to generate after that prompt. `labels` are
-        -100 except on those answer tokens. Padding is on the right with targets (training) and
-        on the left without (generation) unless `padding_side` says otherwise.
+        system turn) up to the assistant's generation prompt and processed with its image. A
+        text target is tokenised on its own and appended through the template's end-of-turn
+        token: exactly the tokens the model would have to generate after that prompt. A target
+        given as token ids (a sampled answer, `GenerationOutput.token_ids`) is appended as it is.
+        `labels` are -100 except on those answer tokens. Padding is on the right with targets
+        (training) and on the left without (generation) unless `padding_side` says otherwise.
         """
         if len(images) != len(prompts) or (targets is not None and len(targets) != len(prompts)):
             raise ValueError(f"got {len(images)} images, {len(prompts)} prompts and "
@@ -183,9 +184,14 @@ class VLMWrapper(nn.Module):
         )
         answers = None
         if targets is not None:
-            texts = [self._answer_text(*sample) for sample in zip(prompts, targets, prompt_texts)]
-            answers = self.processor.tokenizer(texts, add_special_tokens=False)["input_ids"]
+            answers = [self._answer_ids(*sample) for sample in zip(prompts, targets, prompt_texts)]
         return self._collate(encoded, answers, side)
+
+    def _answer_ids(self, prompt: str, target: str | Sequence[int], prompt_text: str) -> list[int]:
+        if not isinstance(target, str):
+            return [int(token) for token in target]
+        text = self._answer_text(prompt, target, prompt_text)
+        return self.processor.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def _render(self, prompt: str, target: str | None, add_generation_prompt: bool) -> str:
         messages = self.backbone.messages(prompt, target, system=self.config.system_prompt)
@@ -240,17 +246,36 @@ class VLMWrapper(nn.Module):
         ``labels[:, -K + 1:]``. Without labels, `logits` cover every position.
         """
         inputs = self._on_device(batch)
-        labels = inputs.pop("labels", None)
-        if labels is None:
+        if "labels" not in inputs:
             return self.model(**inputs, use_cache=False)
+        outputs, logits, answers = self._answer_logits(self.model, inputs)
+        outputs["loss"] = F.cross_entropy(logits.flatten(0, 1), answers.flatten(), ignore_index=IGNORE_INDEX)
+        return outputs
+
+    def answer_logprobs(self, batch: Mapping[str, Tensor], model: nn.Module | None = None) -> tuple[Tensor, Tensor]:
+        """Log-probability of each answer token of a `build_inputs` batch with targets, and where they are.
+
+        Returns ``(logps, mask)``, both (B, K) over the last K label columns (as in `forward`):
+        `mask` is 1 on answer tokens, and `logps` is 0 elsewhere. Only the answer positions go
+        through the LM head and the log-softmax (GRPO's policy, old and reference passes).
+        `model` scores under another copy of this network's model (GRPO's frozen reference).
+        """
+        _, logits, answers = self._answer_logits(model or self.model, self._on_device(batch))
+        mask = answers != IGNORE_INDEX
+        picked = logits.gather(-1, answers.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        logps = (picked - logits.logsumexp(dim=-1)) * mask
+        return logps, mask.to(logps.dtype)
+
+    @staticmethod
+    def _answer_logits(model: nn.Module, inputs: dict[str, Tensor]) -> tuple[ModelOutput, Tensor, Tensor]:
+        """The model's outputs, float logits predicting the label columns from the first answer on, and those labels."""
+        labels = inputs.pop("labels")
         answer_columns = (labels != IGNORE_INDEX).any(dim=0).nonzero()
         if len(answer_columns) == 0:
             raise ValueError("nothing to learn: every label is -100")
         start = max(int(answer_columns[0]), 1)  # a token in column 0 has nothing before it to predict it
-        outputs = self.model(**inputs, use_cache=False, logits_to_keep=labels.shape[1] - start + 1)
-        logits = outputs.logits[:, :-1].float()
-        outputs["loss"] = F.cross_entropy(logits.flatten(0, 1), labels[:, start:].flatten(), ignore_index=IGNORE_INDEX)
-        return outputs
+        outputs = model(**inputs, use_cache=False, logits_to_keep=labels.shape[1] - start + 1)
+        return outputs, outputs.logits[:, :-1].float(), labels[:, start:]
 
     @torch.no_grad()
     def generate(

@@ -3,61 +3,36 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO, newest_last_checkpoint, run_python, trained_weights
 
 from tag_lightning.cli import main
 
-REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs"
 
 
-def fit_args(demo_dir: Path, root: Path, *extra: str, strategy: str | None = None, command: str = "fit") -> list[str]:
-    """`tag fit` on configs/sft.yaml + configs/data/samples.yaml, pointed at a prepared demo folder."""
-    args = [command, "-c", str(CONFIGS / "sft.yaml"), "-c", str(CONFIGS / "data" / "samples.yaml")]
-    if strategy:
-        args += ["-c", str(CONFIGS / "strategy" / f"{strategy}.yaml")]
-    manifest = f"manifest:{demo_dir / 'samples' / 'manifest.csv'}"
-    return args + [
-        f"--model.init_args.network.init_args.config.model_path={demo_dir / 'tiny-qwen2.5-vl'}",
-        f"--data.au_cache={demo_dir / 'au_cache'}",
-        f"--data.train_data={manifest}", f"--data.val_data={manifest}", f"--data.test_data={manifest}",
-        f"--data.train_traces={demo_dir / 'traces.jsonl'}",
-        f"--trainer.default_root_dir={root}",
-        "--trainer.enable_progress_bar=false",
-        "--model.init_args.max_new_tokens=8",
-        *extra,
-    ]
+@pytest.fixture
+def fit_args(tag_args):
+    """`tag fit` (or `command`) on configs/sft.yaml + configs/data/samples.yaml, aimed at the demo folder."""
+    return lambda root, *extra, **options: tag_args("sft", root, *extra, **options)
 
 
-def newest_last_checkpoint(root: Path) -> Path:
-    """The `last.ckpt` of the latest run under `root` (each run writes a new lightning_logs/version_N)."""
-    return max(root.rglob("last.ckpt"), key=lambda path: path.stat().st_mtime_ns)
-
-
-def trained_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
-    return torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
-
-
-def test_fast_dev_run(demo_dir, tmp_path):
-    assert main(fit_args(demo_dir, tmp_path, "--trainer.fast_dev_run=true")) == 0
+def test_fast_dev_run(fit_args, tmp_path):
+    assert main(fit_args(tmp_path, "--trainer.fast_dev_run=true")) == 0
 
 
 @pytest.mark.slow
-def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(demo_dir, tmp_path):
+def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(fit_args, tmp_path):
     """Stopped mid-epoch after step 3 and resumed to step 6 == 6 steps in one go (batch 1, 4 samples an epoch)."""
     common = ["--data.batch_size=1", "--trainer.val_check_interval=null", "--trainer.limit_val_batches=0",
               "--trainer.callbacks.init_args.every_n_train_steps=1"]
-    main(fit_args(demo_dir, tmp_path / "whole", *common, "--trainer.max_steps=6"))
-    main(fit_args(demo_dir, tmp_path / "parts", *common, "--trainer.max_steps=3"))
+    main(fit_args(tmp_path / "whole", *common, "--trainer.max_steps=6"))
+    main(fit_args(tmp_path / "parts", *common, "--trainer.max_steps=3"))
     first_part = newest_last_checkpoint(tmp_path / "parts")
     assert torch.load(first_part, weights_only=True)["global_step"] == 3
-    main(fit_args(demo_dir, tmp_path / "parts", *common, "--trainer.max_steps=6", f"--ckpt_path={first_part}"))
+    main(fit_args(tmp_path / "parts", *common, "--trainer.max_steps=6", f"--ckpt_path={first_part}"))
     whole = trained_weights(newest_last_checkpoint(tmp_path / "whole"))
     resumed_checkpoint = newest_last_checkpoint(tmp_path / "parts")
     assert torch.load(resumed_checkpoint, weights_only=True)["global_step"] == 6
@@ -69,18 +44,18 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(demo_dir, t
         assert torch.equal(whole[name], resumed[name]), name
 
 
-def test_checkpoints_hold_only_trained_weights_and_export_a_plain_hf_model(demo_dir, tmp_path):
+def test_checkpoints_hold_only_trained_weights_and_export_a_plain_hf_model(fit_args, demo_dir, tmp_path):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    assert main(fit_args(demo_dir, tmp_path, "--trainer.max_steps=2", "--trainer.limit_val_batches=0")) == 0
+    assert main(fit_args(tmp_path, "--trainer.max_steps=2", "--trainer.limit_val_batches=0")) == 0
     checkpoint = newest_last_checkpoint(tmp_path)
     state = trained_weights(checkpoint)
     assert state and all("lora_" in name or "merger" in name for name in state), sorted(state)[:5]
     assert checkpoint.stat().st_size < 5_000_000  # the 40 MB embedding stays out
     for command in ("validate", "test"):  # evaluation restores the trained weights over the base model
-        assert main(fit_args(demo_dir, tmp_path, f"--ckpt_path={checkpoint}", command=command)) == 0
+        assert main(fit_args(tmp_path, f"--ckpt_path={checkpoint}", command=command)) == 0
     predictions = tmp_path / "predictions"
-    assert main(fit_args(demo_dir, tmp_path, "-c", str(CONFIGS / "predict.yaml"), f"--ckpt_path={checkpoint}",
+    assert main(fit_args(tmp_path, "-c", str(CONFIGS / "predict.yaml"), f"--ckpt_path={checkpoint}",
                          f"--trainer.callbacks.init_args.output_dir={predictions}", command="predict")) == 0
     rows = [json.loads(line) for line in (predictions / "predictions.rank0.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and {"image", "label", "answer", "correct", "format_valid", "text"} <= set(rows[0])
@@ -99,26 +74,21 @@ def test_checkpoints_hold_only_trained_weights_and_export_a_plain_hf_model(demo_
     ("--model.init_args.network.init_args.config.model_path=/nowhere/model", "tag prepare tiny-model"),
     ("--model.init_args.network.init_args.config.lora.target_modules=[qkv]", "match no linear layer"),
 ])
-def test_bad_configs_fail_before_training_with_what_to_fix(demo_dir, tmp_path, capsys, override, message):
+def test_bad_configs_fail_before_training_with_what_to_fix(fit_args, tmp_path, capsys, override, message):
     with pytest.raises(SystemExit) as exit_:
-        main(fit_args(demo_dir, tmp_path, override))
+        main(fit_args(tmp_path, override))
     assert exit_.value.code != 0
     assert message in capsys.readouterr().err
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
-def _run_cli(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "tag_lightning.cli", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-def test_two_cpu_processes(demo_dir, tmp_path, strategy):
+def test_two_cpu_processes(fit_args, tmp_path, strategy):
     """DDP and FSDP2 (ModelParallelStrategy) on 2 CPU processes with gloo, through the real configs."""
-    result = _run_cli(fit_args(demo_dir, tmp_path, "--trainer.max_steps=2", "--trainer.limit_val_batches=1",
-                               "--trainer.val_check_interval=2", "--trainer.accelerator=cpu", strategy=strategy))
+    result = run_python(["-m", "tag_lightning.cli", *fit_args(
+        tmp_path, "--trainer.max_steps=2", "--trainer.limit_val_batches=1", "--trainer.val_check_interval=2",
+        "--trainer.accelerator=cpu", strategy=strategy)])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "`Trainer.fit` stopped: `max_steps=2` reached" in result.stderr + result.stdout
 

@@ -1,0 +1,450 @@
+"""Stage 2 of TAG: GRPO with format, answer and AU-grounding rewards.
+
+Each training step takes a batch of prompts (face + question, with the detector's references from
+the datamodule's ``rl`` stage), samples G completions per prompt with the shared `VLMWrapper`,
+scores them (`rewards.py`), turns the rewards into group-relative advantages and takes
+`num_iterations` optimizer steps of the clipped policy loss on those rollouts.
+
+Options, names and semantics follow TRL 1.16's ``GRPOTrainer`` so settings carry over:
+``num_generations``, ``max_completion_length``, ``temperature``, ``top_p``, ``scale_rewards``
+(group | batch | none; Bessel-corrected std, + 1e-4), ``loss_type`` (grpo | bnpo | dr_grpo | dapo),
+``epsilon`` / ``epsilon_high``, ``beta`` (k3 KL to the reference; 0 skips the reference pass),
+``num_iterations`` (μ, with the old log-probs kept from the first pass),
+``mask_truncated_completions``, ``max_grad_norm``, ``log_completions``, ``num_completions_to_print``.
+The two pure functions, `group_advantages` and `policy_loss`, are the maths.
+
+Where this differs from TRL, and why:
+
+- a group never spans ranks: each rank samples all G completions of its own prompts, so group
+  statistics need no communication; batch-wide figures (``scale_rewards="batch"``, the ``dapo``
+  token count, the logged statistics) are gathered over ranks, so 2 ranks compute what 1 does;
+- rollouts are a function of (``seed``, step, image): each prompt's group is sampled under its own
+  seed, so a resumed run, or the same batch split over ranks, samples the same completions;
+- one Lightning step is one batch of rollouts and its μ optimizer steps (`max_steps` counts
+  optimizer steps), so a checkpoint never falls between a rollout and its updates;
+- with LoRA the reference model is the base model with the adapters (and the trained projector)
+  switched off, as TRL does with a PEFT model: after `init_from` an SFT checkpoint, the KL term
+  anchors to the model before SFT. Without LoRA it is a frozen copy of the starting policy.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import hashlib
+import math
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+
+from tag_lightning.models.checkpoints import check_fits, read_checkpoint
+from tag_lightning.models.module import VLMModule
+from tag_lightning.models.vlm import VLMWrapper
+from tag_lightning.rewards import DEFAULT_WEIGHTS, check_weights, score
+
+# A checkpoint holds the weights after a batch's optimizer steps, by design (see the module doc).
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+
+SCALE_REWARDS = ("group", "batch", "none")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+STD_EPS = 1e-4  # TRL's: added to the std the advantages are divided by
+
+
+# ---------------------------------------------------------------------------------------------
+# The maths
+
+
+def group_advantages(rewards: Tensor, group_size: int, scale_rewards: str = "group") -> Tensor:
+    """Group-relative advantages: each reward minus its group's mean, divided by a std (+1e-4).
+
+    `rewards` (N,) hold N = prompts x `group_size` rewards, each prompt's group contiguous.
+    ``group``: divide by the group's std; ``batch``: by the std of all N; ``none``: do not divide.
+    Standard deviations are Bessel-corrected, as in TRL.
+    """
+    if scale_rewards not in SCALE_REWARDS:
+        raise ValueError(f"scale_rewards {scale_rewards!r} is not one of {', '.join(SCALE_REWARDS)}")
+    if group_size < 1 or rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    grouped = rewards.view(-1, group_size)
+    advantages = rewards - grouped.mean(dim=1).repeat_interleave(group_size)
+    if scale_rewards == "none":
+        return advantages
+    std = rewards.std().expand_as(rewards) if scale_rewards == "batch" else grouped.std(dim=1).repeat_interleave(
+        group_size)
+    return advantages / (std + STD_EPS)
+
+
+def policy_loss(
+    logps: Tensor,
+    old_logps: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    ref_logps: Tensor | None = None,
+    epsilon_low: float = 0.2,
+    epsilon_high: float = 0.2,
+    beta: float = 0.0,
+    loss_type: str = "grpo",
+    max_completion_length: int | None = None,
+    num_items_in_batch: float | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """The clipped surrogate loss (+ β k3 KL) of completions' tokens, aggregated as `loss_type` says.
+
+    Tensors are (N, T) over completion tokens, `mask` 1 where a token counts; `advantages` are (N,).
+    Per token: ``-min(ρA, clip(ρ, 1-ε_low, 1+ε_high)A) + β·KL``, ρ = exp(logp - old_logp) and
+    KL = exp(ref - logp) - (ref - logp) - 1. Aggregation: ``grpo`` averages each sequence's
+    tokens, then the sequences; ``bnpo`` averages all tokens of the batch; ``dr_grpo`` sums and
+    divides by N x `max_completion_length`; ``dapo`` sums and divides by `num_items_in_batch`
+    (the tokens of the whole generation batch over all ranks, divided by the number of ranks;
+    default: this batch's tokens). Stats: ``kl`` (masked mean; 0 when β = 0) and ``clip_ratio``
+    (share of tokens whose ratio was clipped in the direction of their advantage).
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type {loss_type!r} is not one of {', '.join(LOSS_TYPES)}")
+    mask = mask.to(logps.dtype)
+    advantages = advantages.unsqueeze(1)
+    ratio = torch.exp(logps - old_logps)
+    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
+    per_token = -torch.min(ratio * advantages, clipped * advantages)
+    kl = None
+    if beta != 0.0:
+        if ref_logps is None:
+            raise ValueError("beta > 0 needs ref_logps")
+        kl = torch.exp(ref_logps - logps) - (ref_logps - logps) - 1
+        per_token = per_token + beta * kl
+    tokens = mask.sum().clamp(min=1.0)
+    if loss_type == "grpo":
+        loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    elif loss_type == "bnpo":
+        loss = (per_token * mask).sum() / tokens
+    elif loss_type == "dr_grpo":
+        if max_completion_length is None:
+            raise ValueError("loss_type dr_grpo divides by max_completion_length: give it")
+        loss = (per_token * mask).sum() / (per_token.size(0) * max_completion_length)
+    else:
+        loss = (per_token * mask).sum() / (tokens if num_items_in_batch is None else max(num_items_in_batch, 1.0))
+    was_clipped = ((ratio < 1 - epsilon_low) & (advantages < 0)) | ((ratio > 1 + epsilon_high) & (advantages > 0))
+    stats = {
+        "kl": 0.0 if kl is None else float((kl.detach() * mask).sum() / tokens),
+        "clip_ratio": float((was_clipped.to(mask.dtype) * mask).sum() / tokens),
+    }
+    return loss, stats
+
+
+# ---------------------------------------------------------------------------------------------
+# The module
+
+
+@dataclass
+class Rollouts:
+    """One batch's sampled completions, N = prompts x G rows, each prompt's group contiguous."""
+
+    images: list  # (H, W, 3) uint8 arrays, one per row
+    prompts: list[str]
+    token_ids: list[Tensor]
+    texts: list[str]
+    truncated: Tensor  # (N,) bool: no end token within max_completion_length
+    rewards: Tensor  # (N,) weighted totals
+    reward_parts: dict[str, Tensor]  # "<name>" -> (N,) values, "<name>/<part>" -> (N,) parts
+    image_names: list[str]
+    labels: list[str]
+
+
+class GRPOModule(VLMModule):
+    """GRPO on the TAG rewards, with TRL 1.16's option names (see the module doc).
+
+    Args:
+        network: the VLM wrapper to train, the same class SFT trains.
+        optimizer: optimizer factory, called with the trainable parameters.
+        scheduler: learning-rate scheduler factory (stepped every optimizer step), or None.
+        init_from: an SFT (or GRPO) training checkpoint whose trained weights the policy starts
+            from; None starts from the model folder as it is. Refused if it was trained with
+            another model set-up.
+        rewards: weight of each reward by name (`tag_lightning.rewards.REWARDS`); only these are
+            computed.
+        num_generations: G, completions sampled per prompt (>= 2: advantages compare them).
+        max_completion_length: most tokens sampled per completion.
+        temperature: sampling temperature.
+        top_p: nucleus sampling mass (1.0: the whole distribution).
+        scale_rewards: divide advantages by the std of the ``group``, the ``batch``, or ``none``.
+        loss_type: token aggregation: ``grpo``, ``bnpo``, ``dr_grpo`` or ``dapo`` (TRL's default).
+        epsilon: lower clipping bound of the ratio, 1 - epsilon.
+        epsilon_high: upper clipping bound, 1 + epsilon_high; None: epsilon.
+        beta: weight of the k3 KL to the reference model; 0 skips the reference entirely.
+        num_iterations: μ, optimizer steps per batch of rollouts (old log-probs kept from the first).
+        mask_truncated_completions: leave completions that hit max_completion_length out of the loss.
+        max_grad_norm: clip the gradient norm to this before each step; None: no clipping.
+        micro_batch_size: completions per forward/backward pass (gradients accumulate); None: all.
+        log_completions: write sampled completions with their rewards to ``completions.csv`` in
+            the log folder (and as text to TensorBoard) every step.
+        num_completions_to_print: completions per step written there.
+        seed: base of the rollout seeds (a function of seed, step and image).
+        max_new_tokens: longest greedy answer in validation, test and prediction.
+    """
+
+    def __init__(
+        self,
+        network: VLMWrapper,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        scheduler: LRSchedulerCallable | None = None,
+        init_from: str | None = None,
+        rewards: dict[str, float] | None = None,
+        num_generations: int = 8,
+        max_completion_length: int = 512,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        scale_rewards: str = "group",
+        loss_type: str = "dapo",
+        epsilon: float = 0.2,
+        epsilon_high: float | None = None,
+        beta: float = 0.0,
+        num_iterations: int = 1,
+        mask_truncated_completions: bool = False,
+        max_grad_norm: float | None = 1.0,
+        micro_batch_size: int | None = None,
+        log_completions: bool = True,
+        num_completions_to_print: int = 8,
+        seed: int = 0,
+        max_new_tokens: int = 256,
+    ) -> None:
+        super().__init__(network, optimizer, scheduler, max_new_tokens)
+        self.save_hyperparameters(ignore=["network", "optimizer", "scheduler"])
+        _check_options(num_generations, max_completion_length, temperature, top_p, scale_rewards, loss_type,
+                       epsilon, epsilon_high, beta, num_iterations, micro_batch_size)
+        self.reward_weights = check_weights(DEFAULT_WEIGHTS if rewards is None else rewards)
+        self.num_generations = num_generations
+        self.max_completion_length = max_completion_length
+        self.temperature = temperature
+        self.top_p = top_p
+        self.scale_rewards = scale_rewards
+        self.loss_type = loss_type
+        self.epsilon_low = epsilon
+        self.epsilon_high = epsilon if epsilon_high is None else epsilon_high
+        self.beta = beta
+        self.num_iterations = num_iterations
+        self.mask_truncated_completions = mask_truncated_completions
+        self.max_grad_norm = max_grad_norm
+        self.micro_batch_size = micro_batch_size
+        self.log_completions = log_completions
+        self.num_completions_to_print = num_completions_to_print
+        self.seed = seed
+        self.automatic_optimization = False  # μ optimizer steps per batch of rollouts
+        self.reference = None  # a frozen copy of the starting policy, made when beta > 0 without LoRA
+        if init_from is not None:
+            self._start_from(init_from)
+
+    def _start_from(self, path: str) -> None:
+        checkpoint = read_checkpoint(path)
+        check_fits(checkpoint, self.network.config, f"init_from {path}")
+        prefix = "network.model."
+        self.network.load_trainable_state_dict(
+            {name[len(prefix):]: value for name, value in checkpoint["state_dict"].items() if name.startswith(prefix)})
+        rank_zero_info(f"GRPO starts from {path} (step {checkpoint.get('global_step', '?')} of its run)")
+
+    def configure_model(self) -> None:
+        """The frozen reference copy (full fine-tuning with beta > 0), made before any sharding."""
+        if self.beta != 0.0 and self.network.config.lora is None and self.reference is None:
+            self.reference = copy.deepcopy(self.network.model).requires_grad_(False).eval()
+        super().configure_model()
+        if self.reference is not None and self.device_mesh is not None:
+            self.shard(self.reference)
+
+    # -- one step: rollouts, rewards, advantages, μ optimizer steps ------------------------------
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        rollouts = self._rollout(batch)
+        everyone = self._gathered(rollouts.rewards)
+        advantages = group_advantages(everyone, self.num_generations, self.scale_rewards)
+        advantages = advantages.view(self._world(), -1)[self.global_rank].to(self.device)
+        chunks = self._chunks(rollouts)
+        counted = ~rollouts.truncated if self.mask_truncated_completions else torch.ones_like(rollouts.truncated)
+        lengths = torch.tensor([len(ids) for ids in rollouts.token_ids], dtype=torch.float32)
+        num_items = float(self._gathered((lengths * counted).sum().reshape(1)).sum()) / self._world()
+        references = [self._reference_logprobs(inputs) for _, inputs in chunks] if self.beta else [None] * len(chunks)
+        old = [None] * len(chunks)
+        optimizer = self.optimizers()
+        scheduler = self.lr_schedulers()
+        losses, kls, clips = [], [], []
+        for _ in range(self.num_iterations):
+            optimizer.zero_grad()
+            for index, (rows, inputs) in enumerate(chunks):
+                logps, mask = self.network.answer_logprobs(inputs)
+                mask = mask * counted[rows].to(mask).unsqueeze(1)
+                if old[index] is None:  # the weights have not moved yet: this pass is the old policy
+                    old[index] = logps.detach()
+                loss, stats = policy_loss(
+                    logps, old[index], advantages[rows], mask, references[index], self.epsilon_low,
+                    self.epsilon_high, self.beta, self.loss_type, self.max_completion_length, num_items)
+                if self.loss_type != "dapo":  # dapo's normaliser already spans the whole batch
+                    loss = loss / len(chunks)
+                self.manual_backward(loss)
+                losses.append(float(loss.detach()) * (1 if self.loss_type == "dapo" else len(chunks)))
+                kls.append(stats["kl"])
+                clips.append(stats["clip_ratio"])
+            if self.max_grad_norm is not None:
+                self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+        self._log_step(rollouts, everyone, sum(losses) / len(losses), sum(kls) / len(kls), sum(clips) / len(clips))
+
+    @torch.no_grad()
+    def _rollout(self, batch: dict) -> Rollouts:
+        """G sampled completions per prompt, each group under its own seed, scored by the rewards."""
+        images = [image.numpy() for image in batch["image"].cpu()]
+        was_training = self.network.training
+        self.network.eval()  # sample from the model itself: no dropout
+        texts, token_ids = [], []
+        for image, prompt, name in zip(images, batch["prompt"], batch["image_name"]):
+            with self._seeded(name):
+                output = self.network.generate(
+                    [image], [prompt], max_new_tokens=self.max_completion_length, do_sample=True,
+                    temperature=self.temperature, top_p=self.top_p, num_return_sequences=self.num_generations)
+            texts += output.texts
+            token_ids += output.token_ids
+        self.network.train(was_training)
+        end_ids = torch.tensor(self.network.end_ids)
+        truncated = torch.tensor([not torch.isin(ids[-1:], end_ids).any() for ids in token_ids])
+        totals, parts = [], {}
+        samples = self.references(batch)
+        for row, text in enumerate(texts):
+            references = samples[row // self.num_generations]
+            total, results = score(self.read(text, references), references, self.reward_weights)
+            totals.append(total)
+            for name, result in results.items():
+                parts.setdefault(name, []).append(result.value)
+                for part, value in result.parts.items():
+                    parts.setdefault(f"{name}/{part}", []).append(value)
+        repeat = self.num_generations
+        return Rollouts(
+            images=[image for image in images for _ in range(repeat)],
+            prompts=[prompt for prompt in batch["prompt"] for _ in range(repeat)],
+            token_ids=token_ids, texts=texts, truncated=truncated,
+            rewards=torch.tensor(totals, dtype=torch.float32),
+            reward_parts={name: torch.tensor(values, dtype=torch.float32) for name, values in parts.items()},
+            image_names=[name for name in batch["image_name"] for _ in range(repeat)],
+            labels=[label for label in batch["label"] for _ in range(repeat)],
+        )
+
+    @contextmanager
+    def _seeded(self, image_name: str) -> Iterator[None]:
+        """Fork the random state and seed it from (seed, step, image): the group's samples are then
+        the same whatever ran before (resumption, other ranks, validation)."""
+        digest = hashlib.sha256(f"{self.seed}:{self.global_step}:{image_name}".encode()).digest()
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(int.from_bytes(digest[:8], "little") % 2**63)
+            yield
+
+    def _chunks(self, rollouts: Rollouts) -> list[tuple[slice, Mapping[str, Tensor]]]:
+        """The rollouts as model inputs (prompt + completion tokens, labels = completion), in micro-batches."""
+        size = self.micro_batch_size or len(rollouts.texts)
+        chunks = []
+        for start in range(0, len(rollouts.texts), size):
+            rows = slice(start, start + size)
+            inputs = self.network.build_inputs(rollouts.images[rows], rollouts.prompts[rows], rollouts.token_ids[rows])
+            chunks.append((rows, inputs))
+        return chunks
+
+    @torch.no_grad()
+    def _reference_logprobs(self, inputs: Mapping[str, Tensor]) -> Tensor:
+        if self.reference is not None:
+            return self.network.answer_logprobs(inputs, model=self.reference)[0]
+        with self.network.model.disable_adapter():
+            return self.network.answer_logprobs(inputs)[0]
+
+    # -- across ranks ----------------------------------------------------------------------------
+
+    def _world(self) -> int:
+        return self.trainer.world_size if self._trainer is not None else 1
+
+    def _gathered(self, values: Tensor) -> Tensor:
+        """`values` of every rank, concatenated in rank order (a group never spans ranks)."""
+        if self._world() == 1:
+            return values
+        return self.all_gather(values.to(self.device)).reshape(-1).cpu()
+
+    # -- logging ---------------------------------------------------------------------------------
+
+    def _log_step(self, rollouts: Rollouts, everyone: Tensor, loss: float, kl: float, clip_ratio: float) -> None:
+        size = len(rollouts.texts)
+        grouped_std = everyone.view(-1, self.num_generations).std(dim=1)
+        figures = {
+            "train/loss": loss,
+            "train/reward": float(everyone.mean()),
+            "train/reward_std": float(everyone.std()) if everyone.numel() > 1 else 0.0,
+            "train/frac_reward_zero_std": float(torch.isclose(grouped_std, torch.zeros_like(grouped_std)).float().mean()),
+            "train/kl": kl,
+            "train/clip_ratio": clip_ratio,
+            "train/completion_length": float(torch.tensor([len(ids) for ids in rollouts.token_ids]).float().mean()),
+            "train/frac_truncated": float(rollouts.truncated.float().mean()),
+        }
+        for name, values in rollouts.reward_parts.items():
+            if "/" in name:
+                figures[f"train/rewards/{name}"] = float(values.mean())
+            else:
+                figures[f"train/rewards/{name}/mean"] = float(values.mean())
+                figures[f"train/rewards/{name}/std"] = float(values.std()) if values.numel() > 1 else 0.0
+        reward = figures.pop("train/reward")
+        self.log("train/reward", reward, prog_bar=True, batch_size=size, sync_dist=self._world() > 1)
+        self.log_dict(figures, batch_size=size, sync_dist=self._world() > 1)
+        if self.log_completions and self.global_rank == 0:
+            self._write_completions(rollouts)
+
+    def _write_completions(self, rollouts: Rollouts) -> None:
+        """Append this step's first completions with their rewards to ``completions.csv`` (and TensorBoard)."""
+        if self.logger is None or self.logger.log_dir is None:
+            return
+        names = list(self.reward_weights)
+        rows = []
+        for row in range(min(self.num_completions_to_print, len(rollouts.texts))):
+            rows.append({"step": self.global_step, "image": rollouts.image_names[row], "label": rollouts.labels[row],
+                         "reward": round(float(rollouts.rewards[row]), 4),
+                         **{name: round(float(rollouts.reward_parts[name][row]), 4) for name in names},
+                         "completion": rollouts.texts[row]})
+        path = Path(self.logger.log_dir) / "completions.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        new = not path.exists()
+        with open(path, "a", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            if new:
+                writer.writeheader()
+            writer.writerows(rows)
+        experiment = getattr(self.logger, "experiment", None)
+        if hasattr(experiment, "add_text"):  # TensorBoard: a markdown table per step
+            header = "| image | label | reward | " + " | ".join(names) + " | completion |"
+            lines = [header, "|" + "---|" * (len(names) + 4)]
+            lines += [f"| {r['image']} | {r['label']} | {r['reward']} | " + " | ".join(str(r[n]) for n in names)
+                      + " | " + r["completion"].replace("\n", "<br>").replace("|", "\\|") + " |" for r in rows]
+            experiment.add_text("train/completions", "\n".join(lines), self.global_step)
+
+
+def _check_options(num_generations, max_completion_length, temperature, top_p, scale_rewards, loss_type, epsilon,
+                   epsilon_high, beta, num_iterations, micro_batch_size) -> None:
+    """One line per impossible setting, before any weight moves."""
+    if num_generations < 2:
+        raise ValueError(f"num_generations must be at least 2 (advantages compare a prompt's completions), "
+                         f"got {num_generations}")
+    if max_completion_length < 1:
+        raise ValueError(f"max_completion_length must be positive, got {max_completion_length}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if scale_rewards not in SCALE_REWARDS:
+        raise ValueError(f"scale_rewards {scale_rewards!r} is not one of {', '.join(SCALE_REWARDS)}")
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type {loss_type!r} is not one of {', '.join(LOSS_TYPES)}")
+    if not 0 <= epsilon < 1 or (epsilon_high is not None and epsilon_high < 0):
+        raise ValueError(f"epsilon must be in [0, 1) and epsilon_high >= 0, got {epsilon} and {epsilon_high}")
+    if beta < 0 or not math.isfinite(beta):
+        raise ValueError(f"beta must be a finite number >= 0, got {beta}")
+    if num_iterations < 1:
+        raise ValueError(f"num_iterations must be at least 1, got {num_iterations}")
+    if micro_batch_size is not None and micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be positive or null, got {micro_batch_size}")

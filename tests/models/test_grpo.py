@@ -1,0 +1,221 @@
+"""The GRPO stage: its maths against hand-computed values, and the module through the real CLI and configs.
+
+On the tiny random model the TAG rewards are 0 for every sample (its text is gibberish), so the
+module tests add a reward through the documented extension point (`REWARDS`): completion length,
+which varies between samples and so gives the policy a gradient.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import REPO, newest_last_checkpoint, run_python, trained_weights
+
+from tag_lightning.cli import main
+from tag_lightning.models.grpo import group_advantages, policy_loss
+from tag_lightning.rewards import REWARDS, RewardResult
+
+# -- advantages --------------------------------------------------------------------------------
+
+REWARDS_2x4 = torch.tensor([1.0, 2.0, 3.0, 4.0, 0.0, 0.0, 0.0, 1.0])
+CENTRED = [-1.5, -0.5, 0.5, 1.5, -0.25, -0.25, -0.25, 0.75]  # minus each group's mean (2.5 and 0.25)
+GROUP_STD = [math.sqrt(5 / 3)] * 4 + [0.5] * 4  # Bessel: sqrt((2.25+0.25+0.25+2.25)/3), sqrt(0.75/3)
+BATCH_STD = math.sqrt(sum((r - 11 / 8) ** 2 for r in REWARDS_2x4.tolist()) / 7)
+
+
+@pytest.mark.parametrize("scale, expected", [
+    ("group", [c / (s + 1e-4) for c, s in zip(CENTRED, GROUP_STD)]),
+    ("batch", [c / (BATCH_STD + 1e-4) for c in CENTRED]),
+    ("none", CENTRED),
+])
+def test_group_advantages(scale, expected):
+    assert group_advantages(REWARDS_2x4, 4, scale).tolist() == pytest.approx(expected, abs=1e-6)
+
+
+def test_a_group_of_equal_rewards_has_no_advantage():
+    assert group_advantages(torch.tensor([0.5, 0.5, 1.0, 0.0]), 2, "group").tolist() == pytest.approx(
+        [0.0, 0.0, 0.5 / (math.sqrt(0.5) + 1e-4), -0.5 / (math.sqrt(0.5) + 1e-4)])  # std of (1, 0): sqrt(0.5)
+
+
+# -- the loss ----------------------------------------------------------------------------------
+# Two completions of 3 tokens, the last token of the second masked; ratios exp(logp - old):
+# row 0 (A = +1): 1, e^0.5 (clipped to 1.2), 1;  row 1 (A = -2): 1, e^-0.2, e^0.4 (masked).
+LOGPS = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -1.2, 0.0]])
+OLD = torch.tensor([[-1.0, -2.5, -0.5], [-0.3, -1.0, -0.4]])
+REF = torch.tensor([[-1.0, -2.0, -1.0], [-0.3, -1.2, 0.0]])  # differs from LOGPS on one token: -0.5
+MASK = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+ADVANTAGES = torch.tensor([1.0, -2.0])
+ROW0 = [-1.0, -1.2, -1.0]  # -min(ρA, clip(ρ)A) with A = 1: the clipped 1.2 is the smaller
+ROW1 = [2.0, 2 * math.exp(-0.2)]  # with A = -2: -min(-2ρ, -2clip(ρ)) = 2ρ (ρ = e^-0.2 is inside the range)
+KL = math.exp(-0.5) + 0.5 - 1  # k3 on row 0's last token: exp(d) - d - 1, d = ref - logp = -0.5
+
+
+@pytest.mark.parametrize("loss_type, expected", [
+    ("grpo", (sum(ROW0) / 3 + sum(ROW1) / 2) / 2),
+    ("bnpo", (sum(ROW0) + sum(ROW1)) / 5),
+    ("dr_grpo", (sum(ROW0) + sum(ROW1)) / (2 * 4)),
+    ("dapo", (sum(ROW0) + sum(ROW1)) / 10),
+])
+def test_policy_loss_aggregations(loss_type, expected):
+    loss, stats = policy_loss(LOGPS, OLD, ADVANTAGES, MASK, loss_type=loss_type, max_completion_length=4,
+                              num_items_in_batch=10)
+    assert float(loss) == pytest.approx(expected, abs=1e-6)
+    assert stats == {"kl": 0.0, "clip_ratio": pytest.approx(1 / 5)}  # row 0's second token, clipped upwards
+
+
+def test_policy_loss_with_the_k3_kl_and_asymmetric_clipping():
+    loss, stats = policy_loss(LOGPS, OLD, ADVANTAGES, MASK, ref_logps=REF, beta=0.1, loss_type="grpo")
+    assert float(loss) == pytest.approx(((sum(ROW0) + 0.1 * KL) / 3 + sum(ROW1) / 2) / 2, abs=1e-6)
+    assert stats["kl"] == pytest.approx(KL / 5)
+    loose, stats = policy_loss(LOGPS, OLD, ADVANTAGES, MASK, epsilon_low=0.1, epsilon_high=0.7, loss_type="bnpo")
+    # row 0: e^0.5 < 1.7 is no longer clipped; row 1: e^-0.2 < 0.9 with A < 0 is: -min(-2ρ, -2·0.9) = 1.8
+    assert float(loose) == pytest.approx((-1.0 - math.exp(0.5) - 1.0 + 2.0 + 1.8) / 5, abs=1e-6)
+    assert stats["clip_ratio"] == pytest.approx(1 / 5)
+
+
+def test_the_loss_gradient_is_the_policy_gradient_at_ratio_one():
+    """With old = logps (the first of μ iterations) the gradient is -A/|o| per token under grpo."""
+    logps = LOGPS.clone().requires_grad_(True)
+    loss, _ = policy_loss(logps, LOGPS.detach(), ADVANTAGES, MASK, loss_type="grpo")
+    loss.backward()
+    expected = torch.tensor([[-1 / 3] * 3, [2 / 2, 2 / 2, 0.0]]) / 2
+    assert torch.allclose(logps.grad, expected)
+
+
+# -- the module ----------------------------------------------------------------------------------
+
+
+def completion_length(completion, references) -> RewardResult:
+    """A test reward with spread between samples: longer completions (in characters) score more."""
+    return RewardResult(len(completion.text) / 100.0, {"characters": float(len(completion.text))})
+
+
+@pytest.fixture
+def length_reward(monkeypatch):
+    monkeypatch.setitem(REWARDS, "length", completion_length)
+
+
+@pytest.fixture(scope="module")
+def sft_checkpoint(tag_args, tmp_path_factory) -> Path:
+    """A 2-step SFT checkpoint of the tiny model (LoRA r=8 as configs/sft.yaml): GRPO's starting point."""
+    root = tmp_path_factory.mktemp("sft")
+    assert main(tag_args("sft", root, "--trainer.max_steps=2", "--trainer.limit_val_batches=0")) == 0
+    return newest_last_checkpoint(root)
+
+
+@pytest.fixture
+def grpo_args(tag_args, sft_checkpoint):
+    """`tag fit -c configs/grpo.yaml -c configs/data/samples.yaml` from the SFT checkpoint, small and quick."""
+    def build(root, *extra, **options):
+        return tag_args("grpo", root, f"--model.init_args.init_from={sft_checkpoint}",
+                        "--model.init_args.max_completion_length=12", "--trainer.limit_val_batches=0",
+                        "--trainer.val_check_interval=null", "--trainer.callbacks.init_args.every_n_train_steps=1",
+                        *extra, **options)
+    return build
+
+
+def test_a_grpo_step_changes_exactly_the_trainable_weights(grpo_args, sft_checkpoint, tmp_path, length_reward):
+    assert main(grpo_args(tmp_path, "--trainer.max_steps=1", '--model.init_args.rewards={"length": 1.0}')) == 0
+    before, after = trained_weights(sft_checkpoint), trained_weights(newest_last_checkpoint(tmp_path))
+    assert set(before) == set(after) and before
+    unchanged = [name for name in before if torch.equal(before[name], after[name])]
+    assert not unchanged, unchanged[:5]
+    logged = list(csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))))[-1]
+    for name in ("train/loss", "train/reward", "train/reward_std", "train/frac_reward_zero_std", "train/kl",
+                 "train/clip_ratio", "train/completion_length", "train/rewards/length/mean",
+                 "train/rewards/length/std", "train/rewards/length/characters"):
+        assert logged[name] != "", name
+    assert float(logged["train/reward_std"]) > 0
+    table = list(csv.DictReader(open(next(tmp_path.rglob("completions.csv")))))
+    assert len(table) == 8 and {"image", "label", "reward", "length", "completion"} <= set(table[0])
+
+
+def test_the_tag_rewards_are_logged_with_their_parts(grpo_args, tmp_path):
+    assert main(grpo_args(tmp_path, "--trainer.max_steps=1", "--model.init_args.num_generations=2")) == 0
+    logged = list(csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))))[-1]
+    for name in ("format/grammar", "format/grounded_step", "format/boxes_in_image", "format/answer_in_labels",
+                 "answer/answered", "grounding/mean_iou", "grounding/hallucinations", "grounding/misses",
+                 "grounding/claims", "format/mean", "answer/mean", "grounding/mean"):
+        assert logged[f"train/rewards/{name}"] != "", name
+
+
+@pytest.mark.slow
+def test_a_resumed_run_ends_with_the_weights_and_prompts_of_an_uninterrupted_one(grpo_args, tmp_path, length_reward):
+    """Stopped after step 3 (mid-epoch, batch 1) and resumed to 5 == 5 steps in one go: same weights, and
+    the same images at the same steps (no prompt repeated, no optimizer step repeated)."""
+    common = ["--data.batch_size=1", '--model.init_args.rewards={"length": 1.0}']
+    assert main(grpo_args(tmp_path / "whole", *common, "--trainer.max_steps=5")) == 0
+    assert main(grpo_args(tmp_path / "parts", *common, "--trainer.max_steps=3")) == 0
+    first_part = newest_last_checkpoint(tmp_path / "parts")
+    assert main(grpo_args(tmp_path / "parts", *common, "--trainer.max_steps=5", f"--ckpt_path={first_part}")) == 0
+    resumed = newest_last_checkpoint(tmp_path / "parts")
+    assert torch.load(resumed, weights_only=True)["global_step"] == 5
+    whole = trained_weights(newest_last_checkpoint(tmp_path / "whole"))
+    assert all(torch.equal(whole[name], value) for name, value in trained_weights(resumed).items())
+
+    def shown(root: Path) -> list[tuple[str, str]]:
+        rows = [row for path in sorted(root.rglob("completions.csv")) for row in csv.DictReader(open(path))]
+        return [(row["step"], row["image"], row["completion"]) for row in rows]
+
+    assert shown(tmp_path / "parts") == shown(tmp_path / "whole")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--model.init_args.num_generations=1", "num_generations must be at least 2"),
+    ('--model.init_args.rewards={"format": 1.0, "accuracy": 1.0}', "unknown reward(s) ['accuracy']"),
+    ("--model.init_args.loss_type=ppo", "loss_type 'ppo' is not one of grpo, bnpo, dr_grpo, dapo"),
+    ("--model.init_args.network.init_args.config.lora.r=4",
+     "was trained with another model set-up (lora.r: checkpoint 8, configured 4)"),
+])
+def test_bad_configs_fail_before_training_with_one_clear_line(grpo_args, tmp_path, capsys, override, message):
+    with pytest.raises(SystemExit) as exit_:
+        main(grpo_args(tmp_path, override))
+    assert exit_.value.code != 0
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+DRIVER = '''"""`tag` with the test reward registered (Lightning's DDP launcher re-runs this script per rank)."""
+import sys
+sys.path.insert(0, {tests!r})
+from tag_lightning.cli import main
+from tag_lightning.rewards import REWARDS
+from test_grpo import completion_length
+REWARDS["length"] = completion_length
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_train_exactly_as_one(grpo_args, tmp_path):
+    """Batch 1 on each of 2 ranks == batch 2 on one process: the same prompts per step (the sampler shards
+    one permutation), the same completions (seeded per image), so the same advantages and weights."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER.format(tests=str(Path(__file__).parent)))
+    common = ['--model.init_args.rewards={"length": 1.0}', "--trainer.max_steps=2", "--trainer.accelerator=cpu",
+              "--model.init_args.scale_rewards=batch"]
+    single = run_python([str(driver), *grpo_args(tmp_path / "one", *common, "--data.batch_size=2")])
+    assert single.returncode == 0, single.stderr[-3000:]
+    ddp = run_python([str(driver), *grpo_args(tmp_path / "two", *common, "--data.batch_size=1", strategy="ddp")])
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    one, two = (trained_weights(newest_last_checkpoint(tmp_path / name)) for name in ("one", "two"))
+    for name in one:
+        assert torch.allclose(one[name], two[name], atol=1e-6), name
+
+    def rewards(root: Path) -> list[tuple[str, str]]:
+        rows = csv.DictReader(open(next(root.rglob("metrics.csv"))))
+        return [(row["train/reward"], row["train/reward_std"]) for row in rows if row["train/reward"]]
+
+    assert rewards(tmp_path / "one") == rewards(tmp_path / "two") and len(rewards(tmp_path / "one")) == 2
+
+
+@pytest.mark.slow
+def test_fsdp2_on_two_processes(grpo_args, tmp_path):
+    result = run_python(["-m", "tag_lightning.cli", *grpo_args(
+        tmp_path, "--trainer.max_steps=2", "--trainer.accelerator=cpu", "--data.batch_size=1", strategy="fsdp2")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "`Trainer.fit` stopped: `max_steps=2` reached" in result.stderr + result.stdout
