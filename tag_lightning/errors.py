@@ -35,7 +35,9 @@ def read_yaml(path: str | Path) -> Any:
         try:
             return yaml.safe_load(handle)
         except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
+            mark, context = getattr(err, "problem_mark", None), getattr(err, "context_mark", None)
             where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
             problem = getattr(err, "problem", None) or str(err)
+            if context is not None and getattr(err, "context", None):  # where the broken construct began
+                problem = f"{err.context} from line {context.line + 1}: {problem}"
             raise UserError(f"{where}: not valid YAML ({problem})") from None

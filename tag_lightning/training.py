@@ -3,29 +3,109 @@
 The model is chosen by `class_path` in the YAML (the SFT module now, GRPO next); the data is
 always the `FERDataModule`. Configs compose: ``tag fit -c configs/sft.yaml -c configs/data/samples.yaml
 -c configs/strategy/ddp.yaml``.
+
+A mistake in the configuration or the command line ends in one line that leads with the key it
+concerns, before anything is built; the `tag` command (`cli.main`) turns the errors raised
+later (a bad file met while training) into one line too.
 """
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningModule
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from tag_lightning.data.datamodule import FERDataModule
+from tag_lightning.errors import UserError, describe, read_yaml
 from tag_lightning.models.vlm import LoRAConfig, VLMConfig, VLMWrapper
+
+# `ckpt_path` values Lightning resolves itself rather than reading a file.
+_LIGHTNING_CHECKPOINT_NAMES = ("last", "best", "hpc", "registry")
+
+
+def config_error_line(message: str) -> str:
+    """jsonargparse's report cut to its first real problem, led by the key it concerns.
+
+    A bad value under a union type (every model init arg) comes as a nested report of each
+    subtype tried, with the value's repr; only the innermost message names the mistake.
+    """
+    keys, problem = [], None
+    for line in (raw.strip().removeprefix("- ") for raw in message.splitlines()):
+        key = re.match(r'Parser key "([^"]+)":\s*(.*)', line)
+        if key:
+            keys.append(key.group(1))
+            line = key.group(2)
+        if line and not _REPORT_SCAFFOLD.match(line):
+            problem = line
+            break
+    problem = _EXPECTED_LITERAL.sub(r"expected one of \1, got '\2'", problem or message.strip())
+    problem = _EXPECTED_TYPE.sub(r"expected \1, got '\2'", problem)
+    return f"{'.'.join(keys)}: {problem}" if keys else problem
+
+
+_REPORT_SCAFFOLD = re.compile(r"Does not validate against any of the Union subtypes|Subtypes: |Errors:$|Given value|"
+                              r"Problem with given class_path|Expected a <class 'NoneType'>")
+_EXPECTED_LITERAL = re.compile(r"Expected an? typing\.Literal\[(.*)\]\. Got value: (.*)")
+_EXPECTED_TYPE = re.compile(r"Expected an? <class '(?:[\w.]+\.)?(\w+)'>\. Got value: (.*)")
+
+
+class TagArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser, its complaints in one line (like `tag prepare`'s)."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error:  # jsonargparse tries alternatives with such parsers and catches their errors
+            super().error(message, ex)
+        prog = (getattr(ex, "subcommand_parser", None) or self).prog.replace(" [options]", "")
+        self.exit(2, f"error: {prog}: {config_error_line(message)} (see `{prog} --help`)\n")
 
 
 class TagCLI(LightningCLI):
-    """LightningCLI whose configuration mistakes end in one clear line, before any training starts."""
+    """LightningCLI whose configuration mistakes end in one clear line, before any training starts.
+
+    `tag predict` answers with a trained checkpoint (``--ckpt_path``); answering with the base
+    model is a zero-shot baseline that must be asked for (``--zero_shot true``).
+    """
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand == "predict":
+            parser.add_argument("--zero_shot", type=bool, default=False,
+                                help="answer with the base model, no checkpoint: a deliberate zero-shot baseline")
+        return parser
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        self._check_checkpoint_choice()  # before Lightning reads the checkpoint's hyperparameters
 
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
         except (ValueError, FileNotFoundError) as err:  # raised by our configs' checks (VLMConfig, datamodule)
-            self.parser.error(f"bad configuration: {err}")
+            self.parser.error(f"bad configuration: {config_error_line(str(err))}")
+
+    def _check_checkpoint_choice(self) -> None:
+        """A checkpoint that cannot load, or a prediction without one, fails before the model is built."""
+        subcommand = self.config.get("subcommand")
+        if subcommand is None:
+            return
+        config = self.config[subcommand]
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path and ckpt_path not in _LIGHTNING_CHECKPOINT_NAMES:
+            try:
+                read_checkpoint(ckpt_path, mmap=True)
+            except (OSError, ValueError) as err:
+                raise UserError(f"--ckpt_path {describe(err)}") from None
+        if subcommand == "predict" and not ckpt_path and not config.zero_shot:
+            raise UserError("tag predict without --ckpt_path would answer with the untrained base model: give "
+                            "--ckpt_path CKPT, or --zero_shot true for a deliberate zero-shot baseline")
+        if subcommand == "predict" and ckpt_path and config.zero_shot:
+            raise UserError("--zero_shot true answers with the base model: drop it, or drop --ckpt_path")
 
 
 def lightning_main(argv: list[str]) -> int:
@@ -34,10 +114,23 @@ def lightning_main(argv: list[str]) -> int:
     `argv` is not always the process's command line (`tag demo` runs a fit too), which
     LightningCLI warns about; here that is intended.
     """
+    _check_config_files(argv)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-        _run(argv)
+        try:
+            _run(argv)
+        except MisconfigurationException as err:  # Lightning's word for a setting that cannot work here
+            raise UserError(str(err)) from None
     return 0
+
+
+def _check_config_files(argv: list[str]) -> None:
+    """Each ``-c FILE`` parses as YAML, or the error names the file and line (jsonargparse names neither)."""
+    for index, word in enumerate(argv):
+        value = argv[index + 1] if word in ("-c", "--config") and index + 1 < len(argv) else None
+        value = word.removeprefix("--config=") if word.startswith("--config=") else value
+        if value and Path(value).is_file():  # anything else may be inline YAML, which jsonargparse reads
+            read_yaml(value)
 
 
 def _run(argv: list[str]) -> None:
@@ -47,20 +140,32 @@ def _run(argv: list[str]) -> None:
         subclass_mode_model=True,
         args=argv,
         save_config_kwargs={"overwrite": True},
+        parser_class=TagArgumentParser,
         parser_kwargs={"prog": "tag", "description": "Train and evaluate TAG models (LightningCLI)."},
     )
 
 
-def load_network(checkpoint_path: str | Path) -> VLMWrapper:
-    """The network of a training checkpoint: its VLM config rebuilt, its trained weights loaded."""
+def read_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
+    """A training checkpoint as data (``weights_only``: a checkpoint never runs code), or a clear error.
+
+    With `mmap` the tensors stay on disk: a cheap check that a file is a checkpoint at all.
+    """
     try:
-        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except (FileNotFoundError, IsADirectoryError):
         raise
     except Exception as err:  # a checkpoint is data: anything unloadable is the user's file
-        raise ValueError(f"{checkpoint_path}: not a loadable checkpoint ({type(err).__name__}: {err})") from err
+        # torch's own message suggests weights_only=False, i.e. running the file's code: never pass that on
+        raise ValueError(f"{path}: not a loadable checkpoint (torch cannot read it as data: {type(err).__name__}); "
+                         "give one written by `tag fit`") from None
     if not isinstance(checkpoint, dict) or "vlm_config" not in checkpoint:
-        raise ValueError(f"{checkpoint_path} is not a tag_lightning training checkpoint (it has no vlm_config)")
+        raise ValueError(f"{path} is not a tag_lightning training checkpoint (it has no vlm_config)")
+    return checkpoint
+
+
+def load_network(checkpoint_path: str | Path) -> VLMWrapper:
+    """The network of a training checkpoint: its VLM config rebuilt, its trained weights loaded."""
+    checkpoint = read_checkpoint(checkpoint_path)
     fields = dict(checkpoint["vlm_config"])
     if fields.get("lora"):
         fields["lora"] = LoRAConfig(**{**fields["lora"], "target_modules": tuple(fields["lora"]["target_modules"])})
