@@ -100,7 +100,7 @@ def test_alignment_is_level_and_centred(sample_records, samples_dir):
     aligned = align_face(rgb, record.landmarks)
     assert aligned.shape == (256, 256, 3) and aligned.dtype == np.uint8
     quad = alignment_quad(record.landmarks)
-    matrix = cv2.getAffineTransform(quad[:3], np.float32([[0, 0], [0, 256], [256, 256]]))
+    matrix = cv2.getAffineTransform(quad[:3].astype(np.float32), np.float32([[0, 0], [0, 256], [256, 256]]))
     eyes = [record.landmarks[list(s)].mean(axis=0) for s in (SUBJECT_RIGHT_EYE, SUBJECT_LEFT_EYE)]
     mapped = [matrix @ np.append(e, 1.0) for e in eyes]
     assert abs(mapped[0][1] - mapped[1][1]) < 2.0
