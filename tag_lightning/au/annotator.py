@@ -14,7 +14,9 @@ from typing import Sequence
 import numpy as np
 
 from tag_lightning.au import regions as regions_module
-from tag_lightning.au.detectors import AUSource, AUValue, BlendshapeAUSource, Face, LibreFaceAUSource, file_digest
+from tag_lightning.au.detectors import (
+    AUSource, AUValue, BlendshapeAUSource, Face, LibreFaceAUSource, file_digest, libreface_fingerprint,
+)
 from tag_lightning.au.landmarks import FaceLandmarkDetector, LandmarkerConfig
 from tag_lightning.au.quality import QualityThresholds, assess_quality
 from tag_lightning.au.record import AURecord
@@ -115,7 +117,7 @@ def annotator_settings(config: AnnotatorConfig) -> tuple[str, dict]:
 
     fingerprints = {"blendshape": BlendshapeAUSource().fingerprint}
     if config.libreface_weights:
-        fingerprints["libreface"] = f"libreface-{file_digest(config.libreface_weights)}"
+        fingerprints["libreface"] = libreface_fingerprint(config.libreface_weights)
     settings = {
         "pipeline": PIPELINE_VERSION,
         "mediapipe": mediapipe.__version__,

@@ -15,7 +15,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from tag_lightning.au.alignment import align_face, network_input
+from tag_lightning.au.alignment import align_face, alignment_fingerprint, network_input
 from tag_lightning.au.landmarks import FaceLandmarks
 
 MAX_INTENSITY = 5.0
@@ -197,6 +197,11 @@ def file_digest(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def libreface_fingerprint(weights: str | Path) -> str:
+    """The weights and the alignment: a change to either changes LibreFace's numbers."""
+    return f"libreface-{file_digest(weights)}+{alignment_fingerprint()}"
+
+
 class LibreFaceAUSource:
     """LibreFace-compatible AU network on CPU or GPU, batched over faces."""
 
@@ -211,7 +216,7 @@ class LibreFaceAUSource:
         self.net = build_libreface_net()
         load_libreface_weights(self.net, self.weights)
         self.net.eval().to(self.device)
-        self.fingerprint = f"libreface-{file_digest(self.weights)}"
+        self.fingerprint = libreface_fingerprint(self.weights)
 
     def measure(self, faces: Sequence[Face]) -> list[dict[int, AUValue]]:
         import torch

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tag_lightning.au.annotator import AnnotatorConfig
+from tag_lightning.au.annotator import AnnotatorConfig, annotator_settings
 from tag_lightning.au.build import build_au_cache
 from tag_lightning.au.cache import AUCache
 from tag_lightning.au.quality import QualityThresholds
@@ -54,6 +54,27 @@ def test_a_changed_image_or_setting_is_recomputed(samples_dir, tmp_path):
     cache = AUCache(tmp_path / "cache")
     assert cache.get_by_name(str(folder / "single_face.jpg")).status == "low_quality"
     assert "blurry" in cache.get_by_name(str(folder / "single_face.jpg")).reason
+
+
+def test_a_changed_alignment_invalidates_libreface_records(samples_dir, tmp_path, monkeypatch):
+    """LibreFace records measured on faces aligned another way are recomputed, not served."""
+    import torch
+
+    from tag_lightning.au import alignment
+    from tag_lightning.au.detectors import build_libreface_net
+
+    torch.manual_seed(0)
+    weights = tmp_path / "combined_resnet.pt"
+    torch.save({"model": build_libreface_net().state_dict()}, weights)
+    refs = _refs(samples_dir)[:2]
+    config = AnnotatorConfig(libreface_weights=str(weights))
+    assert build_au_cache(refs, tmp_path / "cache", config, progress=False).computed == 2
+    blendshape_key = annotator_settings(AnnotatorConfig())[0]
+
+    monkeypatch.setitem(alignment.ALIGNMENT_SETTINGS, "border_pad_blur", (0.1, 0.3, 0.03))
+    again = build_au_cache(refs, tmp_path / "cache", config, progress=False)
+    assert (again.computed, again.cached) == (2, 0)
+    assert annotator_settings(AnnotatorConfig())[0] == blendshape_key  # blendshape AUs need no alignment
 
 
 def test_records_round_trip_and_read_fast_without_mediapipe(samples_dir, tmp_path, sample_records):
