@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from tag_lightning.errors import UserError, describe
+from tag_lightning.errors import UserError, describe, read_yaml
 from tag_lightning.images import IMAGE_SUFFIXES, ImageRef, content_hash
 
 # Handled by LightningCLI (tag_lightning/training.py), which imports torch and lightning: kept
@@ -67,6 +67,16 @@ def image_refs(spec: str, split: str | None = None) -> list[ImageRef]:
     if path.is_dir():  # any folder of images, labelled or not, nested or not
         return [ImageRef.from_path(p) for p in sorted(path.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
     return [sample.image for sample in _dataset(spec, split, keep_missing=True)]
+
+
+def _check_config_files(argv: list[str]) -> None:
+    """Each ``-c FILE`` of a LightningCLI command parses as YAML, or the error names the file and
+    line (jsonargparse names neither); checked before torch and Lightning take seconds to load."""
+    for index, word in enumerate(argv):
+        value = argv[index + 1] if word in ("-c", "--config") and index + 1 < len(argv) else None
+        value = word.removeprefix("--config=") if word.startswith("--config=") else value
+        if value and Path(value).is_file():  # anything else may be inline YAML, which jsonargparse reads
+            read_yaml(value)
 
 
 # -- tag export ---------------------------------------------------------------------------------
@@ -378,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         if argv and argv[0] in LIGHTNING_COMMANDS:
+            _check_config_files(argv)
             from tag_lightning.training import lightning_main
 
             return lightning_main(argv)

@@ -22,7 +22,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from tag_lightning.data.datamodule import FERDataModule
-from tag_lightning.errors import UserError, describe, read_yaml
+from tag_lightning.errors import UserError, describe
 from tag_lightning.models.vlm import LoRAConfig, VLMConfig, VLMWrapper
 
 # `ckpt_path` values Lightning resolves itself rather than reading a file.
@@ -114,7 +114,6 @@ def lightning_main(argv: list[str]) -> int:
     `argv` is not always the process's command line (`tag demo` runs a fit too), which
     LightningCLI warns about; here that is intended.
     """
-    _check_config_files(argv)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
         try:
@@ -122,15 +121,6 @@ def lightning_main(argv: list[str]) -> int:
         except MisconfigurationException as err:  # Lightning's word for a setting that cannot work here
             raise UserError(str(err)) from None
     return 0
-
-
-def _check_config_files(argv: list[str]) -> None:
-    """Each ``-c FILE`` parses as YAML, or the error names the file and line (jsonargparse names neither)."""
-    for index, word in enumerate(argv):
-        value = argv[index + 1] if word in ("-c", "--config") and index + 1 < len(argv) else None
-        value = word.removeprefix("--config=") if word.startswith("--config=") else value
-        if value and Path(value).is_file():  # anything else may be inline YAML, which jsonargparse reads
-            read_yaml(value)
 
 
 def _run(argv: list[str]) -> None:

@@ -54,6 +54,9 @@ class AUCache:
         self._writer = create
         if create:
             self.root.mkdir(parents=True, exist_ok=True)
+            if not all(os.access(path, os.W_OK) for path in (self.root, self.path) if path.exists()):
+                raise UserError(f"cannot build the AU cache {self.path}: building a cache needs write access to "
+                                "its folder and files")
         elif not self.path.is_file():
             raise FileNotFoundError(
                 f"no AU cache at {self.root} (missing {DB_NAME}); build one with `tag prepare au-cache`"
@@ -63,9 +66,7 @@ class AUCache:
         try:
             self.settings_key = self._latest_settings_key()
         except sqlite3.DatabaseError as err:
-            read_only = create and not os.access(self.root, os.W_OK)
-            problem = "building a cache needs write access to its folder" if read_only else str(err)
-            raise UserError(f"cannot {'build' if create else 'read'} the AU cache {self.path}: {problem}") from None
+            raise UserError(f"cannot {'build' if create else 'read'} the AU cache {self.path}: {err}") from None
 
     @property
     def db(self) -> sqlite3.Connection:

@@ -1,0 +1,325 @@
+"""Bad and unusual input through the real `tag` command, in subprocesses: each case ends with the
+right exit status and one line on stderr (no traceback), and loses or changes nothing.
+
+Read-only folders: as root, file modes do not stop writes, so `read_only` sets the immutable
+attribute (``chattr -R +i``: the folder and its files), which binds root too, as a read-only
+mount would; as another user it removes the write bits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from tag_lightning.data.samples import ANGER, DISGUST, HAPPINESS, MULTI_FACE, SAMPLE_LABELS, SINGLE_FACE, SURPRISE
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+LABELLED = (SURPRISE, HAPPINESS, ANGER, DISGUST)
+
+
+def tag(*args, cwd: Path = REPO, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("TAG_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "tag_lightning.cli", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def error_line(result: subprocess.CompletedProcess, *fragments: str, only: bool = True) -> str:
+    """The command's one complaint, checked: exit status 2, no traceback, the `fragments` in it, and
+    nothing else on stderr (`only`; Lightning commands also log progress there, so then: the last line)."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0] == lines[-1], result.stderr[-3000:]
+    assert not only or len(lines) == 1, result.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file under `folder` with its content digest: compare two to show nothing changed."""
+    return {str(path.relative_to(folder)): digest(path) for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+@contextmanager
+def read_only(folder: Path):
+    """Neither `folder` nor its files can be written (nor entries added or removed) within the block."""
+    paths = [folder, *folder.rglob("*")]
+    if os.geteuid() == 0:
+        if subprocess.run(["chattr", "-R", "+i", str(folder)], capture_output=True).returncode != 0:
+            pytest.skip("running as root where chattr +i is unavailable: no folder can be made read-only")
+        undo = lambda: subprocess.run(["chattr", "-R", "-i", str(folder)], check=True)  # noqa: E731
+    else:
+        modes = {path: path.stat().st_mode for path in paths}
+        for path in paths:
+            path.chmod(modes[path] & 0o555)
+        undo = lambda: [path.chmod(mode) for path, mode in modes.items()]  # noqa: E731
+    try:
+        yield folder
+    finally:
+        undo()
+
+
+# -- the AU cache: one real build over a manifest with a missing image and an unknown column -------
+@pytest.fixture(scope="module")
+def photos(samples_dir, tmp_path_factory) -> Path:
+    """A copy of the sample photos whose manifest also lists a missing image and has a `notes` column."""
+    folder = tmp_path_factory.mktemp("photos")
+    rows = ["path,label,notes"] + [f"{name},{label},posed" for name, label in SAMPLE_LABELS.items()]
+    for name in SAMPLE_LABELS:
+        shutil.copyfile(samples_dir / name, folder / name)
+    (folder / "manifest.csv").write_text("\n".join(rows + ["gone.jpg,anger,deleted"]) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def cache_build(photos, tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    cache = tmp_path_factory.mktemp("cache")
+    return tag("prepare", "au-cache", "--images", photos / "manifest.csv", "--out", cache, "--quiet"), cache
+
+
+@pytest.fixture(scope="module")
+def cache(cache_build) -> Path:
+    return cache_build[1]
+
+
+def test_a_missing_image_becomes_an_unreadable_record_and_unknown_columns_are_told(cache_build, photos):
+    result, cache = cache_build
+    assert result.returncode == 0, result.stderr
+    assert "8 images: 8 computed" in result.stdout and "unreadable 1" in result.stdout
+    assert f"note: {photos / 'manifest.csv'}:1: column(s) notes ignored" in result.stderr
+    shown = tag("prepare", "au-show", photos / HAPPINESS, "--cache", cache, "--json")
+    assert json.loads(shown.stdout)["status"] == "ok"
+
+
+def test_au_show_finds_records_by_content_and_names_a_changed_or_deleted_file(cache, photos, tmp_path):
+    multi = json.loads(tag("prepare", "au-show", photos / MULTI_FACE, "--cache", cache, "--json").stdout)
+    image = photos / SINGLE_FACE
+    image.write_bytes((photos / MULTI_FACE).read_bytes())  # replaced by another cached picture: its record
+    shown = json.loads(tag("prepare", "au-show", image, "--cache", cache, "--json").stdout)
+    assert shown["face_box"] == multi["face_box"] and shown["faces_found"] == multi["faces_found"]
+
+    image.write_bytes((photos / HAPPINESS).read_bytes() + b"edited")  # content the cache never saw
+    drawing = tmp_path / "face.png"
+    error_line(tag("prepare", "au-show", image, "--cache", cache, "--draw", drawing),
+               f"{image} changed since the AU cache", "tag prepare au-cache")
+    assert not drawing.exists()
+    image.unlink()
+    error_line(tag("prepare", "au-show", image, "--cache", cache), f"{image}: No such file or directory")
+
+
+def test_a_read_only_cache_reads_and_refuses_a_build_in_one_line(cache, photos, tmp_path):
+    before = snapshot(cache)
+    with read_only(cache):
+        shown = tag("prepare", "au-show", photos / HAPPINESS, "--cache", cache, "--json")
+        assert shown.returncode == 0 and json.loads(shown.stdout)["status"] == "ok", shown.stderr
+        error_line(tag("prepare", "au-cache", "--images", photos, "--out", cache, "--quiet"),
+                   f"cannot build the AU cache {cache / 'records.sqlite'}: building a cache needs write access")
+    assert snapshot(cache) == before
+
+
+def test_outputs_that_cannot_be_written_are_one_line_each(cache, photos, tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me")
+    error_line(tag("prepare", "au-cache", "--images", photos, "--out", a_file), f"{a_file}: exists and is not a folder")
+    show = ("prepare", "au-show", photos / HAPPINESS, "--cache", cache, "--draw")
+    error_line(tag(*show, a_file / "face.png"), f"{a_file}: exists and is not a folder")
+    error_line(tag(*show, tmp_path / "face.txt"), "no image extension; use one of .jpg, .jpeg, .png")
+    with read_only(tmp_path):
+        line = error_line(tag(*show, tmp_path / "face.png"), f"{tmp_path / 'face.png'}: ")
+        assert "ermi" in line  # Operation not permitted (immutable) or Permission denied
+    assert a_file.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (("prepare", "au-cache", "--images", "{tmp}/nowhere", "--out", "{tmp}/c", "--workers", "0"),
+     "argument --workers: must be at least 1"),
+    (("prepare", "au-cache", "--images", "{tmp}/nowhere", "--out", "{tmp}/c"), "no such folder: {tmp}/nowhere"),
+    (("prepare", "au-cache", "--images", "{tmp}/list.csv", "--out", "{tmp}/c"), "no such file: {tmp}/list.csv"),
+    (("prepare", "traces", "--data", "{tmp}/broken.yaml", "--cache", "{cache}", "--out", "{tmp}/t.jsonl"),
+     "{tmp}/broken.yaml:3:1: not valid YAML (while parsing a flow sequence from line 2"),
+    (("prepare", "au-show", "{tmp}/broken.yaml", "--cache", "{tmp}/nowhere"), "no AU cache at {tmp}/nowhere"),
+    (("prepare", "au-cache", "--out", "{tmp}/c"), "the following arguments are required: --images"),
+])
+def test_user_mistakes_in_prepare_commands_are_one_line(cache, tmp_path, args, message):
+    (tmp_path / "broken.yaml").write_text("data:\n  train_data: [a\n")
+    error_line(tag(*(arg.format(tmp=tmp_path, cache=cache) for arg in args)), message.format(tmp=tmp_path))
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["broken.yaml"]
+
+
+# -- tag prepare traces --------------------------------------------------------------------------
+@pytest.fixture
+def faces(photos, tmp_path) -> Path:
+    """The labelled photos as an image folder (``faces/<label>/*.jpg``) in `tmp_path`."""
+    for name in LABELLED:
+        (tmp_path / "faces" / SAMPLE_LABELS[name]).mkdir(parents=True)
+        shutil.copyfile(photos / name, tmp_path / "faces" / SAMPLE_LABELS[name] / name)
+    return tmp_path / "faces"
+
+
+def test_traces_resume_by_content_whatever_the_path_text(cache, faces, tmp_path):
+    out = tmp_path / "traces.jsonl"
+    first = tag("prepare", "traces", "--data", "faces", "--cache", cache, "--out", out, "--quiet", cwd=tmp_path)
+    assert first.returncode == 0 and "kept 4" in first.stdout, first.stderr
+    written = out.read_bytes()
+    again = tag("prepare", "traces", "--data", faces.resolve(), "--cache", cache, "--out", out, "--quiet")
+    assert again.returncode == 0 and "kept 0" in again.stdout and "already written 4" in again.stdout
+    assert out.read_bytes() == written and written.count(b"\n") == 4
+
+
+class _DownTeacher(ThreadingHTTPServer):
+    """An endpoint that is up (it lists models) but answers every chat request with HTTP 503."""
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), _DownHandler)
+        self.chat_requests = 0
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/v1"
+
+
+class _DownHandler(BaseHTTPRequestHandler):
+    server: _DownTeacher
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        self._send(200, b'{"data": []}')
+
+    def do_POST(self) -> None:  # noqa: N802
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.server.chat_requests += 1
+        self._send(503, b'{"error": "overloaded"}')
+
+    def _send(self, status: int, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def down_teacher():
+    server = _DownTeacher()
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_dead_or_failing_teacher_stops_the_job_with_a_non_zero_exit(cache, faces, tmp_path, down_teacher):
+    with socket.socket() as closed:  # a port nobody listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    out = tmp_path / "traces.jsonl"
+    openai = ("prepare", "traces", "--data", faces, "--cache", cache, "--out", out, "--quiet", "--teacher", "openai",
+              "--model", "m", "--max-http-retries", "0")
+    error_line(tag(*openai, "--base-url", f"http://127.0.0.1:{port}/v1", timeout=30),
+               f"http://127.0.0.1:{port}/v1 does not answer", "refused")
+    assert not out.exists()
+    stopped = tag(*openai, "--base-url", down_teacher.base_url, "--max-failures-in-a-row", "2", timeout=60)
+    error_line(stopped, "no answer for 2 images in a row", "HTTP 503", "Rerun once it answers")
+    assert down_teacher.chat_requests == 2 and out.read_text() == ""
+    one = tag(*openai, "--base-url", down_teacher.base_url, "--limit", "1", timeout=60)
+    assert "failed 1" in one.stdout
+    error_line(one, "the teacher answered none of the 1 images")
+
+
+# -- tag fit | predict ---------------------------------------------------------------------------
+def lightning(command: str, demo_dir: Path, root: Path, *extra, cache: Path | None = None) -> list:
+    """`tag COMMAND` with configs/sft.yaml + configs/data/samples.yaml aimed at the demo folder."""
+    manifest = f"manifest:{demo_dir / 'samples' / 'manifest.csv'}"
+    return [command, "-c", CONFIGS / "sft.yaml", "-c", CONFIGS / "data" / "samples.yaml",
+            f"--model.init_args.network.init_args.config.model_path={demo_dir / 'tiny-qwen2.5-vl'}",
+            f"--data.au_cache={cache or demo_dir / 'au_cache'}", f"--data.train_traces={demo_dir / 'traces.jsonl'}",
+            f"--data.train_data={manifest}", f"--data.val_data={manifest}", f"--data.test_data={manifest}",
+            f"--trainer.default_root_dir={root}", "--trainer.enable_progress_bar=false",
+            "--model.init_args.max_new_tokens=4", *extra]
+
+
+def tag_together(*commands: list) -> list[subprocess.CompletedProcess]:
+    """Independent `tag` commands run side by side (each spends seconds loading torch and Lightning)."""
+    with ThreadPoolExecutor(len(commands)) as pool:
+        return list(pool.map(lambda args: tag(*args), commands))
+
+
+def test_fit_refuses_bad_input_in_one_line_and_writes_nothing(demo_dir, tmp_path):
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    traces = tmp_path / "traces.jsonl"
+    lines = (demo_dir / "traces.jsonl").read_text().splitlines()
+    traces.write_text("\n".join(lines[:2] + ["{not json"] + lines[2:]) + "\n")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("trainer:\n  max_steps: [1\n")
+    root = tmp_path / "run"
+    bad_checkpoint, bad_traces, bad_value, bad_yaml = tag_together(
+        lightning("fit", demo_dir, root, f"--ckpt_path={garbage}"),
+        lightning("fit", demo_dir, root, f"--data.train_traces={traces}"),
+        lightning("fit", demo_dir, root, "--model.init_args.max_new_tokens=many"),
+        lightning("fit", demo_dir, root, "-c", broken),
+    )
+    line = error_line(bad_checkpoint, f"--ckpt_path {garbage}: not a loadable checkpoint", only=False)
+    assert "weights_only" not in line
+    error_line(bad_traces, f"{traces}:3: not a trace line", only=False)
+    error_line(bad_value, "tag fit: model.max_new_tokens: expected int, got 'many'", only=False)
+    error_line(bad_yaml, f"{broken}:3:1: not valid YAML", "line 2")
+    assert not list(root.rglob("*.ckpt"))
+
+
+def test_predict_says_which_model_answered_and_never_mixes_runs(demo_dir, tmp_path):
+    """Also reads the AU cache from a read-only folder (the datamodule's reader)."""
+    cache = tmp_path / "ro_cache"
+    shutil.copytree(demo_dir / "au_cache", cache)
+    out = tmp_path / "predictions"
+    predict = ("predict", demo_dir, tmp_path, "-c", CONFIGS / "predict.yaml",
+               f"--trainer.callbacks.init_args.output_dir={out}")
+    with read_only(cache):
+        no_checkpoint, zero_shot = tag_together(lightning(*predict, cache=cache),
+                                                lightning(*predict, "--zero_shot", "true", cache=cache))
+    error_line(no_checkpoint, "without --ckpt_path would answer with the untrained base model", "--zero_shot true")
+    assert zero_shot.returncode == 0, zero_shot.stderr[-3000:]
+    assert "no checkpoint: the base model (zero-shot)" in zero_shot.stderr
+    rows = [json.loads(line) for line in (out / "predictions.rank0.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(row["model"] == str(demo_dir / "tiny-qwen2.5-vl") for row in rows)
+    assert all(row["checkpoint"] is None for row in rows)
+    assert json.loads((out / "run.json").read_text())["vlm_config"]["lora"]["r"] == 8
+    before = snapshot(out)
+    error_line(tag(*lightning(*predict, "--zero_shot", "true")), f"{out} holds an earlier run's predictions",
+               only=False)
+    assert snapshot(out) == before
+
+
+def test_every_prediction_names_the_checkpoint_that_made_it(demo_dir, tmp_path):
+    """The writer's part of a `tag predict --ckpt_path` run (a full one is in tests/models/test_sft.py)."""
+    from tag_lightning.callbacks import JSONLPredictionWriter
+    from tag_lightning.models.vlm import VLMConfig
+
+    writer = JSONLPredictionWriter(str(tmp_path / "out"))
+    trainer = SimpleNamespace(ckpt_path="run/last.ckpt", is_global_zero=True, global_rank=0)
+    module = SimpleNamespace(network=SimpleNamespace(config=VLMConfig(str(demo_dir / "tiny-qwen2.5-vl"))))
+    writer.on_predict_start(trainer, module)
+    writer.write_on_batch_end(trainer, module, [{"image": "a.jpg", "answer": "anger"}], [0], None, 0, 0)
+    row = json.loads((tmp_path / "out" / "predictions.rank0.jsonl").read_text())
+    assert row["checkpoint"] == str(Path("run/last.ckpt").resolve()) and row["answer"] == "anger"
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["checkpoint"] == row["checkpoint"]
