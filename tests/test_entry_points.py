@@ -264,7 +264,7 @@ def tag_together(*commands: list) -> list[subprocess.CompletedProcess]:
         return list(pool.map(lambda args: tag(*args), commands))
 
 
-def test_fit_refuses_bad_input_in_one_line_and_writes_nothing(demo_dir, tmp_path):
+def test_fit_and_export_refuse_bad_input_in_one_line_and_write_nothing(demo_dir, tmp_path):
     garbage = tmp_path / "garbage.ckpt"
     garbage.write_bytes(b"not a checkpoint at all")
     traces = tmp_path / "traces.jsonl"
@@ -273,18 +273,20 @@ def test_fit_refuses_bad_input_in_one_line_and_writes_nothing(demo_dir, tmp_path
     broken = tmp_path / "broken.yaml"
     broken.write_text("trainer:\n  max_steps: [1\n")
     root = tmp_path / "run"
-    bad_checkpoint, bad_traces, bad_value, bad_yaml = tag_together(
+    bad_checkpoint, bad_export, bad_traces, bad_value, bad_yaml = tag_together(
         lightning("fit", demo_dir, root, f"--ckpt_path={garbage}"),
+        ["export", "--ckpt", garbage, "--out", root / "merged"],
         lightning("fit", demo_dir, root, f"--data.train_traces={traces}"),
         lightning("fit", demo_dir, root, "--model.init_args.max_new_tokens=many"),
         lightning("fit", demo_dir, root, "-c", broken),
     )
     line = error_line(bad_checkpoint, f"--ckpt_path {garbage}: not a loadable checkpoint", only=False)
     assert "weights_only" not in line
+    assert "weights_only" not in error_line(bad_export, f"{garbage}: not a loadable checkpoint")
     error_line(bad_traces, f"{traces}:3: not a trace line", only=False)
     error_line(bad_value, "tag fit: model.max_new_tokens: expected int, got 'many'", only=False)
     error_line(bad_yaml, f"{broken}:3:1: not valid YAML", "line 2")
-    assert not list(root.rglob("*.ckpt"))
+    assert not list(root.rglob("*.ckpt")) and not (root / "merged").exists()
 
 
 def test_predict_says_which_model_answered_and_never_mixes_runs(demo_dir, tmp_path):
