@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from tag_lightning.rewards import RewardResult
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -25,3 +27,9 @@ def run_python(args: list[str], timeout: int = 600) -> subprocess.CompletedProce
     """`python ARGS` in the repository, with the repository importable (e.g. ``["-m", "tag_lightning.cli", ...]``)."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def completion_length(completion, references) -> RewardResult:
+    """A test reward with spread between samples (the TAG rewards are all 0 for the tiny random model's
+    gibberish): longer completions, in characters, score more."""
+    return RewardResult(len(completion.text) / 100.0, {"characters": float(len(completion.text))})

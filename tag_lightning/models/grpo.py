@@ -274,7 +274,7 @@ class GRPOModule(VLMModule):
         for _ in range(self.num_iterations):
             optimizer.zero_grad()
             for index, (rows, inputs) in enumerate(chunks):
-                logps, mask = self.network.answer_logprobs(inputs)
+                logps, mask = self.network.answer_logprobs(inputs, self.temperature)
                 mask = mask * counted[rows].to(mask).unsqueeze(1)
                 if old[index] is None:  # the weights have not moved yet: this pass is the old policy
                     old[index] = logps.detach()
@@ -354,9 +354,9 @@ class GRPOModule(VLMModule):
     @torch.no_grad()
     def _reference_logprobs(self, inputs: Mapping[str, Tensor]) -> Tensor:
         if self.reference is not None:
-            return self.network.answer_logprobs(inputs, model=self.reference)[0]
+            return self.network.answer_logprobs(inputs, self.temperature, model=self.reference)[0]
         with self.network.model.disable_adapter():
-            return self.network.answer_logprobs(inputs)[0]
+            return self.network.answer_logprobs(inputs, self.temperature)[0]
 
     # -- across ranks ----------------------------------------------------------------------------
 

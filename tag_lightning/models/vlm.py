@@ -24,10 +24,18 @@ from peft import LoraConfig, get_peft_model
 from PIL import Image
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pad_sequence
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, BatchFeature, PretrainedConfig
+from transformers import (
+    AutoConfig,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    BatchFeature,
+    LogitsProcessorList,
+    PretrainedConfig,
+)
 from transformers.utils import ModelOutput
 
 from tag_lightning.models.backbones import BACKBONES, Backbone, Frame, resolve_backbone
+from tag_lightning.models.sampling import NextTokenSampler
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
@@ -139,6 +147,10 @@ class VLMWrapper(nn.Module):
         generation_ends = model.generation_config.eos_token_id
         generation_ends = [generation_ends] if isinstance(generation_ends, int) else list(generation_ends or [])
         self.end_ids = sorted({tokenizer.convert_tokens_to_ids(self.backbone.end_of_turn), *generation_ends})
+        # Placeholders the processor expands into image features: an answer holding one could not be fed
+        # back to the model (GRPO scores its samples that way), so generation never emits them.
+        self.placeholder_ids = sorted({getattr(self.processor, name) for name in ("image_token_id", "video_token_id")
+                                       if isinstance(getattr(self.processor, name, None), int)})
 
     @property
     def device(self) -> torch.device:
@@ -252,15 +264,23 @@ class VLMWrapper(nn.Module):
         outputs["loss"] = F.cross_entropy(logits.flatten(0, 1), answers.flatten(), ignore_index=IGNORE_INDEX)
         return outputs
 
-    def answer_logprobs(self, batch: Mapping[str, Tensor], model: nn.Module | None = None) -> tuple[Tensor, Tensor]:
+    def answer_logprobs(
+        self, batch: Mapping[str, Tensor], temperature: float = 1.0, model: nn.Module | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Log-probability of each answer token of a `build_inputs` batch with targets, and where they are.
 
         Returns ``(logps, mask)``, both (B, K) over the last K label columns (as in `forward`):
-        `mask` is 1 on answer tokens, and `logps` is 0 elsewhere. Only the answer positions go
-        through the LM head and the log-softmax (GRPO's policy, old and reference passes).
-        `model` scores under another copy of this network's model (GRPO's frozen reference).
+        `mask` is 1 on answer tokens, and `logps` is 0 elsewhere. The distribution is the one
+        `generate` samples from: logits divided by `temperature`, image placeholders excluded.
+        Only the answer positions go through the LM head and the log-softmax (GRPO's policy, old
+        and reference passes). `model` scores under another copy of this network's model (GRPO's
+        frozen reference).
         """
         _, logits, answers = self._answer_logits(model or self.model, self._on_device(batch))
+        if temperature != 1.0:
+            logits = logits / temperature
+        if self.placeholder_ids:
+            logits = logits.index_fill(-1, torch.tensor(self.placeholder_ids, device=logits.device), float("-inf"))
         mask = answers != IGNORE_INDEX
         picked = logits.gather(-1, answers.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         logps = (picked - logits.logsumexp(dim=-1)) * mask
@@ -292,15 +312,19 @@ class VLMWrapper(nn.Module):
 
         Sampling is shaped by `temperature` and `top_p` only (no top-k, no repetition penalty
         from the folder's generation config), so GRPO's log-probabilities describe what was
-        sampled. Prompts are left-padded; the KV cache is on.
+        sampled; it is drawn by `NextTokenSampler` (exact, and cheaper than torch.multinomial over
+        the vocabulary). Image placeholder tokens are never generated. Prompts are left-padded;
+        the KV cache is on.
         """
-        inputs = self._on_device(self.build_inputs(images, prompts, padding_side="left"))
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if do_sample else {
-            "do_sample": False}
+        # Each prompt repeated in place: the sampler runs under greedy decoding, which returns one sequence per row.
+        repeated = [index for index in range(len(prompts)) for _ in range(num_return_sequences)]
+        inputs = self._on_device(self.build_inputs(
+            [images[index] for index in repeated], [prompts[index] for index in repeated], padding_side="left"))
+        next_token = NextTokenSampler(self.placeholder_ids, do_sample, temperature, top_p)
         sequences = self.model.generate(
-            **inputs, max_new_tokens=max_new_tokens, num_return_sequences=num_return_sequences, use_cache=True,
+            **inputs, max_new_tokens=max_new_tokens, use_cache=True,
             eos_token_id=self.end_ids, pad_token_id=self.processor.tokenizer.pad_token_id, repetition_penalty=1.0,
-            **sampling,
+            do_sample=False, logits_processor=LogitsProcessorList([next_token]),
         )
         prompt_length = inputs["input_ids"].shape[1]
         answers = [self._through_end(row) for row in sequences[:, prompt_length:].cpu()]

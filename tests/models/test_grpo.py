@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, newest_last_checkpoint, run_python, trained_weights
+from helpers import completion_length, newest_last_checkpoint, run_python, trained_weights
 
 from tag_lightning.cli import main
 from tag_lightning.models.grpo import group_advantages, policy_loss
-from tag_lightning.rewards import REWARDS, RewardResult
+from tag_lightning.rewards import REWARDS
 
 # -- advantages --------------------------------------------------------------------------------
 
@@ -87,11 +87,6 @@ def test_the_loss_gradient_is_the_policy_gradient_at_ratio_one():
 
 
 # -- the module ----------------------------------------------------------------------------------
-
-
-def completion_length(completion, references) -> RewardResult:
-    """A test reward with spread between samples: longer completions (in characters) score more."""
-    return RewardResult(len(completion.text) / 100.0, {"characters": float(len(completion.text))})
 
 
 @pytest.fixture
@@ -182,9 +177,9 @@ def test_bad_configs_fail_before_training_with_one_clear_line(grpo_args, tmp_pat
 DRIVER = '''"""`tag` with the test reward registered (Lightning's DDP launcher re-runs this script per rank)."""
 import sys
 sys.path.insert(0, {tests!r})
+from helpers import completion_length
 from tag_lightning.cli import main
 from tag_lightning.rewards import REWARDS
-from test_grpo import completion_length
 REWARDS["length"] = completion_length
 sys.exit(main(sys.argv[1:]))
 '''
@@ -195,7 +190,7 @@ def test_two_ddp_processes_train_exactly_as_one(grpo_args, tmp_path):
     """Batch 1 on each of 2 ranks == batch 2 on one process: the same prompts per step (the sampler shards
     one permutation), the same completions (seeded per image), so the same advantages and weights."""
     driver = tmp_path / "driver.py"
-    driver.write_text(DRIVER.format(tests=str(Path(__file__).parent)))
+    driver.write_text(DRIVER.format(tests=str(Path(__file__).parents[1])))
     common = ['--model.init_args.rewards={"length": 1.0}', "--trainer.max_steps=2", "--trainer.accelerator=cpu",
               "--model.init_args.scale_rewards=batch"]
     single = run_python([str(driver), *grpo_args(tmp_path / "one", *common, "--data.batch_size=2")])
