@@ -1,8 +1,14 @@
-"""torchmetrics for generated traces: answer accuracy, format validity, box IoU with the detector.
+"""What a stage's generated answers are worth: classification figures and the faithfulness of their evidence.
 
-The answer is parsed once (`claims.read_completion`), scored once (`score_answer`, with the claim
-rule the GRPO rewards use), and the metric only accumulates sums, so it syncs across DDP ranks by
-summing.
+Each answer is parsed once (`claims.read_completion`) and scored once (`score_answer`, with the
+claim rule the GRPO rewards use). `AnswerMetrics` (one object per stage) accumulates the scores:
+
+- classification, by torchmetrics' own classes over the 8 unified emotions plus "no answer" (an
+  answer that names no emotion counts as wrong, and is counted): accuracy, mean per-class accuracy
+  (``uar``, recall averaged over the classes present in the targets), macro-F1 (over the same
+  classes) and the confusion matrix;
+- faithfulness, over the claims of `claims.py` (see `FAITHFULNESS`), as sums, so both parts sync
+  across DDP ranks by summing and 2 ranks compute what 1 does.
 """
 
 from __future__ import annotations
@@ -11,51 +17,174 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torchmetrics import Metric
+from torch import nn
+from torchmetrics import Metric, MetricCollection
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+    MulticlassRecall,
+)
 
-from tag_lightning.claims import Completion, References, claims_of
+from tag_lightning.au.taxonomy import EMOTION_PROTOTYPES
+from tag_lightning.claims import ACTIVE, HALLUCINATION, NEUTRAL, Claim, Completion, References, claims_of
+from tag_lightning.data.labels import EMOTION_INDEX, EMOTIONS
+
+NO_ANSWER = "no answer"
+CLASSES = (*EMOTIONS, NO_ANSWER)
+"""The columns of the confusion matrix: the unified emotions, then answers that name none."""
+
+FAITHFULNESS = {
+    "format_valid": "answers that follow the TAG grammar and name one of the dataset's labels",
+    "box_iou": "mean IoU of the claims' boxes with the detector's boxes of the same AUs",
+    "box_hit": "share of claims whose box overlaps the detector's box with IoU >= 0.5",
+    "au_precision": "share of the AUs answers claim active that the detector activates",
+    "au_recall": "share of the AUs the detector activates that the answers claim active",
+    "hallucination_rate": "share of answers with at least one claimed-active AU the detector does not activate",
+    "au_emotion_consistency": "share of non-neutral answers citing at least one AU of their emotion's EMFACS prototype",
+}
+"""Every faithfulness figure with its one-line meaning (the reports print these)."""
+
+CLASSIFICATION = {
+    "acc": "share of answers naming the label",
+    "uar": "mean over the emotions present of the share of their images answered right (unweighted average recall)",
+    "macro_f1": "mean over the emotions present of the F1 score",
+}
 
 
 @dataclass(frozen=True)
 class AnswerScore:
-    """What one generated answer is worth: its label, format validity and box agreement."""
+    """Everything one generated answer contributes to the metrics and the per-image report."""
 
-    answer: str | None
-    correct: bool
-    valid: bool
-    box_iou: float | None  # mean IoU of its claims' boxes with the detector's (`claims.py`); None: no claim
+    answer: str | None  # the unified label it names; None: it names none
+    label: str
+    valid: bool  # the grammar holds and the answer is one of the sample's labels
+    claims: tuple[Claim, ...]
+    activated: frozenset[str]  # the AUs the detector activates on this image
+
+    @property
+    def correct(self) -> bool:
+        return self.answer == self.label
+
+    @property
+    def box_iou(self) -> float | None:
+        """Mean IoU of its claims' boxes with the detector's; None when it claims nothing."""
+        return sum(claim.iou for claim in self.claims) / len(self.claims) if self.claims else None
+
+    @property
+    def claimed_active(self) -> frozenset[str]:
+        return frozenset(f"AU{claim.au}" for claim in self.claims if claim.polarity == ACTIVE)
+
+    @property
+    def hallucinates(self) -> bool:
+        return any(claim.verdict == HALLUCINATION for claim in self.claims)
+
+    @property
+    def consistent(self) -> bool | None:
+        """Whether a non-neutral answer cites an AU of its emotion's prototype; None for neutral or no answer."""
+        if self.answer is None or self.answer == NEUTRAL:
+            return None
+        return any(claim.au in EMOTION_PROTOTYPES.get(self.answer, ()) for claim in self.claims)
+
+    def to_dict(self) -> dict:
+        return {"answer": self.answer, "label": self.label, "correct": self.correct, "format_valid": self.valid,
+                "box_iou": self.box_iou, "claims": [claim.to_dict() for claim in self.claims],
+                "hallucination": self.hallucinates, "au_emotion_consistent": self.consistent}
 
 
 def score_answer(completion: Completion, references: References) -> AnswerScore:
     """Score a parsed answer against its label and the detector (the claim rule of `claims.py`)."""
-    claims = claims_of(completion, references)
     valid = completion.valid and completion.answer in references.labels
-    return AnswerScore(completion.answer, completion.answer == references.label, valid,
-                       sum(claim.iou for claim in claims) / len(claims) if claims else None)
+    return AnswerScore(completion.answer, references.label, valid, tuple(claims_of(completion, references)),
+                       references.activated)
 
 
-class GroundedAnswerMetrics(Metric):
-    """Accuracy, format-valid rate and mean claimed-box IoU over a stage's generated answers."""
+class FaithfulnessSums(Metric):
+    """The counts behind the faithfulness figures, summed over answers (and over ranks)."""
 
     full_state_update = False
+    COUNTS = ("answers", "valid", "claims", "iou_sum", "box_hits", "claimed_active", "activated", "agreed",
+              "hallucinating", "non_neutral", "consistent")
 
     def __init__(self) -> None:
         super().__init__()
-        for name in ("answers", "correct", "valid", "iou_sum", "iou_count"):
+        for name in self.COUNTS:
             self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, scores: Sequence[AnswerScore]) -> None:  # type: ignore[override]
-        self.answers += len(scores)
-        self.correct += sum(score.correct for score in scores)
-        self.valid += sum(score.valid for score in scores)
-        ious = [score.box_iou for score in scores if score.box_iou is not None]
-        self.iou_sum += sum(ious)
-        self.iou_count += len(ious)
+        for score in scores:
+            self.answers += 1
+            self.valid += score.valid
+            self.claims += len(score.claims)
+            self.iou_sum += sum(claim.iou for claim in score.claims)
+            self.box_hits += sum(claim.iou >= 0.5 for claim in score.claims)
+            self.claimed_active += len(score.claimed_active)
+            self.activated += len(score.activated)
+            self.agreed += len(score.claimed_active & score.activated)
+            self.hallucinating += score.hallucinates
+            if score.consistent is not None:
+                self.non_neutral += 1
+                self.consistent += score.consistent
 
     def compute(self) -> dict[str, torch.Tensor]:
-        answers = self.answers.clamp(min=1)
-        return {
-            "acc": self.correct / answers,
-            "format_valid": self.valid / answers,
-            "box_iou": self.iou_sum / self.iou_count.clamp(min=1),
+        return {name: getattr(self, name) for name in self.COUNTS}
+
+
+def faithfulness_figures(counts: dict[str, float]) -> dict[str, float]:
+    """The figures of `FAITHFULNESS` from the summed counts (0 where nothing was there to count)."""
+    def share(part: str, whole: str) -> float:
+        return float(counts[part]) / float(counts[whole]) if counts[whole] else 0.0
+
+    return {
+        "format_valid": share("valid", "answers"),
+        "box_iou": share("iou_sum", "claims"),
+        "box_hit": share("box_hits", "claims"),
+        "au_precision": share("agreed", "claimed_active"),
+        "au_recall": share("agreed", "activated"),
+        "hallucination_rate": share("hallucinating", "answers"),
+        "au_emotion_consistency": share("consistent", "non_neutral"),
+    }
+
+
+class AnswerMetrics(nn.Module):
+    """A stage's classification and faithfulness metrics over its answers; `compute` gives every figure."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        options = {"num_classes": len(CLASSES), "average": None}
+        self.classification = MetricCollection({
+            "accuracy": MulticlassAccuracy(num_classes=len(CLASSES), average="micro"),
+            "recall": MulticlassRecall(**options),
+            "f1": MulticlassF1Score(**options),
+            "confusion": MulticlassConfusionMatrix(num_classes=len(CLASSES)),
+        })
+        self.faithfulness = FaithfulnessSums()
+
+    def update(self, scores: Sequence[AnswerScore]) -> None:
+        if not scores:
+            return
+        device = self.faithfulness.answers.device
+        predictions = torch.tensor([CLASSES.index(score.answer or NO_ANSWER) for score in scores], device=device)
+        targets = torch.tensor([EMOTION_INDEX[score.label] for score in scores], device=device)
+        self.classification.update(predictions, targets)
+        self.faithfulness.update(scores)
+
+    def compute(self) -> dict:
+        """Every figure (floats), ``confusion_matrix`` (rows: labels, columns: answers, over `CLASSES`) and
+        ``counts`` (what the faithfulness figures are shares of)."""
+        classes = self.classification.compute()
+        confusion = classes["confusion"].long()
+        present = confusion.sum(dim=1) > 0  # the emotions the targets hold
+        counts = {name: float(value) for name, value in self.faithfulness.compute().items()}
+        figures = {
+            "acc": float(classes["accuracy"]),
+            "uar": float(classes["recall"][present].mean()) if present.any() else 0.0,
+            "macro_f1": float(classes["f1"][present].mean()) if present.any() else 0.0,
+            **faithfulness_figures(counts),
         }
+        counts["no_answer"] = float(confusion[:, CLASSES.index(NO_ANSWER)].sum())
+        return {**figures, "confusion_matrix": confusion.tolist(), "counts": counts}
+
+    def reset(self) -> None:
+        self.classification.reset()
+        self.faithfulness.reset()

@@ -7,6 +7,7 @@ TAG's pipeline figure. Coordinates are original-image pixels, as in the AU recor
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 
 import cv2
 import numpy as np
@@ -58,3 +59,34 @@ def _label(canvas: np.ndarray, text: str, corner: tuple[int, int], colour, scale
     taken.append((x, y - h - base, x + w, y))
     cv2.rectangle(canvas, (x, y - h - base), (x + w, y), colour, -1)
     cv2.putText(canvas, text, (x, y - base), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thickness, cv2.LINE_AA)
+
+
+def draw_confusion_matrix(matrix: Sequence[Sequence[int]], rows: Sequence[str], columns: Sequence[str]) -> np.ndarray:
+    """An RGB picture of a confusion matrix: one row per label, one column per answer, counts in the cells.
+
+    Cells are shaded by their share of the row (white: none, dark blue: all), so classes of any
+    size read the same.
+    """
+    cell, left, top = 84, 110, 40
+    font, scale = cv2.FONT_HERSHEY_SIMPLEX, 0.45
+    canvas = np.full((top + cell * len(rows) + 40, left + cell * len(columns) + 20, 3), 255, np.uint8)
+    for r, (name, counts) in enumerate(zip(rows, matrix)):
+        total = max(1, sum(counts))
+        y = top + r * cell
+        cv2.putText(canvas, name, (8, y + cell // 2 + 5), font, scale, (0, 0, 0), 1, cv2.LINE_AA)
+        for c, count in enumerate(counts):
+            x = left + c * cell
+            shade = count / total
+            colour = tuple(int(255 - shade * (255 - v)) for v in (31, 78, 160))
+            cv2.rectangle(canvas, (x, y), (x + cell, y + cell), colour, -1)
+            cv2.rectangle(canvas, (x, y), (x + cell, y + cell), (200, 200, 200), 1)
+            ink = (255, 255, 255) if shade > 0.5 else (0, 0, 0)
+            (w, _), _ = cv2.getTextSize(str(count), font, scale, 1)
+            cv2.putText(canvas, str(count), (x + (cell - w) // 2, y + cell // 2 + 5), font, scale, ink, 1, cv2.LINE_AA)
+    for c, name in enumerate(columns):  # the answers, centred above their columns
+        (w, _), _ = cv2.getTextSize(name, font, scale, 1)
+        cv2.putText(canvas, name, (left + c * cell + (cell - w) // 2, top - 10), font, scale, (0, 0, 0), 1,
+                    cv2.LINE_AA)
+    cv2.putText(canvas, "label (rows) x answer (columns)", (8, canvas.shape[0] - 14), font, scale, (90, 90, 90), 1,
+                cv2.LINE_AA)
+    return canvas

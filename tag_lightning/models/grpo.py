@@ -186,6 +186,8 @@ class GRPOModule(VLMModule):
         num_completions_to_print: completions per step written there.
         seed: base of the rollout seeds (a function of seed, step and image).
         max_new_tokens: longest greedy answer in validation, test and prediction.
+        occlusion_test: in `tag test`, also run the evidence-necessity test (see `VLMModule`).
+        occlusion_seed: seed of its random regions.
     """
 
     def __init__(
@@ -212,8 +214,10 @@ class GRPOModule(VLMModule):
         num_completions_to_print: int = 8,
         seed: int = 0,
         max_new_tokens: int = 256,
+        occlusion_test: bool = False,
+        occlusion_seed: int = 0,
     ) -> None:
-        super().__init__(network, optimizer, scheduler, max_new_tokens)
+        super().__init__(network, optimizer, scheduler, max_new_tokens, occlusion_test, occlusion_seed)
         self.save_hyperparameters(ignore=["network", "optimizer", "scheduler"])
         _check_options(num_generations, max_completion_length, temperature, top_p, scale_rewards, loss_type,
                        epsilon, epsilon_high, beta, num_iterations, micro_batch_size)

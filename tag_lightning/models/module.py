@@ -3,7 +3,9 @@
 - the network (a `VLMWrapper`) is injected, and sharded with FSDP2 when the strategy gives a mesh;
 - the optimizer is built on the trainable parameters of `self.trainer.model` (so FSDP works);
 - validation and test generate greedily, parse each answer once and score it against the label
-  and the detector (`claims.py`), and `tag predict` writes the same scores per image;
+  and the detector (`claims.py`, `metrics.py`); `tag test` writes its figures, every answer and
+  the confusion matrix to a new folder (`reports.py`), with the evidence-necessity test
+  (`occlusion.py`) when asked; `tag predict` writes the same scores per image;
 - checkpoints hold only the trainable weights, the VLM config and the random states, and a
   checkpoint built for another model set-up is refused before anything loads (`checkpoints.py`).
 """
@@ -12,14 +14,18 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
+import numpy as np
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
 
 from tag_lightning.claims import Completion, References, read_completion
-from tag_lightning.metrics import AnswerScore, GroundedAnswerMetrics, score_answer
+from tag_lightning.metrics import AnswerMetrics, AnswerScore, score_answer
 from tag_lightning.models.checkpoints import check_fits, pack_rng_states, restore_rng_states
 from tag_lightning.models.vlm import VLMWrapper
+from tag_lightning.occlusion import OcclusionFlips, blur_boxes, face_area, random_boxes_like
+from tag_lightning.reports import new_run_folder, write_evaluation
 
 
 class VLMModule(LightningModule):
@@ -30,6 +36,9 @@ class VLMModule(LightningModule):
         optimizer: optimizer factory, called with the trainable parameters.
         scheduler: learning-rate scheduler factory (stepped every optimizer step), or None.
         max_new_tokens: longest generated answer in validation, test and prediction.
+        occlusion_test: in `tag test`, ask each question again with the cited regions blurred and
+            with as many random face regions of the same sizes blurred (evidence necessity).
+        occlusion_seed: seed of the random regions (with the image's name).
     """
 
     def __init__(
@@ -38,14 +47,20 @@ class VLMModule(LightningModule):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable | None = None,
         max_new_tokens: int = 256,
+        occlusion_test: bool = False,
+        occlusion_seed: int = 0,
     ) -> None:
         super().__init__()
         self.network = network
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.max_new_tokens = max_new_tokens
-        self.val_metrics = GroundedAnswerMetrics()
-        self.test_metrics = GroundedAnswerMetrics()
+        self.occlusion_test = occlusion_test
+        self.occlusion_seed = occlusion_seed
+        self.val_metrics = AnswerMetrics()
+        self.test_metrics = AnswerMetrics()
+        self.occlusion = OcclusionFlips()
+        self._test_rows: list[dict] = []  # this rank's per-image rows of the running test
         self.strict_loading = False  # checkpoints hold only the trainable weights (see on_save_checkpoint)
 
     # -- model set-up ----------------------------------------------------------------------------
@@ -93,36 +108,98 @@ class VLMModule(LightningModule):
 
     # -- evaluation ------------------------------------------------------------------------------
 
-    def _answer(self, batch: dict) -> list[tuple[str, AnswerScore]]:
-        """Greedy answers to a batch, each with its score against the label and the detector."""
-        images = [image.numpy() for image in batch["image"].cpu()]
+    def _answer(self, batch: dict, images: list[np.ndarray] | None = None) -> list[tuple[str, Completion, AnswerScore]]:
+        """Greedy answers to a batch (or to other `images` with its prompts), each parsed and scored."""
+        images = images if images is not None else [image.numpy() for image in batch["image"].cpu()]
         output = self.network.generate(images, batch["prompt"], max_new_tokens=self.max_new_tokens)
-        return [(text, score_answer(self.read(text, references), references))
-                for text, references in zip(output.texts, self.references(batch))]
+        answered = []
+        for text, references in zip(output.texts, self.references(batch)):
+            completion = self.read(text, references)
+            answered.append((text, completion, score_answer(completion, references)))
+        return answered
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self.val_metrics.update([score for _, score in self._answer(batch)])
+        self.val_metrics.update([score for _, _, score in self._answer(batch)])
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        self.test_metrics.update([score for _, score in self._answer(batch)])
+        answered = self._answer(batch)
+        self.test_metrics.update([score for _, _, score in answered])
+        rows = [{"image": name, "text": text, "trace": completion.trace.to_dict(), "format_errors": list(completion.errors),
+                 **score.to_dict()} for name, (text, completion, score) in zip(batch["image_name"], answered)]
+        if self.occlusion_test:
+            for row, occlusion in zip(rows, self._ask_occluded(batch, answered)):
+                row["occlusion"] = occlusion
+        self._test_rows.extend(rows)
+
+    def _ask_occluded(self, batch: dict, answered: list[tuple[str, Completion, AnswerScore]]) -> list[dict | None]:
+        """Ask again with the cited regions blurred, then with as many random face regions of the same sizes."""
+        images = [image.numpy() for image in batch["image"].cpu()]
+        cited = [[step.box for step in completion.trace.steps if step.box is not None] for _, completion, _ in answered]
+        random = [random_boxes_like(boxes, face_area(detector_aus) or (0, 0, image.shape[1], image.shape[0]), name,
+                                    self.occlusion_seed)
+                  for boxes, detector_aus, image, name in zip(cited, batch["detector_aus"], images, batch["image_name"])]
+        with_cited = self._answer(batch, [blur_boxes(image, boxes) for image, boxes in zip(images, cited)])
+        with_random = self._answer(batch, [blur_boxes(image, boxes) for image, boxes in zip(images, random)])
+        answers = [score.answer for _, _, score in answered]
+        cited_answers = [score.answer for _, _, score in with_cited]
+        random_answers = [score.answer for _, _, score in with_random]
+        self.occlusion.update(batch["label"], answers, cited_answers, random_answers, [bool(boxes) for boxes in cited])
+        return [None if not boxes else {"cited_boxes": [list(box) for box in boxes],
+                                        "random_boxes": [[round(v, 1) for v in box] for box in shuffled],
+                                        "answer_cited_blurred": a_cited, "answer_random_blurred": a_random}
+                for boxes, shuffled, a_cited, a_random in zip(cited, random, cited_answers, random_answers)]
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
-        """One JSON-ready row per image: the generated text and what it is worth."""
+        """One JSON-ready row per image: the generated text, its reasoning and what it is worth."""
         return [
-            {"image": name, "label": label, "answer": score.answer, "correct": score.correct,
-             "format_valid": score.valid, "box_iou": score.box_iou, "text": text}
-            for name, label, (text, score) in zip(batch["image_name"], batch["label"], self._answer(batch))
+            {"image": name, "text": text, "trace": completion.trace.to_dict(), **score.to_dict()}
+            for name, (text, completion, score) in zip(batch["image_name"], self._answer(batch))
         ]
 
     def on_validation_epoch_end(self) -> None:
-        self._log_metrics("val", self.val_metrics)
+        self._log_figures("val", self.val_metrics.compute())
+        self.val_metrics.reset()
 
     def on_test_epoch_end(self) -> None:
-        self._log_metrics("test", self.test_metrics)
+        figures = self.test_metrics.compute()
+        self._log_figures("test", figures)
+        about = self._evaluated()
+        if self.occlusion_test:
+            about["evidence_necessity"] = self.occlusion.compute()
+            self.log_dict({f"test/{name}": about["evidence_necessity"][name]
+                           for name in ("flip_cited", "flip_random", "difference")})
+        rows = self._gathered_rows()
+        if self.global_rank == 0:
+            folder = new_run_folder(self.trainer.log_dir or ".")
+            write_evaluation(folder, figures, rows, about)
+            rank_zero_info(f"evaluation of {len(rows)} images: {folder}")
+        self.test_metrics.reset()
+        self.occlusion.reset()
+        self._test_rows = []
 
-    def _log_metrics(self, stage: str, metrics: GroundedAnswerMetrics) -> None:
-        self.log_dict({f"{stage}/{name}": value.float() for name, value in metrics.compute().items()}, prog_bar=True)
-        metrics.reset()
+    def _log_figures(self, stage: str, figures: dict) -> None:
+        shown = ("acc", "format_valid", "box_iou")  # on the progress bar too
+        scalars = {name: value for name, value in figures.items() if isinstance(value, float)}
+        self.log_dict({f"{stage}/{name}": scalars[name] for name in shown}, prog_bar=True)
+        self.log_dict({f"{stage}/{name}": value for name, value in scalars.items() if name not in shown})
+
+    def _evaluated(self) -> dict:
+        """What was evaluated: the model, the checkpoint (None: the bare model, zero-shot), the data."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        data = None
+        if datamodule is not None and hasattr(datamodule, "specs"):
+            data = {"specs": datamodule.specs["test"], "split": datamodule.split_names["test"],
+                    "au_cache": str(datamodule.au_cache)}
+        return {"model": self.network.config.model_path, "checkpoint": self.trainer.ckpt_path,
+                "vlm_config": asdict(self.network.config), "data": data, "module": type(self).__name__}
+
+    def _gathered_rows(self) -> list[dict]:
+        """Every rank's per-image rows (in rank order) on every rank."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return self._test_rows
+        everyone: list[list[dict]] = [[] for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather_object(everyone, self._test_rows)
+        return [row for rows in everyone for row in rows]
 
     # -- checkpoints -----------------------------------------------------------------------------
 

@@ -25,6 +25,8 @@ class SFTModule(VLMModule):
         optimizer: optimizer factory, called with the trainable parameters.
         scheduler: learning-rate scheduler factory (stepped every optimizer step), or None.
         max_new_tokens: longest generated answer in validation, test and prediction.
+        occlusion_test: in `tag test`, also run the evidence-necessity test (see `VLMModule`).
+        occlusion_seed: seed of its random regions.
     """
 
     def __init__(
@@ -33,8 +35,10 @@ class SFTModule(VLMModule):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable | None = None,
         max_new_tokens: int = 256,
+        occlusion_test: bool = False,
+        occlusion_seed: int = 0,
     ) -> None:
-        super().__init__(network, optimizer, scheduler, max_new_tokens)
+        super().__init__(network, optimizer, scheduler, max_new_tokens, occlusion_test, occlusion_seed)
         self.save_hyperparameters(ignore=["network", "optimizer", "scheduler"])
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

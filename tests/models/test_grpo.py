@@ -186,18 +186,24 @@ sys.exit(main(sys.argv[1:]))
 
 
 @pytest.mark.slow
-def test_two_ddp_processes_train_exactly_as_one(grpo_args, tmp_path):
+def test_two_ddp_processes_train_exactly_as_one(grpo_args, sft_checkpoint, tmp_path):
     """Batch 1 on each of 2 ranks == batch 2 on one process: the same prompts per step (the sampler shards
-    one permutation), the same completions (seeded per image), so the same advantages and weights."""
+    one permutation), the same completions (seeded per image), so the same advantages and weights.
+
+    SGD, because Adam's first step is lr x sign(gradient): a gradient element that is 0 up to rounding
+    (summed in another order on 2 ranks) would move by 2 lr either way and hide what is compared."""
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER.format(tests=str(Path(__file__).parents[1])))
     common = ['--model.init_args.rewards={"length": 1.0}', "--trainer.max_steps=2", "--trainer.accelerator=cpu",
-              "--model.init_args.scale_rewards=batch"]
+              "--model.init_args.scale_rewards=batch", "--model.init_args.optimizer.class_path=torch.optim.SGD",
+              "--model.init_args.optimizer.init_args.lr=1.0"]
     single = run_python([str(driver), *grpo_args(tmp_path / "one", *common, "--data.batch_size=2")])
     assert single.returncode == 0, single.stderr[-3000:]
     ddp = run_python([str(driver), *grpo_args(tmp_path / "two", *common, "--data.batch_size=1", strategy="ddp")])
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     one, two = (trained_weights(newest_last_checkpoint(tmp_path / name)) for name in ("one", "two"))
+    start = trained_weights(sft_checkpoint)
+    assert any(not torch.allclose(one[name], start[name], atol=1e-4) for name in one), "training changed nothing"
     for name in one:
         assert torch.allclose(one[name], two[name], atol=1e-6), name
 
