@@ -98,14 +98,16 @@ def align_face_512(rgb: np.ndarray, points: np.ndarray) -> Image.Image:
     border = max(round(quad_size * BORDER), 3)
     left, top = np.floor(quad.min(axis=0)).astype(int)
     right, bottom = np.ceil(quad.max(axis=0)).astype(int)
-    crop = (max(left - border, 0), max(top - border, 0), min(right + border, image.width), min(bottom + border, image.height))
+    crop = (max(left - border, 0), max(top - border, 0),
+            min(right + border, image.width), min(bottom + border, image.height))
     if crop[2] - crop[0] < image.width or crop[3] - crop[1] < image.height:
         image = image.crop(crop)
         quad = quad - crop[:2]
 
     left, top = np.floor(quad.min(axis=0)).astype(int)
     right, bottom = np.ceil(quad.max(axis=0)).astype(int)
-    pad = (max(border - left, 0), max(border - top, 0), max(right - image.width + border, 0), max(bottom - image.height + border, 0))
+    pad = (max(border - left, 0), max(border - top, 0),
+           max(right - image.width + border, 0), max(bottom - image.height + border, 0))
     if max(pad) > border - 4:
         pad = tuple(max(p, round(quad_size * PAD)) for p in pad)
         quad = quad + pad[:2]
@@ -135,11 +137,13 @@ def _pad_and_fade(rgb: np.ndarray, pad: tuple[int, int, int, int], sigma: float,
                       1.0 - np.minimum(ys / top, (height - 1 - ys) / bottom)[:, None])
 
     margin = min(int(4.0 * sigma + 0.5), *pad)
-    near = cv2.copyMakeBorder(rgb, margin, margin, margin, margin, cv2.BORDER_CONSTANT, value=(0, 0, 0))
-    near = near.astype(np.float32)
+    photo = cv2.copyMakeBorder(rgb, margin, margin, margin, margin, cv2.BORDER_CONSTANT, value=(0, 0, 0))
     near_x, near_y = left - margin, top - margin
-    near_fade = fade[near_y:near_y + near.shape[0], near_x:near_x + near.shape[1]]
-    near += (_gaussian_blur(near, sigma) - near) * _planes(np.clip(near_fade * 3.0 + 1.0, 0.0, 1.0))
+    near_fade = fade[near_y:near_y + photo.shape[0], near_x:near_x + photo.shape[1]]
+    near = _gaussian_blur(photo, sigma)  # pixel + (blurred - pixel) * weight, in place:
+    near -= photo
+    near *= _planes(np.clip(near_fade * 3.0 + 1.0, 0.0, 1.0))
+    near += photo
     median = _median_with_zeros(near.reshape(-1, 3), height * width - near.shape[0] * near.shape[1])
 
     # pixel + (median - pixel) * fade, where pixel is 0 outside `near`
@@ -170,11 +174,11 @@ def _median_with_zeros(values: np.ndarray, zeros: int) -> np.ndarray:
 
 
 def _gaussian_blur(image: np.ndarray, sigma: float) -> np.ndarray:
-    """Separable Gaussian with scipy.ndimage's kernel (radius 4 sigma); zeros beyond the edges."""
+    """Float32 separable Gaussian with scipy.ndimage's kernel (radius 4 sigma); zeros beyond the edges."""
     radius = int(4.0 * sigma + 0.5)
     taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
     kernel = (taps / taps.sum()).astype(np.float32)
-    return cv2.sepFilter2D(image, -1, kernel, kernel, borderType=cv2.BORDER_CONSTANT)
+    return cv2.sepFilter2D(image, cv2.CV_32F, kernel, kernel, borderType=cv2.BORDER_CONSTANT)
 
 
 def network_input(aligned: np.ndarray) -> np.ndarray:
