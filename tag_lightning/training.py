@@ -16,14 +16,14 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from tag_lightning.data.datamodule import FERDataModule
 from tag_lightning.errors import UserError, describe
-from tag_lightning.models.vlm import LoRAConfig, VLMConfig, VLMWrapper
+from tag_lightning.models.checkpoints import network_weights, read_checkpoint, saved_vlm_config
+from tag_lightning.models.vlm import VLMWrapper
 
 # `ckpt_path` values Lightning resolves itself rather than reading a file.
 _LIGHTNING_CHECKPOINT_NAMES = ("last", "best", "hpc", "registry")
@@ -135,35 +135,11 @@ def _run(argv: list[str]) -> None:
     )
 
 
-def read_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
-    """A training checkpoint as data (``weights_only``: a checkpoint never runs code), or a clear error.
-
-    With `mmap` the tensors stay on disk: a cheap check that a file is a checkpoint at all.
-    """
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except (FileNotFoundError, IsADirectoryError):
-        raise
-    except Exception as err:  # a checkpoint is data: anything unloadable is the user's file
-        # torch's own message suggests weights_only=False, i.e. running the file's code: never pass that on
-        raise ValueError(f"{path}: not a loadable checkpoint (torch cannot read it as data: {type(err).__name__}); "
-                         "give one written by `tag fit`") from None
-    if not isinstance(checkpoint, dict) or "vlm_config" not in checkpoint:
-        raise ValueError(f"{path} is not a tag_lightning training checkpoint (it has no vlm_config)")
-    return checkpoint
-
-
 def load_network(checkpoint_path: str | Path) -> VLMWrapper:
     """The network of a training checkpoint: its VLM config rebuilt, its trained weights loaded."""
     checkpoint = read_checkpoint(checkpoint_path)
-    fields = dict(checkpoint["vlm_config"])
-    if fields.get("lora"):
-        fields["lora"] = LoRAConfig(**{**fields["lora"], "target_modules": tuple(fields["lora"]["target_modules"])})
-    network = VLMWrapper(VLMConfig(**fields))
-    prefix = "network.model."
-    network.load_trainable_state_dict(
-        {name[len(prefix):]: value for name, value in checkpoint["state_dict"].items() if name.startswith(prefix)}
-    )
+    network = VLMWrapper(saved_vlm_config(checkpoint))
+    network.load_trainable_state_dict(network_weights(checkpoint))
     return network
 
 

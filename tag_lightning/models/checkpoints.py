@@ -18,24 +18,43 @@ from typing import Any
 import numpy as np
 import torch
 
-from tag_lightning.models.vlm import VLMConfig
+from tag_lightning.models.vlm import LoRAConfig, VLMConfig
 
 STRUCTURAL_FIELDS = ("model_path", "backbone", "freeze_vision", "lora", "lora.r", "lora.alpha", "lora.target_modules")
 """The `VLMConfig` fields that decide which weights train and what they mean (dtype, kernels and
 pixel limits may change between runs)."""
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A training checkpoint as data (``weights_only``: a checkpoint never runs code), or a clear error."""
+def read_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
+    """A training checkpoint as data (``weights_only``: a checkpoint never runs code), or a clear error.
+
+    With `mmap` the tensors stay on disk: a cheap check that a file is a checkpoint at all.
+    """
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no checkpoint at {path}") from None
-    except Exception as err:  # anything unloadable is the user's file, not our bug
-        raise ValueError(f"{path}: not a loadable checkpoint ({type(err).__name__})") from err
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except (FileNotFoundError, IsADirectoryError):
+        raise
+    except Exception as err:  # a checkpoint is data: anything unloadable is the user's file
+        # torch's own message suggests weights_only=False, i.e. running the file's code: never pass that on
+        raise ValueError(f"{path}: not a loadable checkpoint (torch cannot read it as data: {type(err).__name__}); "
+                         "give one written by `tag fit`") from None
     if not isinstance(checkpoint, dict) or "vlm_config" not in checkpoint:
         raise ValueError(f"{path} is not a tag_lightning training checkpoint (it has no vlm_config)")
     return checkpoint
+
+
+def network_weights(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The checkpoint's trained weights, named as in the network's model (`VLMWrapper.load_trainable_state_dict`)."""
+    prefix = "network.model."
+    return {name[len(prefix):]: value for name, value in checkpoint["state_dict"].items() if name.startswith(prefix)}
+
+
+def saved_vlm_config(checkpoint: Mapping[str, Any]) -> VLMConfig:
+    """The `VLMConfig` the checkpoint was trained under."""
+    fields = dict(checkpoint["vlm_config"])
+    if fields.get("lora"):
+        fields["lora"] = LoRAConfig(**{**fields["lora"], "target_modules": tuple(fields["lora"]["target_modules"])})
+    return VLMConfig(**fields)
 
 
 def structural_differences(saved: Mapping[str, Any], config: VLMConfig) -> list[str]:

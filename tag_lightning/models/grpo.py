@@ -44,7 +44,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from tag_lightning.models.checkpoints import check_fits, read_checkpoint
+from tag_lightning.models.checkpoints import check_fits, network_weights, read_checkpoint
 from tag_lightning.models.module import VLMModule
 from tag_lightning.models.vlm import VLMWrapper
 from tag_lightning.rewards import DEFAULT_WEIGHTS, check_weights, score
@@ -246,9 +246,7 @@ class GRPOModule(VLMModule):
     def _start_from(self, path: str) -> None:
         checkpoint = read_checkpoint(path)
         check_fits(checkpoint, self.network.config, f"init_from {path}")
-        prefix = "network.model."
-        self.network.load_trainable_state_dict(
-            {name[len(prefix):]: value for name, value in checkpoint["state_dict"].items() if name.startswith(prefix)})
+        self.network.load_trainable_state_dict(network_weights(checkpoint))
         rank_zero_info(f"GRPO starts from {path} (step {checkpoint.get('global_step', '?')} of its run)")
 
     def configure_model(self) -> None:
