@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from tag_lightning import rewards
 from tag_lightning.au.cache import AUCache
-from tag_lightning.claims import HALLUCINATION, MISS, SUPPORTED, References, claims_of, read_completion
+from tag_lightning.claims import HALLUCINATION, SUPPORTED, References, claims_of, read_completion
 from tag_lightning.data.datamodule import load_traces
 from tag_lightning.data.teachers import TemplateTeacher
 from tag_lightning.data.traces import (

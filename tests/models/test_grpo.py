@@ -94,14 +94,6 @@ def length_reward(monkeypatch):
     monkeypatch.setitem(REWARDS, "length", completion_length)
 
 
-@pytest.fixture(scope="module")
-def sft_checkpoint(tag_args, tmp_path_factory) -> Path:
-    """A 2-step SFT checkpoint of the tiny model (LoRA r=8 as configs/sft.yaml): GRPO's starting point."""
-    root = tmp_path_factory.mktemp("sft")
-    assert main(tag_args("sft", root, "--trainer.max_steps=2", "--trainer.limit_val_batches=0")) == 0
-    return newest_last_checkpoint(root)
-
-
 @pytest.fixture
 def grpo_args(tag_args, sft_checkpoint):
     """`tag fit -c configs/grpo.yaml -c configs/data/samples.yaml` from the SFT checkpoint, small and quick."""

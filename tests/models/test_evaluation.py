@@ -1,0 +1,61 @@
+"""`tag test` writes what it measured, for an SFT checkpoint, a GRPO checkpoint and a bare model folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from helpers import newest_last_checkpoint
+from PIL import Image
+
+from tag_lightning.cli import main
+from tag_lightning.metrics import CLASSIFICATION, FAITHFULNESS
+
+LABELS = {"surprise", "happiness", "anger", "disgust"}
+
+
+def evaluation_of(root: Path) -> Path:
+    (folder,) = root.rglob("evaluation")
+    return folder
+
+
+def check_report(folder: Path, checkpoint: Path | None, module: str) -> dict:
+    report = json.loads((folder / "metrics.json").read_text())
+    assert set(report["figures"]) == set(CLASSIFICATION) | set(FAITHFULNESS)
+    assert report["counts"]["answers"] == 4 and report["meaning"]["box_iou"] == FAITHFULNESS["box_iou"]
+    assert report["checkpoint"] == (None if checkpoint is None else str(checkpoint)) and report["module"] == module
+    assert report["model"].endswith("tiny-qwen2.5-vl") and report["data"]["specs"][0].startswith("manifest:")
+    assert set(report["confusion_matrix"]["rows"]) == LABELS
+    rows = [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and {row["label"] for row in rows} == LABELS
+    assert {"image", "text", "trace", "answer", "claims", "format_valid", "box_iou"} <= set(rows[0])
+    with Image.open(folder / "confusion_matrix.png") as picture:
+        picture.verify()
+    return report
+
+
+def test_an_sft_checkpoint(tag_args, sft_checkpoint, tmp_path):
+    assert main(tag_args("sft", tmp_path, f"--ckpt_path={sft_checkpoint}", command="test")) == 0
+    check_report(evaluation_of(tmp_path), sft_checkpoint, "SFTModule")
+
+
+def test_a_grpo_checkpoint_and_a_second_run_in_its_own_folder(tag_args, sft_checkpoint, tmp_path):
+    grpo = ["--model.init_args.max_completion_length=8", "--model.init_args.num_generations=2"]
+    assert main(tag_args("grpo", tmp_path / "fit", f"--model.init_args.init_from={sft_checkpoint}", *grpo,
+                         "--trainer.max_steps=1", "--trainer.limit_val_batches=0")) == 0
+    checkpoint = newest_last_checkpoint(tmp_path / "fit")
+    common = [f"--ckpt_path={checkpoint}", "--trainer.logger=false"]  # no logger: both runs share one root
+    assert main(tag_args("grpo", tmp_path / "test", *grpo, *common, command="test")) == 0
+    assert main(tag_args("grpo", tmp_path / "test", *grpo, *common, command="test")) == 0
+    first, second = tmp_path / "test" / "evaluation", tmp_path / "test" / "evaluation_2"
+    assert check_report(first, checkpoint, "GRPOModule") and check_report(second, checkpoint, "GRPOModule")
+
+
+@pytest.mark.slow
+def test_a_bare_model_folder_is_a_zero_shot_baseline_and_the_occlusion_test_reports(tag_args, tmp_path):
+    assert main(tag_args("sft", tmp_path, "--model.init_args.occlusion_test=true", command="test")) == 0
+    report = check_report(evaluation_of(tmp_path), None, "SFTModule")
+    necessity = report["evidence_necessity"]
+    assert {"flip_cited", "flip_random", "difference", "no_evidence", "per_class"} <= set(necessity)
+    assert necessity["asked"] + necessity["no_evidence"] == 4
