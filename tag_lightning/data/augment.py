@@ -171,6 +171,50 @@ class FaceAugment:
         return self._letterbox(**data)
 
 
+@dataclass(frozen=True)
+class Letterbox:
+    """The letterbox of a `original_size` (width, height) image into an `image_size` square, as numbers,
+    so boxes in the delivered image can be told in pixels of the original (what `tag predict` reports).
+
+    It repeats albumentations' arithmetic: ``LongestMaxSize`` scales the content to ``round(side *
+    image_size / longest side)`` pixels, and a centred ``PadIfNeeded`` puts ``int(padding / 2)``
+    before it. An image decoded at reduced size first (JPEG draft) may have content one pixel
+    longer or shorter, a sub-pixel difference in the delivered image.
+    """
+
+    original_size: tuple[int, int]
+    image_size: int
+
+    @property
+    def content_size(self) -> tuple[int, int]:
+        """(width, height) of the resized image inside the square."""
+        scale = self.image_size / max(self.original_size)
+        return max(1, round(self.original_size[0] * scale)), max(1, round(self.original_size[1] * scale))
+
+    @property
+    def offset(self) -> tuple[int, int]:
+        """(left, top) padding before the content."""
+        width, height = self.content_size
+        return int((self.image_size - width) / 2), int((self.image_size - height) / 2)
+
+    def to_image(self, box: Sequence[float]) -> tuple[float, float, float, float]:
+        """A box of the original image in pixels of the delivered square."""
+        (sx, sy), (left, top) = self._scales(), self.offset
+        return box[0] * sx + left, box[1] * sy + top, box[2] * sx + left, box[3] * sy + top
+
+    def to_original(self, box: Sequence[float]) -> tuple[float, float, float, float]:
+        """A box of the delivered square in pixels of the original image, clipped to it."""
+        (sx, sy), (left, top), (width, height) = self._scales(), self.offset, self.original_size
+        x1, x2 = (min(max((x - left) / sx, 0.0), width) for x in (box[0], box[2]))
+        y1, y2 = (min(max((y - top) / sy, 0.0), height) for y in (box[1], box[3]))
+        return x1, y1, x2, y2
+
+    def _scales(self) -> tuple[float, float]:
+        """Delivered pixels per original pixel, across and down (they differ by the content's rounding)."""
+        (width, height), (content_width, content_height) = self.original_size, self.content_size
+        return content_width / width, content_height / height
+
+
 def mirror_sides(text: str) -> str:
     """`text` with every whole word "left" and "right" exchanged, keeping its capitalisation."""
 

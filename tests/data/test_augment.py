@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tag_lightning.boxes import box_iou
-from tag_lightning.data.augment import AugmentOptions, FaceAugment, mirror_sides
+from tag_lightning.data.augment import AugmentOptions, FaceAugment, Letterbox, mirror_sides
 from tag_lightning.data.samples import HAPPINESS
 from tag_lightning.data.traces import Step, Trace, parse_trace, render_trace
 from tag_lightning.images import ImageRef, load_image
@@ -148,6 +148,29 @@ def test_boxes_without_area_come_back_as_none_and_their_aus_are_dropped():
     assert set(out.aus) == {"AU4"}
     _, moved, _ = FaceAugment(SIZE).transform(np.zeros((100, 100, 3), np.uint8), [None, (10, 10, 40, 30)], (100, 100))
     assert moved[0] is None and moved[1] == (16, 16, 64, 48)
+
+
+@pytest.mark.parametrize("image_size", [223, 224])
+@pytest.mark.parametrize("width, height", [(301, 199), (199, 301), (97, 55), (33, 77), (1001, 999), (640, 480)])
+def test_letterbox_maps_boxes_as_the_transform_does_and_back(width, height, image_size):
+    """Letterbox's numbers are the transform's: where the content lies, where each box goes (up to the
+    transform's rounding to integers), and back to the original within half a delivered pixel."""
+    rng = np.random.default_rng([width, height, image_size])
+    boxes = []
+    for _ in range(30):  # boxes of at least a fifth of each side, inside the image
+        x1, y1 = rng.uniform(0, 0.8 * width), rng.uniform(0, 0.8 * height)
+        boxes.append((x1, y1, rng.uniform(x1 + 0.2 * width, width), rng.uniform(y1 + 0.2 * height, height)))
+    image, moved, _ = FaceAugment(image_size).transform(np.full((height, width, 3), 255, np.uint8), boxes,
+                                                        (width, height))
+    letterbox = Letterbox((width, height), image_size)
+    (left, top), (content_width, content_height) = letterbox.offset, letterbox.content_size
+    ys, xs = np.nonzero(image.max(axis=2))
+    assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == (left, top, left + content_width, top + content_height)
+    original_pixels = max(width / content_width, height / content_height)  # per delivered pixel
+    for box, delivered in zip(boxes, moved):
+        assert np.abs(np.subtract(letterbox.to_image(box), delivered)).max() <= 0.5 + 1e-4
+        assert np.abs(np.subtract(letterbox.to_original(delivered), box)).max() <= 0.5 * original_pixels + 1e-4
+    assert letterbox.to_original((0, 0, image_size, image_size)) == (0, 0, width, height)  # the padding is clipped
 
 
 def test_options_are_checked():
