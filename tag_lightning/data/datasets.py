@@ -391,14 +391,15 @@ class AffectNet(FERDataset):
 
 
 class _PresentClasses:
-    """Mixin for generic sources: the classes are the labels that actually occur."""
+    """Mixin for generic sources: the classes are the labels that actually occur, or every unified
+    emotion when none is labelled (an unlabeled photo may show any, and its prompt must offer some)."""
 
     _samples: list[FERSample]
 
     @property
     def classes(self) -> tuple[str, ...]:
-        present = {sample.label for sample in self._samples}
-        return tuple(name for name in EMOTIONS if name in present)
+        present = {sample.label for sample in self._samples} - {None}
+        return tuple(name for name in EMOTIONS if name in present) if present else EMOTIONS
 
 
 class ManifestCSV(_PresentClasses, FERDataset):
@@ -454,10 +455,22 @@ class ImageFolder(_PresentClasses, FERDataset):
                 self._add_file(path, label, str(path))
 
 
+class ImageFile(_PresentClasses, FERDataset):
+    """One unlabeled image file: a photo to answer (`tag predict --data.predict_data photo.jpg`)."""
+
+    name = "image"
+
+    def __init__(self, path: str | Path, split: str = "all", lenient: bool = False, keep_missing: bool = False) -> None:
+        super().__init__(split, lenient, keep_missing)
+        self.path = Path(path)
+        self._add_file(self.path, None, str(self.path))
+
+
 ADAPTERS: dict[str, type[FERDataset]] = {
-    adapter.name: adapter for adapter in (RafDB, FERPlus, AffectNet, ManifestCSV, ImageFolder)
+    adapter.name: adapter for adapter in (RafDB, FERPlus, AffectNet, ManifestCSV, ImageFolder, ImageFile)
 }
-_SPEC_FORMS = "rafdb:ROOT, ferplus:ROOT, affectnet:ROOT, manifest:FILE.csv, folder:DIR, or a YAML data config"
+_SPEC_FORMS = ("rafdb:ROOT, ferplus:ROOT, affectnet:ROOT, manifest:FILE.csv, folder:DIR, image:FILE, "
+               "or a YAML data config")
 
 
 class CombinedDataset(FERDataset):
@@ -521,9 +534,9 @@ def parse_data_spec(
     each adapter's default (``train``; all rows for manifests and folders).
 
     A bare path is accepted too: an existing ``.csv`` file is a manifest, an existing folder an
-    image folder (``DIR/<label>/*.jpg``), a ``.yaml`` file a data config (`split` then names its
-    role: train, val or test; see `data_config_dataset`). `lenient` and `keep_missing`: see the
-    module's doc.
+    image folder (``DIR/<label>/*.jpg``), an existing image file one unlabeled image, a ``.yaml``
+    file a data config (`split` then names its role: train, val or test; see
+    `data_config_dataset`). `lenient` and `keep_missing`: see the module's doc.
     """
     path = Path(spec).expanduser()
     if path.suffix.lower() in (".yaml", ".yml") and path.is_file():
@@ -532,6 +545,8 @@ def parse_data_spec(
         spec = f"manifest:{spec}"
     elif path.is_dir():
         spec = f"folder:{spec}"
+    elif path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+        spec = f"image:{spec}"
     kind, separator, location = spec.partition(":")
     if not separator and not path.exists():  # a bare path that is not there
         raise FileNotFoundError(f"no such {'file' if path.suffix else 'folder'}: {spec} (a data spec is a path or "

@@ -11,6 +11,7 @@ from tag_lightning.data.datasets import (
     DatasetFormatError,
     FERPlus,
     FERSample,
+    ImageFile,
     ImageFolder,
     ManifestCSV,
     RafDB,
@@ -337,6 +338,19 @@ def test_parse_data_spec_builds_each_adapter(tmp_path, make_rafdb, make_ferplus,
     assert len(parse_data_spec(f"affectnet:{affectnet}", split="val")) == 2
     assert isinstance(parse_data_spec(f"manifest:{tmp_path / 'm.csv'}"), ManifestCSV)
     assert parse_data_spec(f"folder:{tmp_path / 'folder'}")[0].label == "happiness"
+
+
+
+def test_an_image_file_is_a_one_image_dataset_whose_prompt_offers_every_emotion(tmp_path, make_face):
+    make_face(tmp_path / "photo.JPG")
+    for spec in (str(tmp_path / "photo.JPG"), f"image:{tmp_path / 'photo.JPG'}"):
+        dataset = parse_data_spec(spec)
+        assert isinstance(dataset, ImageFile) and [(s.image.path, s.label) for s in dataset] == [
+            (str(tmp_path / "photo.JPG"), None)]
+        assert dataset.classes == EMOTIONS  # nothing labelled: any emotion may be the answer
+    assert ImageFolder(tmp_path).classes == EMOTIONS
+    with pytest.raises(DatasetFormatError, match="image file not found"):
+        parse_data_spec(f"image:{tmp_path / 'gone.jpg'}")
 
 
 @pytest.mark.parametrize("spec", ["raf:/data", "rafdb:", ""])
