@@ -2,14 +2,18 @@
 
 Selection (at `setup`, per split). A sample is kept when the AU cache holds a record for it whose
 status is not excluded (`exclude_statuses`; an image without a record is excluded too), when it
-has a label and, for SFT training, a trace whose boxes lie in its image. Every
-exclusion is counted by reason (`counts`) and summarised in the log.
+has a label (except in the predict split: `tag predict` answers unlabeled photos too) and, for
+SFT training, a trace whose boxes lie in its image. Every exclusion is counted by reason
+(`counts`), listed image by image (`exclusions`: `tag predict` writes why each was left out)
+and summarised in the log. Images are never annotated here: the AU cache holds the detector
+settings the user chose.
 
 Items (one dict per sample; `collate` turns them into a batch of the same keys):
 
 - every item: ``image`` (uint8 HWC RGB, `image_size` square, augmented in training),
-  ``image_name``, ``prompt`` (`prompts.user_prompt` with its dataset's labels), ``label``,
-  ``labels`` (its dataset's labels: the answers allowed);
+  ``image_name``, ``prompt`` (`prompts.user_prompt` with its dataset's labels), ``label`` (None:
+  unlabeled, predict split only), ``labels`` (its dataset's labels: the answers allowed),
+  ``original_size`` (the image's (width, height): `augment.Letterbox` maps boxes back to it);
 - ``"sft"`` items (training in stage sft) add ``trace`` (the target `Trace`) and ``target``
   (its rendered text);
 - ``"rl"`` items (training in stage rl; validation and test in both stages, as evaluation is
@@ -52,9 +56,9 @@ from tag_lightning.data.sampling import ResumableSampler
 from tag_lightning.data.traces import Trace, render_trace
 from tag_lightning.images import ImageRef, content_hash, decode_image
 
-SPLITS = ("train", "val", "test")
+SPLITS = ("train", "val", "test", "predict")
 DEFAULT_AUGMENT = AugmentOptions()
-_SPLITS_OF_STAGE = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+_SPLITS_OF_STAGE = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,16 @@ class _Entry:
     content_hash: str
     size: tuple[int, int]  # the original (width, height), as recorded
     trace: Trace | None
+
+
+@dataclass(frozen=True)
+class Exclusion:
+    """A sample left out of a split: its image, why (a reason counted in `counts`), and the AU
+    record's own explanation when it has one (e.g. why no face was accepted)."""
+
+    image: str
+    reason: str
+    detail: str | None
 
 
 class FERItems(Dataset):
@@ -108,7 +122,7 @@ class FERItems(Dataset):
         # A function of (seed, epoch, sample): the same whatever the worker, prefetching or resumption.
         rng = np.random.default_rng([self.seed, epoch, index])
         item = {"image_name": sample.image.name, "prompt": self.prompts[entry.dataset], "label": sample.label,
-                "labels": self.datasets[entry.dataset].classes}
+                "labels": self.datasets[entry.dataset].classes, "original_size": entry.size}
         if self.kind == "sft":
             out = self.augment(image, size, rng, trace=entry.trace)
             item.update(trace=out.trace, target=render_trace(out.trace))
@@ -137,6 +151,8 @@ class FERDataModule(LightningDataModule):
             (forms: rafdb:ROOT, ferplus:ROOT, affectnet:ROOT, manifest:FILE.csv, folder:DIR).
         val_data: dataset spec(s) of the validation samples.
         test_data: dataset spec(s) of the test samples.
+        predict_data: images `tag predict` answers: an image file, a folder of images, or a dataset
+            spec (read in its adapter's default split; labels optional); default: the test split.
         train_split: split of `train_data` to read.
         val_split: split of `val_data` to read (RAF-DB has none but ``test``).
         test_split: split of `test_data` to read (AffectNet's evaluation split is ``val``).
@@ -159,6 +175,7 @@ class FERDataModule(LightningDataModule):
         train_data: str | list[str] | None = None,
         val_data: str | list[str] | None = None,
         test_data: str | list[str] | None = None,
+        predict_data: str | list[str] | None = None,
         train_split: str = "train",
         val_split: str = "val",
         test_split: str = "test",
@@ -183,8 +200,9 @@ class FERDataModule(LightningDataModule):
             raise ValueError(f"stage must be 'sft' or 'rl', got {stage!r}")
         self.save_hyperparameters()
         self.au_cache = au_cache
-        self.specs = {"train": _as_list(train_data), "val": _as_list(val_data), "test": _as_list(test_data)}
-        self.split_names = {"train": train_split, "val": val_split, "test": test_split}
+        self.specs = {"train": _as_list(train_data), "val": _as_list(val_data), "test": _as_list(test_data),
+                      "predict": _as_list(predict_data)}
+        self.split_names = {"train": train_split, "val": val_split, "test": test_split, "predict": None}
         self.train_traces = train_traces
         self.stage = stage
         self.image_size = image_size
@@ -200,13 +218,20 @@ class FERDataModule(LightningDataModule):
         self._resume: tuple[int, int] | None = None
         self.counts: dict[str, Counter] = {}
         """Per split: ``samples``, ``kept`` and one count per exclusion reason."""
+        self.exclusions: dict[str, list[Exclusion]] = {}
+        """Per split: every sample left out, with why."""
 
     def kind(self, split: str) -> Literal["sft", "rl"]:
         """The item kind a split yields (see the module doc)."""
         return "sft" if self.stage == "sft" and split == "train" else "rl"
 
+    @property
+    def predict_split(self) -> str:
+        """The split `tag predict` answers: ``predict`` when `predict_data` is set, else ``test``."""
+        return "predict" if self.specs["predict"] else "test"
+
     def setup(self, stage: str | None = None) -> None:
-        splits = SPLITS if stage is None else _SPLITS_OF_STAGE[stage]
+        splits = SPLITS if stage is None else self._splits_of(stage)
         wanted = [split for split in splits if self.specs[split] and split not in self.items]
         if not wanted:
             return
@@ -215,10 +240,13 @@ class FERDataModule(LightningDataModule):
         cv2.setNumThreads(1)
         cache = AUCache(self.au_cache)
         for split in wanted:
-            self.items[split], self.counts[split] = self._build(split, cache)
+            self.items[split], self.counts[split], self.exclusions[split] = self._build(split, cache)
             rank_zero_info(f"FERDataModule {split}: {_describe(self.counts[split])}")
 
-    def _build(self, split: str, cache: AUCache) -> tuple[FERItems, Counter]:
+    def _splits_of(self, stage: str) -> tuple[str, ...]:
+        return (self.predict_split,) if stage == "predict" else _SPLITS_OF_STAGE[stage]
+
+    def _build(self, split: str, cache: AUCache) -> tuple[FERItems, Counter, list[Exclusion]]:
         kind = self.kind(split)
         traces = None
         if kind == "sft":
@@ -226,29 +254,34 @@ class FERDataModule(LightningDataModule):
                 raise ValueError("stage sft trains on traces: set train_traces (a `tag prepare traces` JSONL)")
             traces = load_traces(self.train_traces)
         datasets = [parse_data_spec(spec, self.split_names[split], self.lenient) for spec in self.specs[split]]
-        entries, counts = [], Counter()
+        entries, counts, exclusions = [], Counter(), []
         for number, dataset in enumerate(datasets):
             for index, sample in enumerate(dataset):
                 record = _find_record(cache, sample.image)
-                reason = self._exclusion(record, sample.label, traces)
+                reason = self._exclusion(record, sample.label, traces, needs_label=split != "predict")
                 counts[reason or "kept"] += 1
                 if reason is None:
                     trace = None if traces is None else traces[record.content_hash]
                     entries.append(_Entry(number, index, record.content_hash, record.size, trace))
+                else:
+                    detail = "no record of this image's content in the AU cache" if record is None else record.reason
+                    exclusions.append(Exclusion(sample.image.name, reason, detail))
         counts["samples"] = sum(len(dataset) for dataset in datasets)
-        if not entries:
+        if not entries and split != "predict":  # a wholly rejected predict split is still told image by image
             raise ValueError(f"FERDataModule {split}: no usable sample, {_describe(counts)}")
         augment = FaceAugment(self.image_size, self.augment if split == "train" else None)
         items = FERItems(datasets, entries, cache, kind, augment, self.seed, self.activation_threshold)
-        return items, counts
+        return items, counts, exclusions
 
-    def _exclusion(self, record: AURecord | None, label: str | None, traces: dict[str, Trace] | None) -> str | None:
+    def _exclusion(
+        self, record: AURecord | None, label: str | None, traces: dict[str, Trace] | None, needs_label: bool
+    ) -> str | None:
         """Why a sample is left out, or None when it is kept."""
         if record is None:
             return "not_cached"
         if record.status in self.exclude_statuses:
             return record.status
-        if label is None:
+        if label is None and needs_label:
             return "unlabeled"
         if traces is None:
             return None
@@ -278,8 +311,7 @@ class FERDataModule(LightningDataModule):
         return self._loader("test")
 
     def predict_dataloader(self) -> DataLoader:
-        """Prediction answers the test split's images."""
-        return self._loader("test")
+        return self._loader(self.predict_split)
 
     def _items(self, split: str) -> FERItems:
         if split not in self.items:

@@ -144,13 +144,41 @@ def test_evaluation_items_carry_detector_boxes_in_the_image_frame(workspace):
 def test_batches_are_tensors_and_lists_for_the_model_wrapper(workspace):
     dm = datamodule(workspace, batch_size=3)
     train = next(iter(dm.train_dataloader()))
-    assert set(train) == {"image", "image_name", "prompt", "label", "trace", "target"}
+    assert set(train) == {"image", "image_name", "prompt", "label", "labels", "original_size", "trace", "target"}
     assert train["image"].dtype == torch.uint8 and train["image"].shape == (3, SIZE, SIZE, 3)
     assert all(len(train[key]) == 3 for key in train)
     assert all(isinstance(trace, Trace) for trace in train["trace"])
     val = next(iter(dm.val_dataloader()))
-    assert set(val) == {"image", "image_name", "prompt", "label", "detector_aus", "activated_aus"}
+    assert set(val) == {"image", "image_name", "prompt", "label", "labels", "original_size", "detector_aus",
+                        "activated_aus"}
     assert dm.transfer_batch_to_device(val, torch.device("cpu"), 0) is val
+
+
+def test_the_predict_split_answers_unlabeled_faces_and_lists_every_image_it_leaves_out(workspace, tmp_path):
+    dm = FERDataModule(str(workspace.cache), test_data=f"manifest:{workspace.manifest}",
+                       predict_data=f"manifest:{workspace.manifest}", image_size=SIZE, num_workers=0)
+    assert dm.predict_split == "predict"
+    dm.setup("predict")
+    assert set(dm.items) == {"predict"}
+    assert dm.counts["predict"] == {"samples": 9, "kept": 7, "no_face": 1, "not_cached": 1}
+    assert {Path(e.image).name: (e.reason, e.detail) for e in dm.exclusions["predict"]} == {
+        NO_FACE: ("no_face", "no face detected"),
+        "unseen.jpg": ("not_cached", "no record of this image's content in the AU cache")}
+    items = [dm.items["predict"][index] for index in range(7)]
+    assert [Path(item["image_name"]).name for item in items if item["label"] is None] == [MULTI_FACE]
+    for item in items:
+        record = workspace.records.get(item["image_name"])
+        assert record is None or item["original_size"] == record.size
+    assert sum(len(batch["image"]) for batch in dm.predict_dataloader()) == 7
+    unusable = tmp_path / "unusable.csv"
+    unusable.write_text(f"path\n{workspace.manifest.parent / 'unseen.jpg'}\n")
+    rejected = FERDataModule(str(workspace.cache), predict_data=f"manifest:{unusable}", num_workers=0)
+    rejected.setup("predict")  # nothing to answer is no error: each image is told why
+    assert len(rejected.items["predict"]) == 0 and [e.reason for e in rejected.exclusions["predict"]] == ["not_cached"]
+    without = FERDataModule(str(workspace.cache), test_data=f"manifest:{workspace.manifest}", num_workers=0)
+    assert without.predict_split == "test"  # the default: answer the test split, labelled images only
+    without.setup("predict")
+    assert set(without.items) == {"test"} and without.counts["test"]["unlabeled"] == 1
 
 
 def test_rl_stage_trains_on_detector_boxes_without_traces(workspace):
