@@ -38,6 +38,26 @@ def test_with_libreface_landmarks_we_align_and_measure_as_libreface_does(name, s
     assert result["detection_flips"] == 0, result
 
 
+def test_the_libreface_source_measures_what_libreface_does(samples_dir, tmp_path):
+    """The source the annotator runs (batched, channels_last) on LibreFace's landmarks."""
+    import torch
+
+    from tag_lightning.au.detectors import BP4D_AUS, DISFA_AUS, Face, LibreFaceAUSource
+    from tag_lightning.au.landmarks import FaceLandmarks
+
+    weights = tmp_path / "combined_resnet.pt"
+    torch.save({"model": random_checkpoint()}, weights)
+    entries = FIXTURE["images"]
+    faces = [
+        Face(fixture_photo(samples_dir, name, entry),
+             FaceLandmarks(np.array(entry["landmarks"]), {}, (0, 0, 0, 0), None, 1))
+        for name, entry in entries.items()
+    ]
+    for values, entry in zip(LibreFaceAUSource(weights, batch_size=4).measure(faces), entries.values()):
+        assert np.allclose([values[au].intensity for au in DISFA_AUS], entry["intensities"], atol=0.01)
+        assert [values[au].detection >= 0.5 for au in BP4D_AUS] == [p >= 0.5 for p in entry["detections"]]
+
+
 def test_with_our_landmarks_the_deviation_stays_small(samples_dir, annotator, fixture_net):
     """The whole path from the photo; the figures are in the README (bench/libreface_fidelity.py)."""
     for name, entry in FIXTURE["images"].items():
