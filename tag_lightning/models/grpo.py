@@ -145,6 +145,7 @@ def policy_loss(
 class Rollouts:
     """One batch's sampled completions, N = prompts x G rows, each prompt's group contiguous."""
 
+    step: int  # the optimizer step they were sampled at
     images: list  # (H, W, 3) uint8 arrays, one per row
     prompts: list[str]
     token_ids: list[Tensor]
@@ -325,6 +326,7 @@ class GRPOModule(VLMModule):
                     parts.setdefault(f"{name}/{part}", []).append(value)
         repeat = self.num_generations
         return Rollouts(
+            step=self.global_step,
             images=[image for image in images for _ in range(repeat)],
             prompts=[prompt for prompt in batch["prompt"] for _ in range(repeat)],
             token_ids=token_ids, texts=texts, truncated=truncated,
@@ -405,7 +407,7 @@ class GRPOModule(VLMModule):
         names = list(self.reward_weights)
         rows = []
         for row in range(min(self.num_completions_to_print, len(rollouts.texts))):
-            rows.append({"step": self.global_step, "image": rollouts.image_names[row], "label": rollouts.labels[row],
+            rows.append({"step": rollouts.step, "image": rollouts.image_names[row], "label": rollouts.labels[row],
                          "reward": round(float(rollouts.rewards[row]), 4),
                          **{name: round(float(rollouts.reward_parts[name][row]), 4) for name in names},
                          "completion": rollouts.texts[row]})
@@ -423,7 +425,7 @@ class GRPOModule(VLMModule):
             lines = [header, "|" + "---|" * (len(names) + 4)]
             lines += [f"| {r['image']} | {r['label']} | {r['reward']} | " + " | ".join(str(r[n]) for n in names)
                       + " | " + r["completion"].replace("\n", "<br>").replace("|", "\\|") + " |" for r in rows]
-            experiment.add_text("train/completions", "\n".join(lines), self.global_step)
+            experiment.add_text("train/completions", "\n".join(lines), rollouts.step)
 
 
 def _check_options(num_generations, max_completion_length, temperature, top_p, scale_rewards, loss_type, epsilon,
