@@ -153,7 +153,8 @@ def _pad_and_fade(rgb: np.ndarray, pad: tuple[int, int, int, int], sigma: float,
     ox0, oy0 = max(x0, near_x), max(y0, near_y)
     ox1, oy1 = min(x1, near_x + near.shape[1]), min(y1, near_y + near.shape[0])
     overlap = (slice(oy0 - y0, oy1 - y0), slice(ox0 - x0, ox1 - x0))
-    image[overlap] += near[oy0 - near_y:oy1 - near_y, ox0 - near_x:ox1 - near_x] * (1.0 - _planes(window_fade[overlap]))
+    near_overlap = near[oy0 - near_y:oy1 - near_y, ox0 - near_x:ox1 - near_x]
+    image[overlap] += near_overlap * (1.0 - _planes(window_fade[overlap]))
     return np.clip(np.rint(image), 0, 255).astype(np.uint8)
 
 
