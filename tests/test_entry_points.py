@@ -317,7 +317,7 @@ def test_every_prediction_names_the_checkpoint_that_made_it(demo_dir, tmp_path):
     from tag_lightning.callbacks import JSONLPredictionWriter
     from tag_lightning.models.vlm import VLMConfig
 
-    writer = JSONLPredictionWriter(str(tmp_path / "out"))
+    writer = JSONLPredictionWriter(str(tmp_path / "out"), per_image=False)
     trainer = SimpleNamespace(ckpt_path="run/last.ckpt", is_global_zero=True, global_rank=0)
     module = SimpleNamespace(network=SimpleNamespace(config=VLMConfig(str(demo_dir / "tiny-qwen2.5-vl"))))
     writer.on_predict_start(trainer, module)

@@ -51,6 +51,7 @@ class VLMModule(LightningModule):
         occlusion_seed: int = 0,
     ) -> None:
         super().__init__()
+        self.save_hyperparameters(ignore=["network", "optimizer", "scheduler"])  # a subclass's own arguments too
         self.network = network
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -150,10 +151,15 @@ class VLMModule(LightningModule):
                 for boxes, shuffled, a_cited, a_random in zip(cited, random, cited_answers, random_answers)]
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
-        """One JSON-ready row per image: the generated text, its reasoning and what it is worth."""
+        """One JSON-ready row per image: the generated text, its reasoning and what it is worth, boxes in
+        pixels of the delivered image (`original_size` maps them back, `augment.Letterbox`); `correct` is
+        None for an unlabeled image."""
         return [
-            {"image": name, "text": text, "trace": completion.trace.to_dict(), **score.to_dict()}
-            for name, (text, completion, score) in zip(batch["image_name"], self._answer(batch))
+            {"image": name, "original_size": list(size), "text": text, "trace": completion.trace.to_dict(),
+             "format_errors": list(completion.errors), **score.to_dict(),
+             "correct": None if score.label is None else score.correct}
+            for name, size, (text, completion, score) in zip(batch["image_name"], batch["original_size"],
+                                                             self._answer(batch))
         ]
 
     def on_validation_epoch_end(self) -> None:
