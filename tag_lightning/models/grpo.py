@@ -219,7 +219,6 @@ class GRPOModule(VLMModule):
         occlusion_seed: int = 0,
     ) -> None:
         super().__init__(network, optimizer, scheduler, max_new_tokens, occlusion_test, occlusion_seed)
-        self.save_hyperparameters(ignore=["network", "optimizer", "scheduler"])
         _check_options(num_generations, max_completion_length, temperature, top_p, scale_rewards, loss_type,
                        epsilon, epsilon_high, beta, num_iterations, micro_batch_size)
         self.reward_weights = check_weights(DEFAULT_WEIGHTS if rewards is None else rewards)

@@ -10,36 +10,13 @@ module (`module.py`).
 from __future__ import annotations
 
 import torch
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from tag_lightning.data.traces import render_trace
 from tag_lightning.models.module import VLMModule
-from tag_lightning.models.vlm import VLMWrapper
 
 
 class SFTModule(VLMModule):
-    """Supervised fine-tuning of a VLM on TAG traces.
-
-    Args:
-        network: the VLM wrapper to train (its config decides freezing, LoRA, dtype).
-        optimizer: optimizer factory, called with the trainable parameters.
-        scheduler: learning-rate scheduler factory (stepped every optimizer step), or None.
-        max_new_tokens: longest generated answer in validation, test and prediction.
-        occlusion_test: in `tag test`, also run the evidence-necessity test (see `VLMModule`).
-        occlusion_seed: seed of its random regions.
-    """
-
-    def __init__(
-        self,
-        network: VLMWrapper,
-        optimizer: OptimizerCallable = torch.optim.AdamW,
-        scheduler: LRSchedulerCallable | None = None,
-        max_new_tokens: int = 256,
-        occlusion_test: bool = False,
-        occlusion_seed: int = 0,
-    ) -> None:
-        super().__init__(network, optimizer, scheduler, max_new_tokens, occlusion_test, occlusion_seed)
-        self.save_hyperparameters(ignore=["network", "optimizer", "scheduler"])
+    """Supervised fine-tuning of a VLM on TAG traces (the arguments are `VLMModule`'s)."""
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         images = [image.numpy() for image in batch["image"].cpu()]
