@@ -57,14 +57,15 @@ class AnswerScore:
     """Everything one generated answer contributes to the metrics and the per-image report."""
 
     answer: str | None  # the unified label it names; None: it names none
-    label: str
+    label: str | None  # None: an unlabeled image (prediction only)
     valid: bool  # the grammar holds and the answer is one of the sample's labels
     claims: tuple[Claim, ...]
     activated: frozenset[str]  # the AUs the detector activates on this image
 
     @property
-    def correct(self) -> bool:
-        return self.answer == self.label
+    def correct(self) -> bool | None:
+        """Whether the answer names the label; None for an unlabeled image (`tag predict`)."""
+        return None if self.label is None else self.answer == self.label
 
     @property
     def box_iou(self) -> float | None:

@@ -152,12 +152,10 @@ class VLMModule(LightningModule):
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         """One JSON-ready row per image: the generated text, its reasoning and what it is worth, boxes in
-        pixels of the delivered image (`original_size` maps them back, `augment.Letterbox`); `correct` is
-        None for an unlabeled image."""
+        pixels of the delivered image (`original_size` maps them back, `augment.Letterbox`)."""
         return [
             {"image": name, "original_size": list(size), "text": text, "trace": completion.trace.to_dict(),
-             "format_errors": list(completion.errors), **score.to_dict(),
-             "correct": None if score.label is None else score.correct}
+             "format_errors": list(completion.errors), **score.to_dict()}
             for name, size, (text, completion, score) in zip(batch["image_name"], batch["original_size"],
                                                              self._answer(batch))
         ]
