@@ -212,3 +212,37 @@ def test_fsdp2_on_two_processes(grpo_args, tmp_path):
         tmp_path, "--trainer.max_steps=2", "--trainer.accelerator=cpu", "--data.batch_size=1", strategy="fsdp2")])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "`Trainer.fit` stopped: `max_steps=2` reached" in result.stderr + result.stdout
+
+
+def test_the_reference_is_the_base_model_under_lora_and_a_frozen_copy_of_the_start_otherwise(demo_dir):
+    import numpy as np
+
+    from tag_lightning.data.prompts import user_prompt
+    from tag_lightning.models.grpo import GRPOModule
+    from tag_lightning.models.vlm import LoRAConfig, VLMConfig, VLMWrapper
+
+    folder = str(demo_dir / "tiny-qwen2.5-vl")
+    image = np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8)
+    base = VLMWrapper(VLMConfig(folder))
+    inputs = base.build_inputs([image], [user_prompt(["happiness", "anger"])], ["Global analysis: a calm face."])
+    base_logps = base.answer_logprobs(inputs)[0]
+
+    lora = VLMWrapper(VLMConfig(folder, lora=LoRAConfig(r=4, alpha=8, dropout=0.0)))
+    with torch.no_grad():
+        for name, parameter in lora.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_()  # adapters that change the answer
+    module = GRPOModule(lora, beta=0.1, num_generations=2)
+    assert not torch.allclose(lora.answer_logprobs(inputs)[0], base_logps, atol=1e-3)
+    assert torch.allclose(module._reference_logprobs(inputs), base_logps, atol=1e-5)
+
+    full = VLMWrapper(VLMConfig(folder))
+    module = GRPOModule(full, beta=0.1, num_generations=2)
+    module.configure_model()  # the frozen copy is taken here, before any training
+    assert torch.allclose(module._reference_logprobs(inputs), base_logps, atol=1e-6)
+    with torch.no_grad():
+        for parameter in full.parameters():
+            if parameter.requires_grad:
+                parameter.add_(0.05)  # the policy trains on
+    assert not torch.allclose(full.answer_logprobs(inputs)[0], base_logps, atol=1e-3)
+    assert torch.allclose(module._reference_logprobs(inputs), base_logps, atol=1e-6)
