@@ -246,3 +246,30 @@ def test_the_reference_is_the_base_model_under_lora_and_a_frozen_copy_of_the_sta
                 parameter.add_(0.05)  # the policy trains on
     assert not torch.allclose(full.answer_logprobs(inputs)[0], base_logps, atol=1e-3)
     assert torch.allclose(module._reference_logprobs(inputs), base_logps, atol=1e-6)
+
+
+def test_a_small_step_raises_the_completions_with_advantage_and_lowers_the_others(demo_dir, sft_checkpoint,
+                                                                                 length_reward):
+    """The plumbing from rewards to rows to tokens: after a small gradient step on the policy loss, the
+    log-probability of each completion moves with its advantage (computed by the module from real rollouts)."""
+    from tag_lightning.data.datamodule import FERDataModule, collate
+    from tag_lightning.models.grpo import GRPOModule
+    from tag_lightning.models.vlm import LoRAConfig, VLMConfig, VLMWrapper
+
+    network = VLMWrapper(VLMConfig(str(demo_dir / "tiny-qwen2.5-vl"), lora=LoRAConfig(r=8, alpha=16, dropout=0.0)))
+    module = GRPOModule(network, init_from=str(sft_checkpoint), rewards={"length": 1.0}, num_generations=6,
+                        max_completion_length=12, log_completions=False)
+    data = FERDataModule(str(demo_dir / "au_cache"), train_data=f"manifest:{demo_dir / 'samples' / 'manifest.csv'}",
+                         stage="rl", image_size=224, augment=None, num_workers=0)
+    data.setup("fit")
+    rollouts = module._rollout(collate([data.items["train"][index] for index in range(2)]))
+    advantages = group_advantages(rollouts.rewards, 6)
+    ((_, inputs),) = module._chunks(rollouts)
+    logps, mask = network.answer_logprobs(inputs)
+    loss, _ = policy_loss(logps, logps.detach(), advantages, mask, loss_type="dapo")
+    trainable = [parameter for parameter in network.parameters() if parameter.requires_grad]
+    with torch.no_grad():
+        for parameter, gradient in zip(trainable, torch.autograd.grad(loss, trainable)):
+            parameter -= 1e-3 * gradient
+        moved = ((network.answer_logprobs(inputs)[0] - logps) * mask).sum(dim=1)
+    assert torch.corrcoef(torch.stack([advantages, moved]))[0, 1] > 0.5
