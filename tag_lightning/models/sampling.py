@@ -1,9 +1,9 @@
 """Drawing the next token of a sampled answer, exactly and cheaply over a 152k-token vocabulary.
 
-Hugging Face's sampling ends in ``torch.multinomial``, which on a CPU takes about 0.1 s per call
-over Qwen's 151,936-entry vocabulary: on the tiny model that is most of a GRPO rollout. The same
-distribution is sampled by inverting its cumulative distribution with one uniform number per row
-(a cumulative sum and a binary search, about ten times cheaper). `NextTokenSampler` does that as a
+Hugging Face's sampling ends in ``torch.multinomial``, which on a 2-core CPU takes about 10 ms per
+call over Qwen's 151,936-entry vocabulary (4 rows): on the tiny model a large share of a GRPO
+rollout. The same distribution is sampled by inverting its cumulative distribution with one
+uniform number per row (a cumulative sum and a binary search: 4.4 ms per call, softmax included). `NextTokenSampler` does that as a
 logits processor that leaves only the drawn token selectable, so generation runs it with greedy
 decoding and everything else (KV cache, stopping, padding) stays Hugging Face's. The same
 processor keeps tokens an answer must never hold (image placeholders) out, more cheaply than
