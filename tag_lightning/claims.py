@@ -32,7 +32,6 @@ from tag_lightning.data.traces import Trace, parse_trace
 NEUTRAL = "neutral"
 ACTIVE, INACTIVE = "active", "inactive"
 SUPPORTED, HALLUCINATION, MISS, UNVERIFIED = "supported", "hallucination", "miss", "unverified"
-VERDICTS = (SUPPORTED, HALLUCINATION, MISS, UNVERIFIED)
 
 
 @dataclass(frozen=True)

@@ -133,22 +133,33 @@ class VLMModule(LightningModule):
         self._test_rows.extend(rows)
 
     def _ask_occluded(self, batch: dict, answered: list[tuple[str, Completion, AnswerScore]]) -> list[dict | None]:
-        """Ask again with the cited regions blurred, then with as many random face regions of the same sizes."""
-        images = [image.numpy() for image in batch["image"].cpu()]
+        """Ask again with the cited regions blurred, then with as many random face regions of the same sizes.
+
+        Only answers that cited a box are asked again: the others have nothing to occlude.
+        """
         cited = [[step.box for step in completion.trace.steps if step.box is not None] for _, completion, _ in answered]
-        random = [random_boxes_like(boxes, face_area(detector_aus) or (0, 0, image.shape[1], image.shape[0]), name,
-                                    self.occlusion_seed)
-                  for boxes, detector_aus, image, name in zip(cited, batch["detector_aus"], images, batch["image_name"])]
-        with_cited = self._answer(batch, [blur_boxes(image, boxes) for image, boxes in zip(images, cited)])
-        with_random = self._answer(batch, [blur_boxes(image, boxes) for image, boxes in zip(images, random)])
+        asked = [row for row, boxes in enumerate(cited) if boxes]
+        occluded: list[dict | None] = [None] * len(answered)
+        cited_answers: list[str | None] = [None] * len(answered)
+        random_answers: list[str | None] = [None] * len(answered)
+        if asked:
+            subset = {key: value[asked] if isinstance(value, torch.Tensor) else [value[row] for row in asked]
+                      for key, value in batch.items()}
+            images = [image.numpy() for image in subset["image"].cpu()]
+            random = [random_boxes_like(cited[row], face_area(detector_aus) or (0, 0, image.shape[1], image.shape[0]),
+                                        name, self.occlusion_seed)
+                      for row, detector_aus, image, name in zip(asked, subset["detector_aus"], images,
+                                                                subset["image_name"])]
+            with_cited = self._answer(subset, [blur_boxes(image, cited[row]) for image, row in zip(images, asked)])
+            with_random = self._answer(subset, [blur_boxes(image, boxes) for image, boxes in zip(images, random)])
+            for row, boxes, (_, _, a_cited), (_, _, a_random) in zip(asked, random, with_cited, with_random):
+                cited_answers[row], random_answers[row] = a_cited.answer, a_random.answer
+                occluded[row] = {"cited_boxes": [list(box) for box in cited[row]],
+                                 "random_boxes": [[round(v, 1) for v in box] for box in boxes],
+                                 "answer_cited_blurred": a_cited.answer, "answer_random_blurred": a_random.answer}
         answers = [score.answer for _, _, score in answered]
-        cited_answers = [score.answer for _, _, score in with_cited]
-        random_answers = [score.answer for _, _, score in with_random]
         self.occlusion.update(batch["label"], answers, cited_answers, random_answers, [bool(boxes) for boxes in cited])
-        return [None if not boxes else {"cited_boxes": [list(box) for box in boxes],
-                                        "random_boxes": [[round(v, 1) for v in box] for box in shuffled],
-                                        "answer_cited_blurred": a_cited, "answer_random_blurred": a_random}
-                for boxes, shuffled, a_cited, a_random in zip(cited, random, cited_answers, random_answers)]
+        return occluded
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         """One JSON-ready row per image: the generated text, its reasoning and what it is worth, boxes in
