@@ -183,10 +183,13 @@ def test_two_ddp_processes_train_exactly_as_one(grpo_args, sft_checkpoint, tmp_p
     one permutation), the same completions (seeded per image), so the same advantages and weights.
 
     SGD, because Adam's first step is lr x sign(gradient): a gradient element that is 0 up to rounding
-    (summed in another order on 2 ranks) would move by 2 lr either way and hide what is compared."""
+    (summed in another order on 2 ranks) would move by 2 lr either way and hide what is compared. One
+    step: the next rollout is sampled from weights that differ by rounding, and the tiny random model's
+    near-uniform distribution over 152k tokens puts a draw on the other side of a token boundary often
+    enough to make a second step's completions differ (CI saw it once)."""
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER.format(tests=str(Path(__file__).parents[1])))
-    common = ['--model.init_args.rewards={"length": 1.0}', "--trainer.max_steps=2", "--trainer.accelerator=cpu",
+    common = ['--model.init_args.rewards={"length": 1.0}', "--trainer.max_steps=1", "--trainer.accelerator=cpu",
               "--model.init_args.scale_rewards=batch", "--model.init_args.optimizer.class_path=torch.optim.SGD",
               "--model.init_args.optimizer.init_args.lr=1.0"]
     single = run_python([str(driver), *grpo_args(tmp_path / "one", *common, "--data.batch_size=2")])
@@ -203,7 +206,7 @@ def test_two_ddp_processes_train_exactly_as_one(grpo_args, sft_checkpoint, tmp_p
         rows = csv.DictReader(open(next(root.rglob("metrics.csv"))))
         return [(row["train/reward"], row["train/reward_std"]) for row in rows if row["train/reward"]]
 
-    assert rewards(tmp_path / "one") == rewards(tmp_path / "two") and len(rewards(tmp_path / "one")) == 2
+    assert rewards(tmp_path / "one") == rewards(tmp_path / "two") and len(rewards(tmp_path / "one")) == 1
 
 
 @pytest.mark.slow
