@@ -47,26 +47,59 @@ def _image_file(text: str) -> Path:
     return path
 
 
-def _dataset(spec: str, split: str | None = None, keep_missing: bool = False):
-    """The dataset a spec names; what it read but does not use is told on stderr."""
-    from tag_lightning.data.datasets import parse_data_spec
+def _dataset(spec: str, split: str | None = None, keep_missing: bool = False, every_split: bool = False):
+    """The dataset a spec names (with `every_split`, all its splits: `read_every_split`); what it read
+    but does not use is told on stderr, and reading no image is an error that names the splits
+    that have some."""
+    from tag_lightning.data.datasets import parse_data_spec, read_every_split
 
-    dataset = parse_data_spec(spec, split, keep_missing=keep_missing)
+    if every_split:
+        dataset = read_every_split(spec, keep_missing=keep_missing)
+    else:
+        dataset = parse_data_spec(spec, split, keep_missing=keep_missing)
     for note in dataset.notes:
         print(f"note: {note}", file=sys.stderr)
+    if not len(dataset):
+        raise _no_images(spec, split, dataset)
     return dataset
 
 
+def _no_images(spec: str, split: str | None, empty) -> UserError:
+    """The error for a spec that read no image, naming the split(s) read and those that have images:
+    a FERPlus file of PrivateTest rows only has an empty train split, the default one."""
+    from tag_lightning.data.datasets import read_every_split, resolve_data_spec
+
+    resolved = resolve_data_spec(spec)
+    if resolved is None or (split is None and resolved[0].splits is None):  # a data config, or every row read
+        return UserError(f"no images in {spec}")
+    read = list(empty.split_sizes())
+    found = +read_every_split(spec, lenient=True, keep_missing=True).split_sizes()  # `+` drops empty splits
+    where = f"the {read[0]} split" if len(read) == 1 else f"any split ({', '.join(read)})"
+    detail = "; ".join(filter(None, (resolved[0].split_rule, f"it has: {_sizes(found)}" if found else None)))
+    message = f"no images in {where} of {spec}" + (f" ({detail})" if detail else "")
+    if found:
+        message += f"; pass {' or '.join(f'--split {name}' for name in found)}"
+    return UserError(message)
+
+
+def _sizes(sizes) -> str:
+    """Images per split as ``train 12, test 3``."""
+    return ", ".join(f"{name} {count}" for name, count in sizes.items())
+
+
 def image_refs(spec: str, split: str | None = None) -> list[ImageRef]:
-    """Images named by a folder (searched recursively), a manifest CSV, or a dataset spec.
+    """Images named by a folder (searched recursively), a manifest CSV, or a dataset spec; without
+    `split`, every split of a dataset, so that an AU cache serves its validation and test data too.
 
     Rows naming a missing file are kept: the AU cache records them as unreadable, one record per
-    image whatever happened to it.
+    image whatever happened to it. The images per split are printed.
     """
     path = Path(spec)
     if path.is_dir():  # any folder of images, labelled or not, nested or not
         return [ImageRef.from_path(p) for p in sorted(path.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
-    return [sample.image for sample in _dataset(spec, split, keep_missing=True)]
+    dataset = _dataset(spec, split, keep_missing=True, every_split=split is None)
+    print(f"{spec}: {_sizes(dataset.split_sizes())}")
+    return [sample.image for sample in dataset]
 
 
 def _check_config_files(argv: list[str]) -> None:
@@ -282,7 +315,10 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--images", required=True,
                        help="a folder of images (searched recursively), a manifest CSV with a `path` column, or a "
                             "dataset spec (rafdb:ROOT, ferplus:ROOT, affectnet:ROOT, manifest:FILE.csv, folder:DIR)")
-    cache.add_argument("--split", default=None, help="dataset split for dataset specs (e.g. train, test)")
+    cache.add_argument("--split", default=None,
+                       help="cache only this split of a dataset spec (e.g. train, val, test); unset: every split "
+                            "the dataset has, as a data config's val and test data need them too (manifests: "
+                            "every row)")
     cache.add_argument("--out", required=True, type=Path, help="cache folder (created if missing)")
     cache.add_argument("--workers", type=_positive_int, default=1, help="worker processes (one core each)")
     cache.add_argument("--libreface-weights", default=None,
@@ -322,7 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     traces.add_argument("--data", required=True,
                         help="a dataset spec (rafdb:ROOT, ferplus:ROOT, affectnet:ROOT, manifest:FILE.csv, "
                              "folder:DIR), a manifest CSV, or a folder with one sub-folder per label")
-    traces.add_argument("--split", default=None, help="dataset split for dataset specs (e.g. train, test)")
+    traces.add_argument("--split", default=None,
+                        help="the split of a dataset spec to read (e.g. train, val, test); unset: train (manifests: "
+                             "every row)")
     traces.add_argument("--cache", required=True, type=Path, help="the AU cache folder built by `tag prepare au-cache`")
     traces.add_argument("--out", required=True, type=Path, help="the traces JSONL file (appended to when it exists)")
     traces.add_argument("--teacher", choices=("template", "openai", "hf"), default="template",

@@ -58,6 +58,8 @@ class FERDataset(Sequence[FERSample]):
     name: ClassVar[str]
     splits: ClassVar[tuple[str, ...] | None] = None
     """The splits the dataset ships; None: any name (the caller decides what the data is for)."""
+    split_rule: ClassVar[str | None] = None
+    """What in the dataset's files says a row's split: told when a split reads no image."""
 
     def __init__(self, split: str, lenient: bool = False, keep_missing: bool = False) -> None:
         if self.splits is not None and split not in self.splits:
@@ -86,6 +88,10 @@ class FERDataset(Sequence[FERSample]):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(split={self.split!r}, samples={len(self)}, skipped={len(self.skipped)})"
+
+    def split_sizes(self) -> Counter[str]:
+        """Samples per split, an empty split read included (what `tag prepare au-cache` reports)."""
+        return Counter({self.split: len(self)})
 
     def _bad_row(self, source: str, problem: str) -> None:
         """Strict: raise naming the row. Lenient: remember the same message and go on."""
@@ -156,6 +162,7 @@ class RafDB(FERDataset):
 
     name = "rafdb"
     splits = ("train", "test")
+    split_rule = "RAF-DB image names start with train_ or test_"
 
     def __init__(
         self, root: str | Path, split: str = "train", aligned: bool = True, lenient: bool = False,
@@ -214,6 +221,7 @@ class FERPlus(FERDataset):
     splits = ("train", "val", "test")
     vote_policies = ("majority", "strict")
     _USAGE = {"train": "Training", "val": "PublicTest", "test": "PrivateTest"}
+    split_rule = f"FERPlus rows' Usage is {'/'.join(_USAGE.values())} for {'/'.join(_USAGE)}"
     _FOLDER = {"train": "FER2013Train", "val": "FER2013Valid", "test": "FER2013Test"}
     """The folder names of the FERPlus repository, used in image names: ``ferplus:FER2013Train:123``."""
     SIDE = 48
@@ -326,6 +334,7 @@ class AffectNet(FERDataset):
 
     name = "affectnet"
     splits = ("train", "val")
+    split_rule = "AffectNet splits are training.csv or train/ and validation.csv or val/"
     layouts = ("auto", "csv", "folders")
     COLUMNS = (
         "subDirectory_filePath",
@@ -411,6 +420,7 @@ class ManifestCSV(_PresentClasses, FERDataset):
     """
 
     name = "manifest"
+    split_rule = "a manifest row's split is its split column"
 
     def __init__(
         self, path: str | Path, split: str | None = None, lenient: bool = False, keep_missing: bool = False
@@ -430,6 +440,10 @@ class ManifestCSV(_PresentClasses, FERDataset):
                 self._bad_row(source, str(err))
                 continue
             self._add_file(self.path.parent / row["path"].strip(), label, source, row_split)
+
+    def split_sizes(self) -> Counter[str]:
+        """Each row names its own split."""
+        return Counter(sample.split for sample in self._samples) or super().split_sizes()
 
 
 class ImageFolder(_PresentClasses, FERDataset):
@@ -495,6 +509,12 @@ class CombinedDataset(FERDataset):
     def __len__(self) -> int:
         return self._starts[-1]
 
+    def split_sizes(self) -> Counter[str]:
+        sizes: Counter[str] = Counter()
+        for part in self.parts:
+            sizes.update(part.split_sizes())  # `update`, unlike `+`, keeps an empty split's 0
+        return sizes
+
     def __getitem__(self, index: int) -> FERSample:  # type: ignore[override]
         if not 0 <= index < len(self):
             raise IndexError(index)
@@ -538,9 +558,21 @@ def parse_data_spec(
     file a data config (`split` then names its role: train, val or test; see
     `data_config_dataset`). `lenient` and `keep_missing`: see the module's doc.
     """
+    resolved = resolve_data_spec(spec)
+    if resolved is None:
+        return data_config_dataset(Path(spec).expanduser(), split, lenient, keep_missing)
+    adapter, location = resolved
+    options: dict[str, object] = {"lenient": lenient, "keep_missing": keep_missing}
+    if split is not None:
+        options["split"] = split
+    return adapter(location, **options)
+
+
+def resolve_data_spec(spec: str) -> tuple[type[FERDataset], Path] | None:
+    """The adapter a spec names and the path it reads (see `parse_data_spec`); None for a data config."""
     path = Path(spec).expanduser()
     if path.suffix.lower() in (".yaml", ".yml") and path.is_file():
-        return data_config_dataset(path, split, lenient, keep_missing)
+        return None
     if path.suffix.lower() == ".csv" and path.is_file():
         spec = f"manifest:{spec}"
     elif path.is_dir():
@@ -554,7 +586,28 @@ def parse_data_spec(
     adapter = ADAPTERS.get(kind.strip().lower())
     if not separator or adapter is None or not location.strip():
         raise ValueError(f"bad data spec {spec!r}: expected one of {_SPEC_FORMS}")
-    options: dict[str, object] = {"lenient": lenient, "keep_missing": keep_missing}
-    if split is not None:
-        options["split"] = split
-    return adapter(Path(location.strip()).expanduser(), **options)
+    return adapter, Path(location.strip()).expanduser()
+
+
+def read_every_split(spec: str, lenient: bool = False, keep_missing: bool = False) -> FERDataset:
+    """Every split of the dataset a spec names, as one dataset whose samples keep their split: an
+    AU cache over it serves a data config's validation and test data too, not just its training data.
+
+    A split missing on disk (an AffectNet copy without ``val/``) is told in `notes`, unless every
+    split is. Manifests, folders, images and data configs are read as `parse_data_spec` reads them.
+    """
+    resolved = resolve_data_spec(spec)
+    if resolved is None or resolved[0].splits is None:
+        return parse_data_spec(spec, lenient=lenient, keep_missing=keep_missing)
+    adapter, location = resolved
+    parts, missing = [], {}
+    for split in adapter.splits:
+        try:
+            parts.append(adapter(location, split=split, lenient=lenient, keep_missing=keep_missing))
+        except FileNotFoundError as err:
+            missing[split] = err
+    if not parts:
+        raise next(iter(missing.values()))
+    dataset = CombinedDataset(parts)
+    dataset.notes += [f"{spec} has no {split} split ({err})" for split, err in missing.items()]
+    return dataset

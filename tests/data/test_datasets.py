@@ -6,6 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tag_lightning.au.cache import AUCache
+from tag_lightning.cli import image_refs, main
 from tag_lightning.data.datasets import (
     AffectNet,
     DatasetFormatError,
@@ -19,6 +21,7 @@ from tag_lightning.data.datasets import (
     parse_data_spec,
 )
 from tag_lightning.data.labels import EMOTIONS, FERPLUS_VOTE_COLUMNS
+from tag_lightning.errors import UserError
 from tag_lightning.images import load_image
 
 
@@ -376,24 +379,63 @@ def test_missing_images_can_be_kept_and_unknown_manifest_columns_are_told(tmp_pa
     assert kept.notes == [f"{tmp_path / 'm.csv'}:1: column(s) age, notes ignored (read: path, label, split)"]
 
 
-def test_au_cache_builds_from_ferplus_pixel_strings(make_ferplus, samples_dir, tmp_path):
-    """`tag prepare au-cache --images ferplus:ROOT`: the images live inside the CSV, not in files."""
+def test_au_cache_builds_from_ferplus_pixel_strings(make_ferplus, samples_dir, tmp_path, capsys):
+    """`tag prepare au-cache --images ferplus:ROOT`: the images live inside the CSV, not in files;
+    without --split, every split is cached (a data config validates and tests on val and test)."""
     from PIL import Image as PILImage
 
-    from tag_lightning.au.cache import AUCache
-    from tag_lightning.cli import main
     from tag_lightning.data.samples import HAPPINESS
 
     face = np.asarray(PILImage.open(samples_dir / HAPPINESS).convert("L"))[140:480, 100:400]
     face48 = np.asarray(PILImage.fromarray(face).resize((48, 48), PILImage.Resampling.BOX))
-    root = make_ferplus(tmp_path / "ferplus", [{"pixels": " ".join(map(str, face48.flatten()))}, {}])
-    assert main(["prepare", "au-cache", "--images", f"ferplus:{root}", "--split", "train",
-                 "--out", str(tmp_path / "cache"), "--quiet"]) == 0
+    rows = [{"pixels": " ".join(map(str, face48.flatten()))}, {}, {"usage": "PrivateTest"}]
+    root = make_ferplus(tmp_path / "ferplus", rows)
+    assert main(["prepare", "au-cache", "--images", f"ferplus:{root}", "--out", str(tmp_path / "cache"),
+                 "--quiet"]) == 0
+    assert capsys.readouterr().out.startswith(f"ferplus:{root}: train 2, val 0, test 1\n")
     cache = AUCache(tmp_path / "cache")
     face_record = cache.get_by_name("ferplus:FER2013Train:0")
     assert face_record.status in ("ok", "low_quality") and face_record.landmarks.shape == (478, 2)
     assert face_record.size == (48, 48)
     assert cache.get_by_name("ferplus:FER2013Train:1").status == "no_face"  # random pixels
+    assert cache.get_by_name("ferplus:FER2013Test:2").status == "no_face"
+
+
+def test_au_cache_images_are_every_split_unless_one_is_named(tmp_path, make_rafdb, make_affectnet, capsys):
+    """`tag prepare au-cache --images rafdb:ROOT` caches the test split too: the RAF-DB data config
+    validates on it. A split missing on disk is a note."""
+    rafdb = make_rafdb(tmp_path / "raf")  # train_00001, train_00002, test_0001
+    assert [Path(ref.name).name for ref in image_refs(f"rafdb:{rafdb}")] == [
+        "train_00001_aligned.jpg", "train_00002_aligned.jpg", "test_0001_aligned.jpg"]
+    assert capsys.readouterr().out == f"rafdb:{rafdb}: train 2, test 1\n"
+    assert [Path(ref.name).name for ref in image_refs(f"rafdb:{rafdb}", "test")] == ["test_0001_aligned.jpg"]
+    assert capsys.readouterr().out == f"rafdb:{rafdb}: test 1\n"
+    affectnet = make_affectnet(tmp_path / "affectnet", AFFECTNET_ROWS[:2], split="val")  # no training data
+    assert [Path(ref.name).name for ref in image_refs(f"affectnet:{affectnet}")] == ["img0.jpg", "img1.jpg"]
+    out, err = capsys.readouterr()
+    assert out == f"affectnet:{affectnet}: val 2\n"
+    assert err == (f"note: affectnet:{affectnet} has no train split (AffectNet: neither {affectnet / 'training.csv'} "
+                   f"nor the folder {affectnet / 'train'} exists)\n")
+
+
+def test_an_empty_split_is_an_error_naming_the_splits_that_have_images(tmp_path, make_ferplus, capsys):
+    """A FERPlus file of PrivateTest rows only: its train split, asked for or read by default
+    (`tag prepare traces`), has no image, and the error says where they are."""
+    spec = f"ferplus:{make_ferplus(tmp_path / 'ferplus', [{'usage': 'PrivateTest'}] * 2)}"
+    usage = "FERPlus rows' Usage is Training/PublicTest/PrivateTest for train/val/test"
+    assert [ref.name for ref in image_refs(spec)] == ["ferplus:FER2013Test:0", "ferplus:FER2013Test:1"]
+    expected = f"no images in the train split of {spec} ({usage}; it has: test 2); pass --split test"
+    with pytest.raises(UserError) as error:
+        image_refs(spec, "train")
+    assert str(error.value) == expected
+    AUCache(tmp_path / "cache", create=True)
+    out = tmp_path / "traces.jsonl"
+    assert main(["prepare", "traces", "--data", spec, "--cache", str(tmp_path / "cache"), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"error: {expected}\n" and not out.exists()
+    tied = f"ferplus:{make_ferplus(tmp_path / 'tied', [{'votes': votes(happiness=5, sadness=5)}])}"
+    with pytest.raises(UserError) as error:
+        image_refs(tied)
+    assert str(error.value) == f"no images in any split (train, val, test) of {tied} ({usage})"
 
 
 def test_a_yaml_data_config_is_a_data_spec(make_rafdb, tmp_path):
