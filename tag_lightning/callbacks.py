@@ -1,4 +1,5 @@
-"""Callbacks the configs compose in: where `tag predict` writes its answers."""
+"""Callbacks: where `tag predict` writes its answers (composed in by configs/predict.yaml), and the progress
+bar every `tag` Lightning command shows."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import BasePredictionWriter, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
 
@@ -38,6 +39,48 @@ HOW_TO_FIX = {
     "unlabeled": "the test split answers labelled images only: answer any image with --data.predict_data PATH",
 }
 """What a user can do about each reason a predict image was rejected ({image}, {au_cache} filled in)."""
+
+
+class StepProgressBar(TQDMProgressBar):
+    """Training progress in optimizer steps out of ``trainer.max_steps``, one bar across epochs.
+
+    Our configs stop on ``max_steps`` and leave ``max_epochs`` unset, so Lightning's bars, which count
+    the batches of each epoch, say nothing of how far the run is (its rich one shows ``Epoch 9/-2``).
+    A step is ``trainer.global_step``, an optimizer step as ``max_steps`` counts them: GRPO's manual
+    optimization takes several per batch, gradient accumulation one per several batches. Without
+    ``max_steps`` (-1) the bar is Lightning's, an epoch at a time.
+    """
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        if _counts_steps(trainer):
+            self.train_progress_bar.reset(total=trainer.max_steps)
+            self.train_progress_bar.initial = trainer.global_step  # a resumed run: its speed from its own steps
+            self._show_step(trainer, pl_module)
+
+    def on_train_epoch_start(self, trainer, *args: Any) -> None:
+        if not _counts_steps(trainer):
+            super().on_train_epoch_start(trainer, *args)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if not _counts_steps(trainer):
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        elif self._should_update(trainer.global_step, trainer.max_steps):
+            self._show_step(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if not _counts_steps(trainer):  # which closes the bar with `leave`: here it lasts the whole run
+            super().on_train_epoch_end(trainer, pl_module)
+
+    def _show_step(self, trainer, pl_module) -> None:
+        bar = self.train_progress_bar
+        bar.n = trainer.global_step
+        bar.set_description(f"step {trainer.global_step}/{trainer.max_steps}", refresh=False)
+        bar.set_postfix(self.get_metrics(trainer, pl_module))  # and redraws
+
+
+def _counts_steps(trainer) -> bool:
+    return trainer.max_steps != -1  # -1: no step limit
 
 
 class JSONLPredictionWriter(BasePredictionWriter):

@@ -11,19 +11,27 @@ later (a bad file met while training) into one line too.
 
 from __future__ import annotations
 
+import os
 import re
+import shlex
 import warnings
 from pathlib import Path
 from typing import Any
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch import LightningModule
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.utilities import rank_zero_info
 
+from tag_lightning.callbacks import StepProgressBar
 from tag_lightning.data.datamodule import FERDataModule
 from tag_lightning.errors import UserError, describe
 from tag_lightning.models.checkpoints import network_weights, read_checkpoint, saved_vlm_config
 from tag_lightning.models.vlm import VLMWrapper
+from tag_lightning.quiet import quiet_library_noise
 
 # `ckpt_path` values Lightning resolves itself rather than reading a file.
 _LIGHTNING_CHECKPOINT_NAMES = ("last", "best", "hpc", "registry")
@@ -70,6 +78,9 @@ class TagCLI(LightningCLI):
 
     `tag predict` answers with a trained checkpoint (``--ckpt_path``); answering with the base
     model is a zero-shot baseline that must be asked for (``--zero_shot true``).
+
+    Where the configuration leaves them to Lightning, the trainer gets `StepProgressBar` and
+    `default_loggers` (TensorBoard and CSV in one run folder); a user's own choice stands.
     """
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
@@ -88,6 +99,25 @@ class TagCLI(LightningCLI):
             super().instantiate_classes()
         except (ValueError, FileNotFoundError) as err:  # raised by our configs' checks (VLMConfig, datamodule)
             self.parser.error(f"bad configuration: {config_error_line(str(err))}")
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """Lightning's trainer, with our logger and progress bar where the configuration chose none."""
+        config = self._get(self.config_init, "trainer", default={})
+        if config.get("logger") in (None, True):
+            kwargs.setdefault("logger", default_loggers(config.get("default_root_dir") or os.getcwd()))
+        callbacks = config.get("callbacks") or []
+        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            kwargs.setdefault("callbacks", [*callbacks, StepProgressBar()])
+        return super().instantiate_trainer(**kwargs)
+
+    def before_fit(self) -> None:
+        """Say where this run's logs go, and how to see its curves."""
+        for logger in self.trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                view = f"tensorboard --logdir {shlex.quote(logger.save_dir)}"
+                rank_zero_info(f"logs: {logger.log_dir} | curves: {view}")
+                break
 
     def _check_checkpoint_choice(self) -> None:
         """A checkpoint that cannot load, or a prediction without one, fails before the model is built."""
@@ -109,13 +139,10 @@ class TagCLI(LightningCLI):
 
 
 def lightning_main(argv: list[str]) -> int:
-    """Run LightningCLI on `argv` (its first word is the subcommand).
-
-    `argv` is not always the process's command line (`tag demo` runs a fit too), which
-    LightningCLI warns about; here that is intended.
-    """
+    """Run LightningCLI on `argv` (its first word is the subcommand), without the libraries' noise
+    (`quiet.py`) while it runs."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        quiet_library_noise(argv[0])
         try:
             _run(argv)
         except MisconfigurationException as err:  # Lightning's word for a setting that cannot work here
@@ -133,6 +160,18 @@ def _run(argv: list[str]) -> None:
         parser_class=TagArgumentParser,
         parser_kwargs={"prog": "tag", "description": "Train and evaluate TAG models (LightningCLI)."},
     )
+
+
+def default_loggers(root: str) -> list[Logger]:
+    """CSV (for the code that reads ``metrics.csv``) and TensorBoard (for the curves), in one run folder:
+    ``root/lightning_logs/version_N``, which is ``trainer.log_dir``.
+
+    The version is chosen once, for both: each would pick the next free one when it first writes, and
+    the second would find the first's folder. Under SLURM it is the job id, as for Lightning's default
+    logger. CSV first: Lightning starts loggers in order, and CSV's warns about a folder with files in it.
+    """
+    csv = CSVLogger(root, version=SLURMEnvironment.job_id())
+    return [csv, TensorBoardLogger(root, version=csv.version)]
 
 
 def load_network(checkpoint_path: str | Path) -> VLMWrapper:

@@ -33,7 +33,6 @@ import copy
 import csv
 import hashlib
 import math
-import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
@@ -48,9 +48,6 @@ from tag_lightning.models.checkpoints import check_fits, network_weights, read_c
 from tag_lightning.models.module import VLMModule
 from tag_lightning.models.vlm import VLMWrapper
 from tag_lightning.rewards import DEFAULT_WEIGHTS, check_weights, score
-
-# A checkpoint holds the weights after a batch's optimizer steps, by design (see the module doc).
-warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 
 SCALE_REWARDS = ("group", "batch", "none")
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -418,13 +415,13 @@ class GRPOModule(VLMModule):
             if new:
                 writer.writeheader()
             writer.writerows(rows)
-        experiment = getattr(self.logger, "experiment", None)
-        if hasattr(experiment, "add_text"):  # TensorBoard: a markdown table per step
+        tensorboard = next((logger for logger in self.loggers if isinstance(logger, TensorBoardLogger)), None)
+        if tensorboard is not None:  # a markdown table per step
             header = "| image | label | reward | " + " | ".join(names) + " | completion |"
             lines = [header, "|" + "---|" * (len(names) + 4)]
             lines += [f"| {r['image']} | {r['label']} | {r['reward']} | " + " | ".join(str(r[n]) for n in names)
                       + " | " + r["completion"].replace("\n", "<br>").replace("|", "\\|") + " |" for r in rows]
-            experiment.add_text("train/completions", "\n".join(lines), rollouts.step)
+            tensorboard.experiment.add_text("train/completions", "\n".join(lines), rollouts.step)
 
 
 def _check_options(num_generations, max_completion_length, temperature, top_p, scale_rewards, loss_type, epsilon,

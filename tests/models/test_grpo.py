@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import completion_length, newest_last_checkpoint, run_python, trained_weights
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tag_lightning.cli import main
 from tag_lightning.models.grpo import group_advantages, policy_loss
@@ -119,6 +120,11 @@ def test_a_grpo_step_changes_exactly_the_trainable_weights(grpo_args, sft_checkp
     assert float(logged["train/reward_std"]) > 0
     table = list(csv.DictReader(open(next(tmp_path.rglob("completions.csv")))))
     assert len(table) == 8 and {"image", "label", "reward", "length", "completion"} <= set(table[0])
+    run = tmp_path / "lightning_logs" / "version_0"  # trainer.log_dir: the CSV and TensorBoard logs side by side
+    assert {"metrics.csv", "completions.csv"} <= {path.name for path in run.iterdir()}
+    events = EventAccumulator(str(run))
+    events.Reload()
+    assert "train/reward" in events.Tags()["scalars"] and "train/completions/text_summary" in events.Tags()["tensors"]
 
 
 def test_the_tag_rewards_are_logged_with_their_parts(grpo_args, tmp_path):
