@@ -1,0 +1,128 @@
+"""`tag demo` end to end at a smaller size: every phase, the report, metrics.json and resuming."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import xml.etree.ElementTree as ElementTree
+
+import pytest
+from PIL import Image
+
+from tag_lightning.cli import main
+from tag_lightning.demo import DemoSettings, resolve_model
+from tag_lightning.demo_report import STAGES
+from tag_lightning.errors import UserError
+
+# Smaller than the default (200 SFT and 30 GRPO steps): SFT just long enough to learn the four faces'
+# format (measured: format_valid 1.0 and box_iou 0.79 at step 150), a few GRPO steps.
+SMALL_DEMO = ["--sft-steps", "150", "--grpo-steps", "3", "--workers", "1"]
+
+
+@pytest.fixture(scope="module")
+def small_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "run"
+    argv = ["demo", "--out", str(out), *SMALL_DEMO]
+    assert main(argv) == 0
+    return out, argv
+
+
+@pytest.mark.slow
+def test_the_report_shows_every_stage_and_every_picture_decodes(small_demo):
+    out, _ = small_demo
+    page = (out / "report.html").read_text(encoding="utf-8")
+    for title in ("What was measured", "Training curves", "The evidence, face by face", "The AU cache",
+                  "The commands of each phase", "tiny randomly initialised"):
+        assert title in page
+    for stage_name in STAGES.values():
+        assert f"<th>{stage_name}</th>" in page
+    assert "http://" not in page and "https://" not in page  # self-contained: nothing to fetch
+    pictures = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", page)
+    assert len(pictures) >= 4 + 2 * 4  # AU drawings, then each face after SFT and after GRPO
+    for data in pictures:
+        Image.open(io.BytesIO(base64.b64decode(data))).load()
+    charts = re.findall(r"<svg.*?</svg>", page, flags=re.S)
+    assert len(charts) == 4
+    for chart in charts:
+        assert ElementTree.fromstring(chart).findall(".//{http://www.w3.org/2000/svg}polyline")
+    for command in ("tag prepare au-cache", "tag prepare traces", "tag fit -c", "tag test -c"):
+        assert command in page
+
+
+@pytest.mark.slow
+def test_metrics_json_has_three_stages_and_sft_learns_the_format(small_demo):
+    out, _ = small_demo
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert list(metrics["stages"]) == list(STAGES)
+    before, after = metrics["stages"]["before_sft"], metrics["stages"]["after_sft"]
+    assert before["format_valid"] == 0.0 and after["format_valid"] >= 0.75
+    assert after["box_iou"] > before["box_iou"] + 0.3
+    assert set(metrics["meaning"]) >= {"acc", "format_valid", "box_iou"}
+
+
+@pytest.mark.slow
+def test_a_rerun_skips_the_finished_phases_and_other_settings_are_refused(small_demo, capsys):
+    out, argv = small_demo
+    capsys.readouterr()
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("done in an earlier run, skipped") == 8  # every phase; only the report is rewritten
+    assert "$ tag" not in printed
+    assert main([*argv, "--grpo-steps", "5"]) == 2
+    assert "other settings (grpo_steps)" in capsys.readouterr().err
+
+
+def test_a_model_that_is_not_here_says_how_to_get_it(tmp_path):
+    with pytest.raises(UserError, match=r"hf download Qwen/Qwen2.5-VL-3B-Instruct --local-dir models/Qwen2.5-VL"):
+        resolve_model("Qwen/Qwen2.5-VL-3B-Instruct")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="has no config.json"):
+        resolve_model(str(tmp_path / "empty"))
+
+
+def test_demo_settings_record_every_option(tmp_path):
+    settings = DemoSettings(out=tmp_path, model="m", data="rafdb:x", configs=("a.yaml",))
+    assert json.loads(json.dumps(settings.to_json()))["configs"] == ["a.yaml"]
+
+
+def test_a_killed_training_phase_goes_on_from_its_last_checkpoint(tmp_path):
+    from tag_lightning.demo import Demo
+
+    demo = Demo(DemoSettings(out=tmp_path))
+    sft, grpo = demo.fit_command("sft"), demo.fit_command("grpo")
+    assert not any(word.startswith("--ckpt_path") for word in sft + grpo)  # a fresh start
+    assert f"--model.init_args.init_from={tmp_path / 'sft' / 'checkpoints' / 'last.ckpt'}" in grpo
+    (tmp_path / "sft" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "sft" / "checkpoints" / "last.ckpt").write_bytes(b"")
+    assert demo.fit_command("sft")[-1] == f"--ckpt_path={tmp_path / 'sft' / 'checkpoints' / 'last.ckpt'}"
+    assert not any(word.startswith("--ckpt_path") for word in demo.fit_command("grpo"))
+
+
+def test_a_real_dataset_is_cached_in_every_split_and_trained_on_its_train_split(demo_dir, tmp_path):
+    """`--model DIR --data rafdb:ROOT`: the same phases, on a RAF-DB laid out as distributed (the real
+    sample photos under its names), without the tiny model's settings."""
+    from tag_lightning.au.cache import AUCache
+    from tag_lightning.demo import Demo
+
+    root = tmp_path / "RAF-DB"
+    rows = {"train_00001.jpg": (4, "0-f15-hao-ph.jpg"), "train_00002.jpg": (1, "0-f1-su-ph.jpg"),
+            "test_0001.jpg": (6, "15-f13-anc-ph.jpg")}
+    (root / "EmoLabel").mkdir(parents=True)
+    (root / "EmoLabel" / "list_patition_label.txt").write_text("".join(f"{name} {code}\n" for name, (code, _) in rows.items()))
+    (root / "Image" / "aligned").mkdir(parents=True)
+    for name, (_, photo) in rows.items():
+        (root / "Image" / "aligned" / name.replace(".jpg", "_aligned.jpg")).write_bytes((demo_dir / "samples" / photo).read_bytes())
+    settings = DemoSettings(out=tmp_path / "run", model=str(demo_dir / "tiny-qwen2.5-vl"), data=f"rafdb:{root}",
+                            configs=("extra.yaml",), workers=1)
+    demo = Demo(settings)
+    assert demo.run(until="traces") == settings.out
+    assert len(AUCache(settings.out / "au_cache")) == 3  # both splits
+    traced = [json.loads(line)["image"] for line in (settings.out / "traces.jsonl").read_text().splitlines()]
+    assert sorted(name.rsplit("/", 1)[-1] for name in traced) == ["train_00001_aligned.jpg", "train_00002_aligned.jpg"]
+    assert [phase.name for phase in demo.phases()] == ["data", "traces", "before_sft", "sft", "after_sft", "grpo",
+                                                       "after_grpo"]  # no tiny model to build
+    fit = demo.fit_command("sft")
+    assert "--data.train_split=train" in fit and "--data.test_split=test" in fit and "--data.val_split=test" in fit
+    assert not any("configs/tiny" in word for word in fit) and fit[fit.index("extra.yaml") - 1] == "-c"
