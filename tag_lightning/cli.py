@@ -292,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "an evaluation of the untrained model, SFT, its evaluation, GRPO from the SFT checkpoint, its "
                     "evaluation; then OUT/report.html (one self-contained page: metrics of the three stages, "
                     "training curves, every face with the model's boxes against the detector's, the commands) and "
-                    "OUT/metrics.json. About 10 minutes on 2 CPU cores. Killed, it resumes: finished phases are "
+                    "OUT/metrics.json. About 8 minutes on 2 CPU cores. Killed, it resumes: finished phases are "
                     "skipped and a training run goes on from its last checkpoint. With --model and --data it runs "
                     "the same phases on a real model and dataset (nothing is downloaded).")
     demo.add_argument("--out", type=Path, default=Path("outputs/demo"), help="folder for everything the demo writes")

@@ -117,7 +117,7 @@ def line_chart(title: str, series: dict[str, list[tuple[float, float]]], x_label
     left, right, top, bottom = 56, 12, 30, 44 + 14 * ((len(series) + 1) // 2)
     points = [point for line in series.values() for point in line]
     if not points:
-        return (f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='60'><text x='4' y='20'>"
+        return (f"<svg width='{width}' height='60'><text x='4' y='20'>"
                 f"{html.escape(title)}: nothing was logged</text></svg>")
     xs, ys = [x for x, _ in points], [y for _, y in points]
     x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
@@ -128,7 +128,7 @@ def line_chart(title: str, series: dict[str, list[tuple[float, float]]], x_label
         py = top + (1 - (y - y0) / (y1 - y0)) * (height - top - bottom)
         return f"{px:.1f},{py:.1f}"
 
-    parts = [f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' font-size='11' "
+    parts = [f"<svg width='{width}' height='{height}' font-size='11' "
              f"font-family='sans-serif'>",
              f"<text x='{left}' y='16' font-size='13'>{html.escape(title)}</text>",
              f"<rect x='{left}' y='{top}' width='{width - left - right}' height='{height - top - bottom}' "
