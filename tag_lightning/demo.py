@@ -85,7 +85,13 @@ class DemoState:
         path = settings.out / STATE_FILE
         if not path.is_file():
             return cls(path, settings.to_json())
-        saved = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            if not (isinstance(saved.get("settings"), dict) and isinstance(saved.get("finished"), dict)):
+                raise ValueError("no settings and finished phases in it")
+        except (ValueError, AttributeError) as err:
+            raise UserError(f"{path} is not a readable demo state ({err}): delete it to run every phase again in "
+                            f"{settings.out}, or give another --out") from None
         if saved["settings"] != settings.to_json():
             changed = sorted(key for key, value in settings.to_json().items() if saved["settings"].get(key) != value)
             raise UserError(f"{settings.out} holds a demo run with other settings ({', '.join(changed)}): rerun it "
@@ -95,8 +101,10 @@ class DemoState:
     def finish(self, phase: str, commands: list[list[str]], seconds: float) -> None:
         self.finished[phase] = {"commands": [_shown(argv) for argv in commands], "seconds": round(seconds, 1)}
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps({"settings": self.settings, "finished": self.finished}, indent=2) + "\n",
-                             encoding="utf-8")
+        partial = self.path.with_suffix(".json.partial")  # a kill mid-write leaves the previous state whole
+        partial.write_text(json.dumps({"settings": self.settings, "finished": self.finished}, indent=2) + "\n",
+                           encoding="utf-8")
+        partial.replace(self.path)
 
 
 def _shown(argv: list[str]) -> str:
@@ -115,6 +123,8 @@ class Demo:
         self.drawings = self.out / "drawings"
         self.model = str(self.out / TINY_MODEL) if settings.model is None else resolve_model(settings.model)
         self.data = f"manifest:{self.samples}" if settings.data is None else settings.data
+        # The split the user's dataset is evaluated on, checked before any phase runs.
+        self.evaluated_split = None if settings.data is None else evaluation_split(settings.data)
 
     # -- where each phase leaves its results ------------------------------------------------------
 
@@ -190,9 +200,9 @@ class Demo:
         paths = [f"--model.init_args.network.init_args.config.model_path={self.model}",
                  f"--data.au_cache={self.au_cache}", f"--data.train_traces={self.traces}"]
         paths += [f"--data.{role}_data={self.data}" for role in ("train", "val", "test")]
-        if self.settings.data is not None:
-            evaluated = evaluation_split(self.data)
-            paths += ["--data.train_split=train", f"--data.val_split={evaluated}", f"--data.test_split={evaluated}"]
+        if self.evaluated_split is not None:
+            paths += ["--data.train_split=train", f"--data.val_split={self.evaluated_split}",
+                      f"--data.test_split={self.evaluated_split}"]
         return pieces + paths
 
     def fit_command(self, stage: str) -> list[str]:
@@ -270,18 +280,18 @@ def resolve_model(model: str) -> str:
         if not (path / "config.json").is_file():
             raise UserError(f"--model {model}: the folder has no config.json (a Hugging Face model folder has)")
         return str(path)
-    if model.count("/") == 1 and not path.exists():
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import LocalEntryNotFoundError
+    if path.exists() or model.count("/") != 1 or model.startswith((".", "/", "~")):
+        raise UserError(f"--model {model}: no model folder there")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
-        try:
-            return snapshot_download(model, local_files_only=True)
-        except LocalEntryNotFoundError:
-            pass
-    local = f"models/{model.rsplit('/', 1)[-1]}"
-    raise UserError(f"--model {model}: no such folder, nor a hub id in the local Hugging Face cache (the demo "
-                    f"downloads nothing). Fetch it where the hub is reachable, e.g. `hf download {model} "
-                    f"--local-dir {local}`, then pass --model {local}")
+    try:
+        return snapshot_download(model, local_files_only=True)
+    except LocalEntryNotFoundError:
+        local = f"models/{model.rsplit('/', 1)[-1]}"
+        raise UserError(f"--model {model}: no such folder, nor a hub id in the local Hugging Face cache (the demo "
+                        f"downloads nothing). Fetch it where the hub is reachable, e.g. `hf download {model} "
+                        f"--local-dir {local}`, then pass --model {local}") from None
 
 
 def evaluation_split(spec: str) -> str:

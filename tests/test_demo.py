@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from tag_lightning.cli import main
-from tag_lightning.demo import DemoSettings, resolve_model
+from tag_lightning.demo import CONFIGS, DemoSettings, resolve_model
 from tag_lightning.demo_report import STAGES
 from tag_lightning.errors import UserError
 
@@ -128,3 +128,18 @@ def test_a_real_dataset_is_cached_in_every_split_and_trained_on_its_train_split(
     fit = demo.fit_command("sft")
     assert "--data.train_split=train" in fit and "--data.test_split=test" in fit and "--data.val_split=test" in fit
     assert not any("configs/tiny" in word for word in fit) and fit[fit.index("extra.yaml") - 1] == "-c"
+
+
+@pytest.mark.parametrize("content", ['{"settings": {"out"', "[]", '{"settings": 1}'])
+def test_an_unreadable_demo_state_is_a_clear_error(tmp_path, content, capsys):
+    (tmp_path / "demo.json").write_text(content)
+    assert main(["demo", "--out", str(tmp_path)]) == 2
+    assert "is not a readable demo state" in capsys.readouterr().err
+
+
+def test_bad_model_and_data_options_stop_before_any_phase(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "a"), "--model", str(tmp_path / "nothing")]) == 2
+    assert "no model folder there" in capsys.readouterr().err
+    assert main(["demo", "--out", str(tmp_path / "b"), "--data", str(CONFIGS / "data" / "rafdb.yaml")]) == 2
+    assert "give a dataset spec" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
