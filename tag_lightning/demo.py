@@ -70,6 +70,9 @@ class Phase:
     commands: Callable[[], list[list[str]]]
     """The commands, built when the phase starts (a resumed fit adds its last checkpoint)."""
     leaves: Callable[[], bool] = lambda: True
+    quiet_commands: Callable[[], list[list[str]]] = lambda: []
+    """Commands run after `commands`, built then (they may read what those wrote), their output
+    kept off the console but for errors."""
 
 
 @dataclass
@@ -143,7 +146,7 @@ class Demo:
 
     def phases(self) -> list[Phase]:
         phases = [Phase("data", "sample photos, AU cache and AU drawings", self._data_commands,
-                        (self.au_cache / "records.sqlite").is_file),
+                        (self.au_cache / "records.sqlite").is_file, self._drawing_commands),
                   Phase("traces", "AU-grounded traces from the template teacher", self._trace_commands,
                         self.traces.is_file)]
         if self.settings.model is None:
@@ -176,12 +179,12 @@ class Demo:
             build += ["--libreface-weights", self.settings.libreface_weights]
         return commands + [build]
 
-    def drawing_commands(self) -> list[list[str]]:
-        """`tag prepare au-show --draw` for the first few faces that are files (run after the cache)."""
-        from tag_lightning.cli import image_refs
+    def _drawing_commands(self) -> list[list[str]]:
+        """`tag prepare au-show --draw` for the first few images that are files (after the cache is built)."""
+        from tag_lightning.data.datasets import parse_data_spec
 
-        files = [ref.path for ref in image_refs(str(self.samples) if self.settings.data is None else self.data)
-                 if ref.path is not None][:DRAWN_FACES]
+        files = [sample.image.path for sample in parse_data_spec(self.data, keep_missing=True)
+                 if sample.image.path is not None][:DRAWN_FACES]
         return [["prepare", "au-show", path, "--cache", str(self.au_cache),
                  "--draw", str(self.drawings / f"{Path(path).stem}_aus.png")] for path in files]
 
@@ -246,14 +249,11 @@ class Demo:
             commands = phase.commands()
             for argv in commands:
                 run_command(argv)
-            if phase.name == "data":
-                drawings = self.drawing_commands()
-                with contextlib.redirect_stdout(io.StringIO()):  # each record in full: too long for a log
-                    for argv in drawings:
-                        run_command(argv, echo=False)
-                commands += drawings
-                print(f"AU drawings of the faces among the first {len(drawings)} images: {self.drawings}")
-            state.finish(phase.name, commands, time.perf_counter() - started)
+            quiet = phase.quiet_commands()
+            with contextlib.redirect_stdout(io.StringIO()):
+                for argv in quiet:
+                    run_command(argv, echo=False)
+            state.finish(phase.name, commands + quiet, time.perf_counter() - started)
         if until is not None:
             return self.out
         print(f"\n[{len(phases) + 1}/{len(phases) + 1}] the report")
