@@ -16,6 +16,7 @@ import torch
 from helpers import completion_length, newest_last_checkpoint, run_python, trained_weights
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from tag_lightning.claims import read_completion
 from tag_lightning.cli import main
 from tag_lightning.models.grpo import group_advantages, policy_loss
 from tag_lightning.rewards import REWARDS
@@ -176,6 +177,7 @@ DRIVER = '''"""`tag` with the test reward registered (Lightning's DDP launcher r
 import sys
 sys.path.insert(0, {tests!r})
 from helpers import completion_length
+from tag_lightning.claims import read_completion
 from tag_lightning.cli import main
 from tag_lightning.rewards import REWARDS
 REWARDS["length"] = completion_length
@@ -282,3 +284,50 @@ def test_a_small_step_raises_the_completions_with_advantage_and_lowers_the_other
             parameter -= 1e-3 * gradient
         moved = ((network.answer_logprobs(inputs)[0] - logps) * mask).sum(dim=1)
     assert torch.corrcoef(torch.stack([advantages, moved]))[0, 1] > 0.5
+
+
+# -- learning ------------------------------------------------------------------------------------
+# With one-token completions the expected reward is a sum over the vocabulary, sum_v p(v) r(v), with p
+# the tempered distribution the rollouts sample from: it is computed exactly, so whether GRPO raises it
+# is measured without sampling noise. Temperature 0.1 and 64 answers a face: at 1.0 the tiny random
+# model's distribution is nearly uniform over 152k tokens and the cosine between GRPO's gradient and
+# the exact gradient of the expected reward, measured on these faces, was anywhere in -0.2..0.44
+# (512 answers a face, by seed); at 0.1 it was 0.84 with 128 answers a face and 0.03 with 8.
+
+TEMPERATURE = 0.1
+
+
+def expected_reward(checkpoint: Path, demo_dir: Path) -> float:
+    """Mean over the training faces of sum_v p(v | face, prompt) * length_reward(v), for one token."""
+    from tag_lightning.data.datamodule import FERDataModule, collate
+    from tag_lightning.models.checkpoints import network_weights, read_checkpoint
+    from tag_lightning.models.vlm import LoRAConfig, VLMConfig, VLMWrapper
+
+    network = VLMWrapper(VLMConfig(str(demo_dir / "tiny-qwen2.5-vl"), lora=LoRAConfig(r=8, alpha=16, dropout=0.0)))
+    network.load_trainable_state_dict(network_weights(read_checkpoint(checkpoint)))
+    data = FERDataModule(str(demo_dir / "au_cache"), train_data=f"manifest:{demo_dir / 'samples' / 'manifest.csv'}",
+                         stage="rl", image_size=224, augment=None, num_workers=0)
+    data.setup("fit")
+    batch = collate(list(data.items["train"]))
+    with torch.no_grad():
+        logits = network(network.build_inputs([image.numpy() for image in batch["image"]], batch["prompt"])).logits
+    logits = logits[:, -1].float() / TEMPERATURE
+    logits[:, network.placeholder_ids] = float("-inf")  # never sampled
+    # Rows past the tokenizer's vocabulary (padding of the embedding) decode to nothing, as in generation.
+    texts = network.processor.tokenizer.batch_decode([[token] for token in range(logits.shape[-1])],
+                                                     skip_special_tokens=True)
+    rewards = torch.tensor([completion_length(read_completion(text), None).value for text in texts])
+    return float((logits.softmax(-1) * rewards).sum(-1).mean())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("weight", [1.0, -1.0])
+def test_grpo_moves_the_expected_reward_its_way(grpo_args, sft_checkpoint, demo_dir, tmp_path, length_reward, weight):
+    """8 steps of configs/grpo.yaml (lr 1e-4, LoRA) rewarding long first tokens make them likelier by
+    more than 5% (+8.8% measured); penalising them (weight -1) makes them rarer (-6.9%)."""
+    assert main(grpo_args(tmp_path, "--trainer.max_steps=8", f'--model.init_args.rewards={{"length": {weight}}}',
+                          "--model.init_args.max_completion_length=1", f"--model.init_args.temperature={TEMPERATURE}",
+                          "--model.init_args.num_generations=64", "--data.batch_size=4")) == 0
+    before = expected_reward(sft_checkpoint, demo_dir)
+    after = expected_reward(newest_last_checkpoint(tmp_path), demo_dir)
+    assert (after - before) * weight > 0.05 * before, (before, after)
