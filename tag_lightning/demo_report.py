@@ -29,6 +29,8 @@ STAGES = {"before_sft": "untrained", "after_sft": "after SFT", "after_grpo": "af
 MEANINGS = {**CLASSIFICATION, **FAITHFULNESS}
 FACES_SHOWN = 12
 """Faces drawn with the model's answer in the report (the first of the test data)."""
+SMOOTHING = 8
+"""Steps in the running mean drawn over GRPO's rewards: a step's reward depends on which faces it sampled."""
 CURVE_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf")
 TINY_MODEL_NOTE = ("The model is a tiny randomly initialised Qwen2.5-VL (about 10M parameters) trained for minutes "
                    "on a handful of faces and tested on the same faces, so these figures show the machinery of TAG "
@@ -97,17 +99,30 @@ def logged_series(run_root: Path, names: Sequence[str]) -> dict[str, list[tuple[
     return {name: sorted(series.items()) for name, series in points.items() if series}
 
 
+def running_mean(points: list[tuple[float, float]], window: int) -> list[tuple[float, float]]:
+    """Each point's value replaced by the mean of it and the `window` - 1 points before it (fewer at the start)."""
+    values = [value for _, value in points]
+    means = []
+    for index, (x, _) in enumerate(points):
+        recent = values[max(0, index - window + 1): index + 1]
+        means.append((x, sum(recent) / len(recent)))
+    return means
+
+
 def _curves(demo) -> str:
     sft = logged_series(demo.out / "sft", ["train/loss"])
     sft_val = logged_series(demo.out / "sft", ["val/format_valid", "val/box_iou", "val/acc"])
-    total = logged_series(demo.out / "grpo", ["train/reward"])
+    total = logged_series(demo.out / "grpo", ["train/reward"]).get("train/reward", [])
     rewards = logged_series(demo.out / "grpo", [f"train/rewards/{name}/mean" for name in ("format", "answer", "grounding")])
-    rewards = {name.split("/")[2]: line for name, line in rewards.items()}
+    smoothed = f"mean of {SMOOTHING} steps"
     charts = [
         line_chart("SFT: training loss", sft, "optimizer step"),
         line_chart("SFT: validation answers (greedy)", sft_val, "optimizer step"),
-        line_chart("GRPO: weighted total reward of the sampled answers", total, "optimizer step"),
-        line_chart("GRPO: each reward of the sampled answers (0 to 1)", rewards, "optimizer step"),
+        line_chart("GRPO: weighted total reward of the sampled answers",
+                   {"each step": total, smoothed: running_mean(total, SMOOTHING)} if total else {}, "optimizer step"),
+        line_chart(f"GRPO: each reward of the sampled answers (0 to 1), {smoothed}",
+                   {name.split("/")[2]: running_mean(line, SMOOTHING) for name, line in rewards.items()},
+                   "optimizer step"),
     ]
     return "<div class='charts'>" + "".join(charts) + "</div>"
 

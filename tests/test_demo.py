@@ -13,7 +13,7 @@ from PIL import Image
 
 from tag_lightning.cli import main
 from tag_lightning.demo import CONFIGS, DemoSettings, resolve_model
-from tag_lightning.demo_report import STAGES
+from tag_lightning.demo_report import STAGES, running_mean
 from tag_lightning.errors import UserError
 
 # Smaller than the default (200 SFT and 30 GRPO steps): SFT just long enough to learn the four faces'
@@ -51,6 +51,12 @@ def test_the_report_shows_every_stage_and_every_picture_decodes(small_demo):
         assert drawn.findall(".//polyline") or drawn.findall(".//circle")  # a curve, or a single logged point
     for command in ("tag prepare au-cache", "tag prepare traces", "tag fit -c", "tag test -c"):
         assert command in page
+
+
+def test_the_running_mean_averages_each_point_with_those_before_it():
+    points = [(0, 1.0), (1, 3.0), (2, 2.0), (5, 6.0)]
+    assert running_mean(points, 2) == [(0, 1.0), (1, 2.0), (2, 2.5), (5, 4.0)]
+    assert running_mean(points, 8) == [(0, 1.0), (1, 2.0), (2, 2.0), (5, 3.0)]
 
 
 @pytest.mark.slow
