@@ -81,3 +81,17 @@ def test_demo_prepares_everything_the_configs_expect(demo_dir, capsys):
     assert len(drawings) == 6 and "free-mountain-vector-01_aus.png" not in drawings
     assert (demo_dir / "traces.jsonl").read_text().count("\n") == 4  # the four labelled photos
     assert (demo_dir / "tiny-qwen2.5-vl" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("module", ["tag_lightning.models.sft.SFTModule", "tag_lightning.models.grpo.GRPOModule"])
+def test_no_module_option_shares_a_name_with_a_datamodule_option(module):
+    """Lightning logs the module's and the datamodule's arguments together and stops a run whose
+    shared names differ (e.g. a GRPO ``seed`` and the datamodule's ``seed``)."""
+    import importlib
+    import inspect
+
+    from tag_lightning.data.datamodule import FERDataModule
+
+    path, name = module.rsplit(".", 1)
+    options = set(inspect.signature(getattr(importlib.import_module(path), name)).parameters)
+    assert not options & set(inspect.signature(FERDataModule).parameters)

@@ -18,7 +18,7 @@ Where this differs from TRL, and why:
 - a group never spans ranks: each rank samples all G completions of its own prompts, so group
   statistics need no communication; batch-wide figures (``scale_rewards="batch"``, the ``dapo``
   token count, the logged statistics) are gathered over ranks, so 2 ranks compute what 1 does;
-- rollouts are a function of (``seed``, step, image): each prompt's group is sampled under its own
+- rollouts are a function of (``rollout_seed``, step, image): each prompt's group is sampled under its own
   seed, so a resumed run, or the same batch split over ranks, samples the same completions;
 - one Lightning step is one batch of rollouts and its μ optimizer steps (`max_steps` counts
   optimizer steps), so a checkpoint never falls between a rollout and its updates;
@@ -182,7 +182,8 @@ class GRPOModule(VLMModule):
         log_completions: write sampled completions with their rewards to ``completions.csv`` in
             the log folder (and as text to TensorBoard) every step.
         num_completions_to_print: completions per step written there.
-        seed: base of the rollout seeds (a function of seed, step and image).
+        rollout_seed: base of the rollout seeds (a function of it, the step and the image); not
+            ``seed``, which the datamodule's shuffling already names.
         max_new_tokens: longest greedy answer in validation, test and prediction.
         occlusion_test: in `tag test`, also run the evidence-necessity test (see `VLMModule`).
         occlusion_seed: seed of its random regions.
@@ -210,7 +211,7 @@ class GRPOModule(VLMModule):
         micro_batch_size: int | None = None,
         log_completions: bool = True,
         num_completions_to_print: int = 8,
-        seed: int = 0,
+        rollout_seed: int = 0,
         max_new_tokens: int = 256,
         occlusion_test: bool = False,
         occlusion_seed: int = 0,
@@ -234,7 +235,7 @@ class GRPOModule(VLMModule):
         self.micro_batch_size = micro_batch_size
         self.log_completions = log_completions
         self.num_completions_to_print = num_completions_to_print
-        self.seed = seed
+        self.rollout_seed = rollout_seed
         self.automatic_optimization = False  # μ optimizer steps per batch of rollouts
         self.reference = None  # a frozen copy of the starting policy, made when beta > 0 without LoRA
         if init_from is not None:
@@ -334,9 +335,9 @@ class GRPOModule(VLMModule):
 
     @contextmanager
     def _seeded(self, image_name: str) -> Iterator[None]:
-        """Fork the random state and seed it from (seed, step, image): the group's samples are then
+        """Fork the random state and seed it from (rollout_seed, step, image): the group's samples are then
         the same whatever ran before (resumption, other ranks, validation)."""
-        digest = hashlib.sha256(f"{self.seed}:{self.global_step}:{image_name}".encode()).digest()
+        digest = hashlib.sha256(f"{self.rollout_seed}:{self.global_step}:{image_name}".encode()).digest()
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(int.from_bytes(digest[:8], "little") % 2**63)
             yield
