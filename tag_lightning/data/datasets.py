@@ -522,6 +522,10 @@ class CombinedDataset(FERDataset):
         return self.parts[part][index - self._starts[part]]
 
 
+ROLES = ("train", "val", "test")
+"""What a data config names data for: ``{role}_data`` read in ``{role}_split``."""
+
+
 def data_config_dataset(
     path: Path, role: str | None = None, lenient: bool = False, keep_missing: bool = False
 ) -> FERDataset:
@@ -530,20 +534,31 @@ def data_config_dataset(
     `role` is ``train`` (default), ``val`` or ``test``: the config's ``{role}_data`` spec(s) are
     read in its ``{role}_split`` (default: the role's own name).
     """
+    role = role or "train"
+    if role not in ROLES:
+        raise ValueError(f"{path}: a data config has train, val and test data; got split {role!r}")
+    uses = data_config_uses(path, role)
+    if not uses:
+        raise ValueError(f"{path} names no {role}_data")
+    return _combined([parse_data_spec(spec, split, lenient, keep_missing) for spec, split in uses])
+
+
+def data_config_uses(path: Path, *roles: str) -> list[tuple[str, str]]:
+    """The distinct (spec, split) pairs a data config reads for `roles` (default: all three)."""
     document = read_yaml(path) or {}
     if not isinstance(document, dict):
         raise DatasetFormatError(f"{path}: a data config is a mapping (data: train_data: ...), "
                                  f"not a {type(document).__name__}")
     section = document.get("data", document)
-    role = role or "train"
-    if role not in ("train", "val", "test"):
-        raise ValueError(f"{path}: a data config has train, val and test data; got split {role!r}")
-    specs = section.get(f"{role}_data")
-    if not specs:
-        raise ValueError(f"{path} names no {role}_data")
-    split = section.get(f"{role}_split", role)
-    specs = [specs] if isinstance(specs, str) else specs
-    parts = [parse_data_spec(spec, split, lenient, keep_missing) for spec in specs]
+    uses = {}
+    for role in roles or ROLES:
+        specs = section.get(f"{role}_data") or []
+        for spec in [specs] if isinstance(specs, str) else specs:
+            uses[(spec, section.get(f"{role}_split", role))] = None
+    return list(uses)
+
+
+def _combined(parts: list[FERDataset]) -> FERDataset:
     return parts[0] if len(parts) == 1 else CombinedDataset(parts)
 
 
@@ -592,12 +607,18 @@ def resolve_data_spec(spec: str) -> tuple[type[FERDataset], Path] | None:
 def read_every_split(spec: str, lenient: bool = False, keep_missing: bool = False) -> FERDataset:
     """Every split of the dataset a spec names, as one dataset whose samples keep their split: an
     AU cache over it serves a data config's validation and test data too, not just its training data.
+    A data config itself gives the data of its three roles (each spec in its role's split).
 
     A split missing on disk (an AffectNet copy without ``val/``) is told in `notes`, unless every
     split is. Manifests, folders, images and data configs are read as `parse_data_spec` reads them.
     """
     resolved = resolve_data_spec(spec)
-    if resolved is None or resolved[0].splits is None:
+    if resolved is None:  # a data config: what each of its roles reads
+        uses = data_config_uses(Path(spec).expanduser())
+        if not uses:
+            raise ValueError(f"{spec} names no train_data, val_data or test_data")
+        return _combined([parse_data_spec(use, split, lenient, keep_missing) for use, split in uses])
+    if resolved[0].splits is None:
         return parse_data_spec(spec, lenient=lenient, keep_missing=keep_missing)
     adapter, location = resolved
     parts, missing = [], {}

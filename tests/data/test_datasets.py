@@ -418,6 +418,21 @@ def test_au_cache_images_are_every_split_unless_one_is_named(tmp_path, make_rafd
                    f"nor the folder {affectnet / 'train'} exists)\n")
 
 
+def test_au_cache_over_a_data_config_caches_what_each_role_reads(tmp_path, make_rafdb, capsys):
+    """`tag prepare au-cache --images configs/data/rafdb.yaml`: train data in its split, val and test
+    data in theirs (the test split once), so `tag fit` with that config finds every image cached."""
+    rafdb = make_rafdb(tmp_path / "raf")  # train_00001, train_00002, test_0001
+    config = tmp_path / "rafdb.yaml"
+    config.write_text(f"data:\n  train_data: rafdb:{rafdb}\n  val_data: rafdb:{rafdb}\n  test_data: rafdb:{rafdb}\n"
+                      "  train_split: train\n  val_split: test\n  test_split: test\n")
+    assert [Path(ref.name).name for ref in image_refs(str(config))] == [
+        "train_00001_aligned.jpg", "train_00002_aligned.jpg", "test_0001_aligned.jpg"]
+    assert capsys.readouterr().out == f"{config}: train 2, test 1\n"
+    assert [Path(ref.name).name for ref in image_refs(str(config), "val")] == ["test_0001_aligned.jpg"]
+    config.write_text("data:\n  batch_size: 8\n")
+    with pytest.raises(ValueError, match="names no train_data, val_data or test_data"):
+        image_refs(str(config))
+
 def test_an_empty_split_is_an_error_naming_the_splits_that_have_images(tmp_path, make_ferplus, capsys):
     """A FERPlus file of PrivateTest rows only: its train split, asked for or read by default
     (`tag prepare traces`), has no image, and the error says where they are."""
