@@ -537,29 +537,33 @@ def data_config_dataset(
     role = role or "train"
     if role not in ROLES:
         raise ValueError(f"{path}: a data config has train, val and test data; got split {role!r}")
-    uses = data_config_uses(path, role)
+    return _read_data_config(path, (role,), lenient, keep_missing)
+
+
+def _read_data_config(path: Path, roles: Sequence[str], lenient: bool, keep_missing: bool) -> FERDataset:
+    """What a data config's `roles` read, each distinct (spec, split) once."""
+    uses = _data_config_uses(path, roles)
     if not uses:
-        raise ValueError(f"{path} names no {role}_data")
-    return _combined([parse_data_spec(spec, split, lenient, keep_missing) for spec, split in uses])
+        names = [f"{role}_data" for role in roles]
+        listed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+        raise ValueError(f"{path} names no {listed}")
+    parts = [parse_data_spec(spec, split, lenient, keep_missing) for spec, split in uses]
+    return parts[0] if len(parts) == 1 else CombinedDataset(parts)
 
 
-def data_config_uses(path: Path, *roles: str) -> list[tuple[str, str]]:
-    """The distinct (spec, split) pairs a data config reads for `roles` (default: all three)."""
+def _data_config_uses(path: Path, roles: Sequence[str]) -> list[tuple[str, str]]:
+    """The distinct (spec, split) pairs a data config reads for `roles`."""
     document = read_yaml(path) or {}
     if not isinstance(document, dict):
         raise DatasetFormatError(f"{path}: a data config is a mapping (data: train_data: ...), "
                                  f"not a {type(document).__name__}")
     section = document.get("data", document)
     uses = {}
-    for role in roles or ROLES:
+    for role in roles:
         specs = section.get(f"{role}_data") or []
         for spec in [specs] if isinstance(specs, str) else specs:
             uses[(spec, section.get(f"{role}_split", role))] = None
     return list(uses)
-
-
-def _combined(parts: list[FERDataset]) -> FERDataset:
-    return parts[0] if len(parts) == 1 else CombinedDataset(parts)
 
 
 def parse_data_spec(
@@ -614,10 +618,7 @@ def read_every_split(spec: str, lenient: bool = False, keep_missing: bool = Fals
     """
     resolved = resolve_data_spec(spec)
     if resolved is None:  # a data config: what each of its roles reads
-        uses = data_config_uses(Path(spec).expanduser())
-        if not uses:
-            raise ValueError(f"{spec} names no train_data, val_data or test_data")
-        return _combined([parse_data_spec(use, split, lenient, keep_missing) for use, split in uses])
+        return _read_data_config(Path(spec).expanduser(), ROLES, lenient, keep_missing)
     if resolved[0].splits is None:
         return parse_data_spec(spec, lenient=lenient, keep_missing=keep_missing)
     adapter, location = resolved
