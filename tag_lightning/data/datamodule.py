@@ -260,13 +260,16 @@ class FERDataModule(LightningDataModule):
                 record = _find_record(cache, sample.image)
                 reason = self._exclusion(record, sample.label, traces, needs_label=split != "predict")
                 counts[reason or "kept"] += 1
-                if reason is None:
-                    trace = None if traces is None else traces[record.content_hash]
-                    entries.append(_Entry(number, index, record.content_hash, record.size, trace))
+                if reason is None:  # in SFT, one entry per trace of the image that fits it
+                    targets = [None] if traces is None else [
+                        trace for trace in traces[record.content_hash] if trace_fits(trace, record.size)]
+                    entries += [_Entry(number, index, record.content_hash, record.size, trace) for trace in targets]
                 else:
                     detail = "no record of this image's content in the AU cache" if record is None else record.reason
                     exclusions.append(Exclusion(sample.image.name, reason, detail))
         counts["samples"] = sum(len(dataset) for dataset in datasets)
+        if traces is not None:
+            counts["traces"] = len(entries)
         if not entries and split != "predict":  # a wholly rejected predict split is still told image by image
             raise ValueError(f"FERDataModule {split}: no usable sample, {_describe(counts)}")
         augment = FaceAugment(self.image_size, self.augment if split == "train" else None)
@@ -274,7 +277,7 @@ class FERDataModule(LightningDataModule):
         return items, counts, exclusions
 
     def _exclusion(
-        self, record: AURecord | None, label: str | None, traces: dict[str, Trace] | None, needs_label: bool
+        self, record: AURecord | None, label: str | None, traces: dict[str, list[Trace]] | None, needs_label: bool
     ) -> str | None:
         """Why a sample is left out, or None when it is kept."""
         if record is None:
@@ -285,10 +288,10 @@ class FERDataModule(LightningDataModule):
             return "unlabeled"
         if traces is None:
             return None
-        trace = traces.get(record.content_hash)
-        if trace is None:
+        found = traces.get(record.content_hash)
+        if not found:
             return "no_trace"
-        return None if trace_fits(trace, record.size) else "bad_trace"
+        return None if any(trace_fits(trace, record.size) for trace in found) else "bad_trace"
 
     def transfer_batch_to_device(self, batch: dict, device: torch.device, dataloader_idx: int) -> dict:
         """The batch as it is: its images go through the model wrapper's processor on the CPU first,
@@ -347,9 +350,10 @@ class FERDataModule(LightningDataModule):
         self._resume = self._consumed
 
 
-def load_traces(path: str | Path) -> dict[str, Trace]:
-    """Traces of a `tag prepare traces` JSONL by content hash; lines without a trace are skipped."""
-    traces = {}
+def load_traces(path: str | Path) -> dict[str, list[Trace]]:
+    """Traces of a `tag prepare traces` JSONL by content hash, in file order (an image may have several,
+    ``--traces-per-image``); lines without a trace are skipped."""
+    traces: dict[str, list[Trace]] = {}
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -357,7 +361,7 @@ def load_traces(path: str | Path) -> dict[str, Trace]:
             try:
                 row = json.loads(line)
                 if row.get("trace_struct") is not None:
-                    traces[row["content_hash"]] = Trace.from_dict(row["trace_struct"])
+                    traces.setdefault(row["content_hash"], []).append(Trace.from_dict(row["trace_struct"]))
             except (ValueError, KeyError, TypeError, AttributeError) as err:
                 raise ValueError(f"{path}:{number}: not a trace line ({type(err).__name__}: {err})") from err
     return traces
@@ -400,5 +404,7 @@ def _as_list(specs: str | list[str] | None) -> list[str]:
 
 
 def _describe(counts: Counter) -> str:
-    excluded = ", ".join(f"{reason} {n}" for reason, n in sorted(counts.items()) if reason not in ("samples", "kept"))
-    return f"kept {counts['kept']} of {counts['samples']} samples" + (f" (excluded: {excluded})" if excluded else "")
+    excluded = ", ".join(f"{reason} {n}" for reason, n in sorted(counts.items())
+                         if reason not in ("samples", "kept", "traces"))
+    traces = f" with {counts['traces']} traces" if "traces" in counts else ""
+    return f"kept {counts['kept']} of {counts['samples']} samples{traces}" + (f" (excluded: {excluded})" if excluded else "")

@@ -24,7 +24,7 @@ import random
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -32,7 +32,7 @@ from PIL import Image
 
 from tag_lightning.au.record import AURecord
 from tag_lightning.au.taxonomy import AU_BY_ID, EMOTION_PROTOTYPES, REGIONS, ActionUnit, parse_au_key
-from tag_lightning.boxes import round_box
+from tag_lightning.boxes import box_iou, round_box
 from tag_lightning.data.prompts import user_prompt
 from tag_lightning.data.traces import COORDINATE_SEPARATOR, Box, Step, Trace, render_trace
 from tag_lightning.images import ImageRef, decode_image
@@ -86,15 +86,22 @@ class TeacherRequest:
     label: str
     candidates: tuple[str, ...]
     hints: tuple[AUHint, ...]
+    index: int = 0  # which of the image's traces this is (`traces_per_image`)
+    count: int = 1  # how many traces the image gets
 
 
 @dataclass(frozen=True)
 class Proposal:
-    """A teacher's raw answer and the transient transport failures it took to get it."""
+    """A teacher's raw answer and the transient transport failures it took to get it.
+
+    `flaw` describes a mistake the teacher made on purpose (the template teacher's controlled
+    experiment, `TemplateTeacher.error_rate`); it is recorded with the trace.
+    """
 
     text: str
     retries: int = 0
     errors: tuple[str, ...] = ()
+    flaw: dict | None = None
 
 
 class Teacher(Protocol):
@@ -174,6 +181,13 @@ _CONCLUDE_NEUTRAL = (
 _DEGREES = ((4.0, "intense"), (3.0, "pronounced"), (2.0, "moderate"), (1.0, "slight"), (float("-inf"), "faint"))
 
 
+FLAW_KINDS = ("hallucination", "wrong_box")
+"""The mistakes the template teacher can be told to make (`TemplateTeacher.error_rate`):
+``hallucination``: an extra step cites an AU the detector does not activate (with that AU's
+region box), described as active and counted in the conclusion; ``wrong_box``: one cited step
+carries the box of another face region."""
+
+
 @dataclass(frozen=True)
 class TemplateTeacher:
     """Writes a grounded trace from the AU record and the ground-truth label, no model involved.
@@ -184,40 +198,112 @@ class TemplateTeacher:
     phrasing is drawn from an RNG keyed on `seed` and the image content, so a rerun writes the
     same text. Raises `TeacherDeclined` when no honest trace exists (an emotion with no
     activated AU at all, or a neutral face without a relaxed region).
+
+    **A controlled experiment** (`error_rate` > 0): the teacher errs the way a VLM teacher sampled
+    at temperature does, always naming the right label. Of an image's `count` traces
+    (`TeacherRequest.count`, the builder's ``traces_per_image``), ``round(error_rate * count)``
+    carry a flaw and the others are grounded. The flaw is one per face, the systematic mistake
+    this teacher makes on it: its kind is drawn from `error_kinds` (see `FLAW_KINDS`), its AU or
+    region from the face's record, all keyed on `seed` and the image content, so a rebuild writes
+    the same traces. Which of the image's traces carry it is drawn the same way. Rejection on the
+    label and the format alone (TAG's filter) keeps such traces; the grounding filter drops them.
     """
 
     top_k: int = 3
     min_intensity: float = 1.0
     relaxed_regions: int = 2
     seed: int = 0
+    error_rate: float = 0.0
+    error_kinds: tuple[str, ...] = FLAW_KINDS
     name = "template"
 
-    def propose(self, request: TeacherRequest) -> Proposal:
-        return Proposal(render_trace(self.write(request.record, request.label)))
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.error_rate <= 1.0:
+            raise ValueError(f"error_rate must lie in [0, 1], got {self.error_rate}")
+        unknown = sorted(set(self.error_kinds) - set(FLAW_KINDS))
+        if unknown or not self.error_kinds:
+            raise ValueError(f"error kinds must be some of {', '.join(FLAW_KINDS)}, got {list(self.error_kinds)}")
 
-    def write(self, record: AURecord, label: str) -> Trace:
-        rng = random.Random(f"{self.seed}:{record.content_hash}")
+    def propose(self, request: TeacherRequest) -> Proposal:
+        flawed = self.is_flawed(request.record, request.index, request.count)
+        trace, flaw = self.compose(request.record, request.label, flawed)
+        return Proposal(render_trace(trace), flaw=flaw)
+
+    def is_flawed(self, record: AURecord, index: int, count: int) -> bool:
+        """Whether trace `index` of the image's `count` carries the face's flaw (see the class doc)."""
+        flawed = round(self.error_rate * count)
+        order = list(range(count))
+        random.Random(f"{self.seed}:flawed:{record.content_hash}").shuffle(order)
+        return index in order[:flawed]
+
+    def write(self, record: AURecord, label: str, flawed: bool = False) -> Trace:
+        """The trace for `label`, with the face's flaw when `flawed` (and one exists)."""
+        return self.compose(record, label, flawed)[0]
+
+    def compose(self, record: AURecord, label: str, flawed: bool = False) -> tuple[Trace, dict | None]:
+        """The trace for `label` and the flaw it carries (None: grounded).
+
+        Each sentence's phrasing is drawn from its own RNG (keyed on the seed, the image and the
+        sentence), so a flawed trace reads exactly as the grounded one but for its flaw.
+        """
+        def rng(part: str) -> random.Random:
+            return random.Random(f"{self.seed}:{record.content_hash}:{part}")
+
         measured = measured_aus(record)
         activated = [hint for hint in measured if hint.intensity >= self.min_intensity]
         if label == NEUTRAL:
-            return self._neutral(measured, activated, rng)
+            return self._neutral(measured, activated, rng("neutral")), None
         if not activated:
             raise TeacherDeclined(
                 f"no AU reaches intensity {self.min_intensity}, so a {label} trace would cite nothing the detector saw"
             )
         supporting = [hint for hint in activated if hint.au.id in EMOTION_PROTOTYPES[label]][: self.top_k]
         cited = supporting or activated[: self.top_k]
-        groups = _group_by_region(cited)
         strongest = activated[0]
-        global_analysis = rng.choice(_GLOBAL_ACTIVE).format(
-            regions=_join([group[0].region_label for group in groups]), strongest=strongest.au.name,
+        global_analysis = rng("global").choice(_GLOBAL_ACTIVE).format(
+            regions=_join([group[0].region_label for group in _group_by_region(cited)]), strongest=strongest.au.name,
             key=strongest.au.key,
         )
-        steps = tuple(_step(group, _OBSERVE_ACTIVE, rng) for group in groups)
-        conclusion = rng.choice(_CONCLUDE_PROTOTYPE if supporting else _CONCLUDE_FALLBACK).format(
+        flaw = self._flaw(record, label, measured, cited) if flawed else None
+        if flaw is not None and flaw["kind"] == "hallucination":
+            cited = cited + [flaw.pop("hint")]
+        groups = _group_by_region(cited)
+        steps = tuple(_step(group, _OBSERVE_ACTIVE, rng(f"step:{_keys(group)}")) for group in groups)
+        if flaw is not None and flaw["kind"] == "wrong_box":
+            number = flaw["step"] - 1
+            steps = steps[:number] + (replace(steps[number], box=tuple(flaw["box"])),) + steps[number + 1:]
+        conclusion = rng("conclusion").choice(_CONCLUDE_PROTOTYPE if supporting else _CONCLUDE_FALLBACK).format(
             aus=" + ".join(_keys(cited)), label=label
         )
-        return Trace(global_analysis, steps, conclusion, label)
+        return Trace(global_analysis, steps, conclusion, label), flaw
+
+    def _flaw(self, record: AURecord, label: str, measured: list[AUHint], cited: list[AUHint]) -> dict | None:
+        """The face's flaw (the same for every flawed trace of it), or None when no kind fits it.
+
+        A hallucination cites an AU the detector does not activate, from a region no grounded step
+        inspects: one of the label's prototype AUs when one is inactive (a teacher seeing what it
+        expects), else any. A wrong box moves one step's box onto a region it does not overlap.
+        """
+        rng = random.Random(f"{self.seed}:flaw:{record.content_hash}")
+        cited_regions = {hint.au.region for hint in cited}
+        inactive = [hint for hint in measured if hint.intensity < self.min_intensity and hint.au.region not in cited_regions]
+        expected = [hint for hint in inactive if hint.au.id in EMOTION_PROTOTYPES.get(label, ())]
+        groups = _group_by_region(cited)
+        elsewhere = {hint.box for hint in measured if hint.au.region not in cited_regions}
+        kinds = [kind for kind in self.error_kinds if kind != "hallucination" or inactive]
+        for kind in rng.sample(kinds, len(kinds)):
+            if kind == "hallucination":
+                chosen = rng.choice(expected or inactive)
+                intensity = round(self.min_intensity + rng.uniform(0.2, 1.5), 2)  # claimed, not measured
+                return {"kind": kind, "au": chosen.au.key, "measured_intensity": round(chosen.intensity, 2),
+                        "hint": AUHint(chosen.au, intensity, chosen.box)}
+            number = rng.randrange(len(groups)) + 1
+            true_box = groups[number - 1][0].box
+            disjoint = sorted(box for box in elsewhere if box_iou(box, true_box) == 0.0)
+            if disjoint:
+                return {"kind": kind, "step": number, "aus": _keys(groups[number - 1]),
+                        "true_box": list(true_box), "box": list(rng.choice(disjoint))}
+        return None
 
     def _neutral(self, measured: list[AUHint], activated: list[AUHint], rng: random.Random) -> Trace:
         """Honest about neutral: say what little is active, inspect regions that are truly relaxed."""

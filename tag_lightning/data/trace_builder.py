@@ -1,10 +1,12 @@
 """Rejection sampling of teacher traces into a TAG-310K-style JSONL file, resumable after a kill.
 
-For each labelled face with an `ok` AU record, the teacher proposes a trace. It is kept only if
-it parses without a format error, is grounded in the detector's AUs and boxes, and predicts the
-ground-truth label (TAG's data construction). A malformed or ungrounded answer is asked for
-again, up to `max_format_retries` times; a wrong label is asked for again with that label
-removed from the candidates (label elimination), up to `max_label_retries` times.
+For each labelled face with an `ok` AU record, the teacher proposes `traces_per_image` traces
+(a VLM teacher sampled at temperature writes a different one each time). A trace is kept only if
+it parses without a format error and predicts the ground-truth label (TAG's data construction,
+the ``paper`` filter) and, with the ``grounded`` filter (the default), if it is also grounded in
+the detector's AUs and boxes. A rejected answer is asked for again, up to `max_format_retries`
+times; a wrong label is asked for again with that label removed from the candidates (label
+elimination), up to `max_label_retries` times.
 
 Every kept line is appended, flushed and fsynced, so a killed job loses at most the line it was
 writing; a rerun repairs a torn last line and skips the images already written. Samples given
@@ -22,7 +24,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -55,6 +57,21 @@ class RejectionConfig:
     top_k: int = 3  # activated AUs shown to a VLM teacher
     min_intensity: float = 1.0  # an AU at or above this intensity is activated
     min_box_iou: float = 0.5  # a step's box must overlap its AU's region box this much
+    filter: str = "grounded"  # one of FILTERS
+    traces_per_image: int = 1  # traces asked for per image, each judged on its own
+
+    def __post_init__(self) -> None:
+        if self.filter not in FILTERS:
+            raise ValueError(f"filter must be one of {', '.join(FILTERS)}, got {self.filter!r}")
+        if self.traces_per_image < 1:
+            raise ValueError(f"traces_per_image must be at least 1, got {self.traces_per_image}")
+
+
+FILTERS = {
+    "paper": "TAG's: a trace is kept when its format is valid and its answer names the label",
+    "grounded": "ours: the paper's, and every AU it cites is activated with a box on its region",
+}
+"""The rejection filters by name, with what each keeps."""
 
 
 @dataclass
@@ -81,6 +98,7 @@ class Outcome:
     trace: Trace | None = None
     reason: str | None = None  # a short category, counted in the statistics
     detail: str | None = None  # what exactly went wrong last
+    flaw: dict | None = None  # the mistake a teacher made on purpose (`TemplateTeacher.error_rate`)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,8 +106,10 @@ class Outcome:
 
 
 def check_answer(text: str, record: AURecord, candidates: Sequence[str], config: RejectionConfig) -> ParsedTrace:
-    """Parse `text` and add grounding errors: the format errors a retry should fix."""
+    """Parse `text` and, with the grounded filter, add grounding errors: the errors a retry should fix."""
     parsed = parse_trace(text, image_size=record.size, labels=candidates)
+    if config.filter == "paper":
+        return parsed
     grounding = grounding_errors(parsed.trace, record, config.min_intensity, config.min_box_iou)
     return ParsedTrace(parsed.trace, parsed.errors + tuple(grounding))
 
@@ -130,13 +150,14 @@ def sample_trace(
     label: str,
     candidates: Sequence[str],
     config: RejectionConfig = RejectionConfig(),
+    index: int = 0,
 ) -> Outcome:
-    """Ask `teacher` until it writes a well-formed, grounded trace with the right label, or give up."""
+    """Ask `teacher` for trace `index` of the image until it writes one the filter keeps, or give up."""
     attempts = Attempts()
     remaining = list(candidates)
     hints = tuple(activated_aus(record, config.min_intensity)[: config.top_k])
     while True:
-        request = TeacherRequest(record, image, label, tuple(remaining), hints)
+        request = TeacherRequest(record, image, label, tuple(remaining), hints, index, config.traces_per_image)
         try:
             proposal = teacher.propose(request)
         except TeacherError as err:
@@ -162,7 +183,7 @@ def sample_trace(
             attempts.eliminated.append(answer)
             remaining = [candidate for candidate in remaining if candidate.casefold() != answer]
             continue
-        return Outcome("kept", attempts, trace=replace(parsed.trace, answer=label))
+        return Outcome("kept", attempts, trace=replace(parsed.trace, answer=label), flaw=proposal.flaw)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,17 +202,21 @@ class TraceStats:
 
     samples: int = 0
     kept: int = 0
-    rejected: Counter = field(default_factory=Counter)  # reason -> samples
+    rejected: Counter = field(default_factory=Counter)  # reason -> traces
     failed: int = 0
     skipped: Counter = field(default_factory=Counter)  # reason -> samples
     format_retries: int = 0
     label_retries: int = 0
     http_retries: int = 0
     seconds: float = 0.0
+    flawed: Counter = field(default_factory=Counter)  # flaw kind -> kept traces carrying it
+    settings: dict = field(default_factory=dict)  # the filter, traces per image and the teacher's settings
 
     def add(self, outcome: Outcome) -> None:
         if outcome.status == "kept":
             self.kept += 1
+            if outcome.flaw is not None:
+                self.flawed[outcome.flaw["kind"]] += 1
         elif outcome.status == "failed":
             self.failed += 1
         else:
@@ -202,11 +227,12 @@ class TraceStats:
 
     @property
     def asked(self) -> int:
-        """Samples the teacher was asked about (not skipped)."""
+        """Traces the teacher was asked for (skipped samples excluded)."""
         return self.kept + self.failed + sum(self.rejected.values())
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "rejected": dict(self.rejected), "skipped": dict(self.skipped)}
+        return {**asdict(self), "rejected": dict(self.rejected), "skipped": dict(self.skipped),
+                "flawed": dict(self.flawed)}
 
     def describe(self) -> str:
         def counts(counter: Counter) -> str:
@@ -217,7 +243,8 @@ class TraceStats:
             f"{self.samples} samples: kept {self.kept}, rejected {sum(self.rejected.values())} "
             f"({counts(self.rejected)}), failed {self.failed} | skipped {sum(self.skipped.values())} "
             f"({counts(self.skipped)}) | retries: format {self.format_retries}, label {self.label_retries}, "
-            f"http {self.http_retries} | {rate:.2f} samples/s"
+            f"http {self.http_retries} | {rate:.2f} traces/s"
+            + (f" | kept with a deliberate flaw: {counts(self.flawed)}" if self.flawed else "")
         )
 
 
@@ -276,23 +303,25 @@ def build_traces(
     progress: bool = True,
     max_failures_in_a_row: int = 3,
 ) -> TraceStats:
-    """Write one kept trace per sample to `out`, resuming whatever an earlier run wrote.
+    """Write `config.traces_per_image` kept traces per sample to `out`, resuming whatever an earlier run wrote.
 
-    Samples without a label, without an `ok` AU record, whose image content is already in `out`
-    or was given up on earlier (unless `retry_rejected`) are skipped and counted by reason.
-    Failed samples (the teacher could not be reached) are logged but asked again on the next
-    run; `max_failures_in_a_row` of them in a row stop the job with `TeacherSetupError`. Only the
-    first `limit` samples are considered, so a limited run covers the same images each time. The
-    statistics are returned and written to ``<out>.stats.json``.
+    Samples without a label or without an `ok` AU record are skipped and counted by reason, and so
+    are samples whose traces are all in `out` already or were given up on earlier (unless
+    `retry_rejected`). Failed traces (the teacher could not be reached) are logged but asked for
+    again on the next run; `max_failures_in_a_row` of them in a row stop the job with
+    `TeacherSetupError`. Only the first `limit` samples are considered, so a limited run covers the
+    same images each time. The statistics are returned and written to ``<out>.stats.json``.
     """
     out = Path(out)
     rejected_path, stats_path = sidecar_paths(out)
-    done = {line["content_hash"] for line in read_jsonl(out)}  # reading also repairs a torn last line
-    given_up = {line["content_hash"] for line in read_jsonl(rejected_path) if line["status"] == "rejected"} - done
+    done = {_key(line) for line in read_jsonl(out)}  # reading also repairs a torn last line
+    given_up = {_key(line) for line in read_jsonl(rejected_path) if line["status"] == "rejected"} - done
     if retry_rejected:
         given_up.clear()
     failures_in_a_row = 0
-    stats = TraceStats()
+    stats = TraceStats(settings={"filter": config.filter, "traces_per_image": config.traces_per_image,
+                                 "min_intensity": config.min_intensity, "min_box_iou": config.min_box_iou,
+                                 "teacher": teacher_settings(teacher)})
     start = time.perf_counter()
     kept_log, rejected_log = _AppendLog(out), _AppendLog(rejected_path)
     count = len(samples) if limit is None else min(limit, len(samples))
@@ -301,25 +330,31 @@ def build_traces(
     try:
         for sample in bar:
             stats.samples += 1
-            skip, record, digest = _screen(sample, records, done, given_up, candidates)
+            skip, record, digest = _screen(sample, records, candidates)
+            wanted = [] if skip else [index for index in range(config.traces_per_image)
+                                      if (digest, index) not in done and (digest, index) not in given_up]
+            if not skip and not wanted:
+                skip = "already written" if all((digest, index) in done for index in range(config.traces_per_image)) \
+                    else "rejected earlier"
             if skip is not None:
                 stats.skipped[skip] += 1
                 continue
-            outcome = sample_trace(teacher, record, sample.image, sample.label, candidates, config)
-            stats.add(outcome)
-            line = _line(sample, record, digest, teacher.name, outcome)
-            (kept_log if outcome.status == "kept" else rejected_log).append(line)
-            if outcome.status == "kept":  # the same content under another name is not asked about again
-                done.add(digest)
-            elif outcome.status == "rejected":
-                given_up.add(digest)
-            bar.set_postfix(kept=stats.kept, rejected=sum(stats.rejected.values()), failed=stats.failed)
-            failures_in_a_row = failures_in_a_row + 1 if outcome.status == "failed" else 0
-            if failures_in_a_row == max_failures_in_a_row:
-                raise TeacherSetupError(
-                    f"the teacher gave no answer for {failures_in_a_row} images in a row (last: {outcome.detail}); "
-                    "stopping. Rerun once it answers: the job resumes where it stopped"
-                )
+            for index in wanted:
+                outcome = sample_trace(teacher, record, sample.image, sample.label, candidates, config, index)
+                stats.add(outcome)
+                line = _line(sample, record, digest, index, teacher.name, outcome)
+                (kept_log if outcome.status == "kept" else rejected_log).append(line)
+                if outcome.status == "kept":  # the same content under another name is not asked about again
+                    done.add((digest, index))
+                elif outcome.status == "rejected":
+                    given_up.add((digest, index))
+                bar.set_postfix(kept=stats.kept, rejected=sum(stats.rejected.values()), failed=stats.failed)
+                failures_in_a_row = failures_in_a_row + 1 if outcome.status == "failed" else 0
+                if failures_in_a_row == max_failures_in_a_row:
+                    raise TeacherSetupError(
+                        f"the teacher gave no answer for {failures_in_a_row} traces in a row (last: {outcome.detail}); "
+                        "stopping. Rerun once it answers: the job resumes where it stopped"
+                    )
     finally:
         bar.close()
         kept_log.close()
@@ -329,8 +364,25 @@ def build_traces(
     return stats
 
 
+def _key(line: dict) -> tuple[str, int]:
+    """Which trace of which image content a JSONL line holds (files without ``trace_index``: one per image)."""
+    return line["content_hash"], line.get("trace_index", 0)
+
+
+def teacher_settings(teacher: Teacher) -> dict[str, Any]:
+    """What a teacher was set up with, for the statistics: a dataclass's fields, else its name."""
+    if is_dataclass(teacher):
+        return {"name": teacher.name, **{key: value for key, value in asdict(teacher).items()
+                                         if not key.startswith("_") and _plain(value)}}
+    return {"name": teacher.name}
+
+
+def _plain(value: Any) -> bool:
+    return value is None or isinstance(value, (str, int, float, bool, tuple, list))
+
+
 def _screen(
-    sample: FERSample, records: RecordSource, done: set[str], given_up: set[str], candidates: Sequence[str]
+    sample: FERSample, records: RecordSource, candidates: Sequence[str]
 ) -> tuple[str | None, AURecord | None, str | None]:
     """Why `sample` is skipped (None: it is not), with its AU record and content hash."""
     if sample.label is None:
@@ -341,10 +393,6 @@ def _screen(
         digest = content_hash(sample.image.read_bytes())
     except (OSError, UnreadableImage):
         return "unreadable image", None, None
-    if digest in done:
-        return "already written", None, None
-    if digest in given_up:
-        return "rejected earlier", None, None
     record = records.get(digest)
     if record is None:
         return "not in the AU cache", None, None
@@ -353,11 +401,13 @@ def _screen(
     return None, record, digest
 
 
-def _line(sample: FERSample, record: AURecord, digest: str, teacher: str, outcome: Outcome) -> dict[str, Any]:
-    """A kept sample's JSONL object (TAG-310K style), or a given-up sample's sidecar object."""
-    line: dict[str, Any] = {"image": sample.image.name, "label": sample.label}
+def _line(sample: FERSample, record: AURecord, digest: str, index: int, teacher: str, outcome: Outcome) -> dict[str, Any]:
+    """A kept trace's JSONL object (TAG-310K style), or a given-up trace's sidecar object."""
+    line: dict[str, Any] = {"image": sample.image.name, "label": sample.label, "trace_index": index}
     if outcome.trace is not None:
         line |= {"trace": render_trace(outcome.trace), "trace_struct": outcome.trace.to_dict()}
+        if outcome.flaw is not None:
+            line["flaw"] = outcome.flaw
     else:
         line |= {"status": outcome.status, "reason": outcome.reason, "detail": outcome.detail}
     return line | {

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -98,8 +98,8 @@ def datamodule(ws: Workspace, **overrides) -> FERDataModule:
 
 def test_setup_counts_every_exclusion(workspace):
     dm = datamodule(workspace)
-    assert dm.counts["train"] == {"samples": 9, "kept": 4, "bad_trace": 1, "no_trace": 1, "no_face": 1,
-                                  "unlabeled": 1, "not_cached": 1}
+    assert dm.counts["train"] == {"samples": 9, "kept": 4, "traces": 4, "bad_trace": 1, "no_trace": 1,
+                                  "no_face": 1, "unlabeled": 1, "not_cached": 1}
     assert dm.counts["val"] == {"samples": 9, "kept": 6, "no_face": 1, "unlabeled": 1, "not_cached": 1}
     assert len(dm.items["train"]) == 4 and len(dm.items["val"]) == 6
     keep_faceless = datamodule(workspace, exclude_statuses=["unreadable"]).items["val"]
@@ -120,6 +120,25 @@ def test_sft_training_items_carry_the_trace_and_its_text(workspace):
         parsed = parse_trace(item["target"], image_size=(SIZE, SIZE), labels=workspace.classes)
         assert parsed.valid, parsed.errors
         assert parsed.trace.answer == item["label"]
+
+
+def test_each_trace_of_an_image_is_a_training_item_of_its_own(workspace, tmp_path):
+    """`--traces-per-image`: every trace that fits its image trains; one that does not is left out alone."""
+    lines = workspace.traces.read_text().splitlines()
+    rows = [json.loads(line) for line in lines if line.strip()]
+    surprise = next(row for row in rows if row["label"] == "surprise")
+    record = workspace.records[surprise["image"]]
+    other = replace(face_trace(record, "surprise"), global_analysis="Another reading of the face.")
+    outside = Trace("A face.", (Step("chin", (17,), "raised", (0, 0, 600, 600)),), "Surprise.", "surprise")
+    several = tmp_path / "several.jsonl"
+    several.write_text("\n".join([*lines, trace_line(record, "surprise", other),
+                                   trace_line(record, "surprise", outside)]) + "\n")
+    dm = datamodule(workspace, train_traces=str(several))
+    assert dm.counts["train"]["kept"] == 4 and dm.counts["train"]["traces"] == 5
+    items = dm.items["train"]
+    targets = [items[i]["trace"].global_analysis for i in range(len(items))
+               if items[i]["image_name"] == surprise["image"]]
+    assert sorted(targets) == sorted(["A frontal face.", "Another reading of the face."])
 
 
 def test_evaluation_items_carry_detector_boxes_in_the_image_frame(workspace):

@@ -378,3 +378,53 @@ def test_hf_teacher_answers_and_its_garbage_is_rejected_as_format(sample_records
     outcome = sample_trace(teacher, record, ImageRef.from_path(record.image), "surprise", CANDIDATES,
                            RejectionConfig(max_format_retries=1))
     assert (outcome.status, outcome.reason, outcome.attempts.proposals) == ("rejected", "format", 2)
+
+
+# -- the template teacher's controlled experiment (error_rate) -----------------------------------
+@pytest.mark.parametrize("photo", LABELLED)
+def test_a_flawed_template_errs_on_a_seeded_share_of_each_image_s_traces(sample_records, photo):
+    record, label = sample_records[photo], SAMPLE_LABELS[photo]
+    teacher = TemplateTeacher(error_rate=0.75, seed=3)
+    flawed = [teacher.is_flawed(record, index, 4) for index in range(4)]
+    assert sum(flawed) == 3  # round(0.75 * 4), exactly, on every image
+    assert flawed == [TemplateTeacher(error_rate=0.75, seed=3).is_flawed(record, index, 4) for index in range(4)]
+    grounded = TemplateTeacher(seed=3).write(record, label)
+    for index in range(4):
+        request = replace(_request(record, label), index=index, count=4)
+        proposal = teacher.propose(request)
+        assert proposal == teacher.propose(request)  # deterministic
+        parsed = parse_trace(proposal.text, image_size=record.size, labels=CANDIDATES)
+        assert parsed.errors == () and parsed.trace.answer == label  # a flaw the paper's filter cannot see
+        assert (proposal.flaw is not None) == flawed[index]
+        if proposal.flaw is None:
+            assert proposal.text == render_trace(grounded)
+    assert TemplateTeacher(error_rate=0.0).propose(replace(_request(record, label), count=4)).flaw is None
+
+
+@pytest.mark.parametrize("photo", LABELLED)
+def test_each_flaw_kind_is_the_mistake_it_names(sample_records, photo):
+    from tag_lightning.boxes import box_iou
+
+    record, label = sample_records[photo], SAMPLE_LABELS[photo]
+    grounded = TemplateTeacher().write(record, label)
+    hallucinating, flaw = TemplateTeacher(error_kinds=("hallucination",)).compose(record, label, flawed=True)
+    assert flaw["kind"] == "hallucination"
+    au = int(flaw["au"][2:])
+    assert _intensity(record, au) < 1.0 and flaw["measured_intensity"] == round(_intensity(record, au), 2)
+    step = next(step for step in hallucinating.steps if au in step.aus)
+    assert list(step.box) == record.aus[f"AU{au}"]["box"]  # the region is right; the activity is not there
+    assert len(hallucinating.steps) == len(grounded.steps) + 1 and flaw["au"] in hallucinating.conclusion
+    moved, flaw = TemplateTeacher(error_kinds=("wrong_box",)).compose(record, label, flawed=True)
+    assert flaw["kind"] == "wrong_box"
+    number = flaw["step"] - 1
+    assert [step.aus for step in moved.steps] == [step.aus for step in grounded.steps]
+    assert list(grounded.steps[number].box) == flaw["true_box"] and list(moved.steps[number].box) == flaw["box"]
+    assert box_iou(moved.steps[number].box, grounded.steps[number].box) == 0.0
+    assert moved.steps[:number] + moved.steps[number + 1:] == grounded.steps[:number] + grounded.steps[number + 1:]
+
+
+def test_bad_error_settings_are_refused():
+    with pytest.raises(ValueError, match=r"error_rate must lie in \[0, 1\]"):
+        TemplateTeacher(error_rate=1.5)
+    with pytest.raises(ValueError, match="error kinds must be some of hallucination, wrong_box"):
+        TemplateTeacher(error_kinds=("typo",))

@@ -113,6 +113,29 @@ def test_an_eliminated_label_answered_again_is_a_format_failure(sample_records):
     assert (outcome.attempts.label_retries, outcome.attempts.format_retries) == (1, 1)
 
 
+def test_the_paper_filter_keeps_flawed_traces_with_the_right_label_and_ours_drops_them(sample_records):
+    """Hand-made answers: grounded, an extra step on an inactive AU, a box on another region, a wrong
+    label, a broken format. TAG's filter sees only the last two; ours sees all four flaws."""
+    record = sample_records[HAPPINESS]
+    grounded = TemplateTeacher().write(record, "happiness")
+    au15 = record.aus["AU15"]  # inactive on this face
+    hallucinated = replace(grounded, steps=(*grounded.steps, Step("lip corner", (15,), "pulled down", tuple(au15["box"]))))
+    far = tuple(record.aus["AU1"]["box"])
+    moved = replace(grounded, steps=(replace(grounded.steps[0], box=far), *grounded.steps[1:]))
+    answers = {"grounded": render_trace(grounded), "hallucinated": render_trace(hallucinated),
+               "moved": render_trace(moved), "wrong label": render_trace(replace(grounded, answer="anger")),
+               "broken": "Global analysis: nothing else"}
+    kept = {}
+    for name in ("paper", "grounded"):
+        config = RejectionConfig(max_format_retries=0, max_label_retries=0, filter=name)
+        kept[name] = sorted(answer for answer, text in answers.items()
+                            if sample_trace(ScriptedTeacher([text]), record, ImageRef.from_path(record.image),
+                                            "happiness", CANDIDATES, config).status == "kept")
+    assert kept == {"paper": ["grounded", "hallucinated", "moved"], "grounded": ["grounded"]}
+    with pytest.raises(ValueError, match="filter must be one of paper, grounded"):
+        RejectionConfig(filter="strict")
+
+
 def test_declines_and_transport_failures_end_the_sample_without_retries(sample_records):
     record = sample_records[SURPRISE]
     image = ImageRef.from_path(record.image)
@@ -234,3 +257,44 @@ def test_prepare_traces_explains_missing_teacher_options(samples_dir, au_cache, 
     assert "--base-url" in capsys.readouterr().err
     assert _prepare_traces(samples_dir, au_cache, tmp_path / "t.jsonl", "--candidates", "anger") == 2
     assert "--candidates" in capsys.readouterr().err
+
+
+def test_several_traces_per_image_are_written_resumed_and_recorded(samples_dir, au_cache, tmp_path, capsys):
+    out = tmp_path / "traces.jsonl"
+    options = ("--traces-per-image", "4", "--error-rate", "0.75", "--filter", "paper")
+    assert _prepare_traces(samples_dir, au_cache, out, *options) == 0
+    complete = _lines(out)
+    assert len(complete) == 16
+    by_image: dict[str, list[dict]] = {}
+    for line in complete:
+        by_image.setdefault(line["image"], []).append(line)
+    for lines in by_image.values():
+        assert sorted(line["trace_index"] for line in lines) == [0, 1, 2, 3]
+        assert sum("flaw" in line for line in lines) == 3
+        assert len({json.dumps(line["flaw"]) for line in lines if "flaw" in line}) == 1  # one flaw per face
+    stats = json.loads(sidecar_paths(out)[1].read_text())
+    assert sum(stats["flawed"].values()) == 12
+    assert stats["settings"]["filter"] == "paper" and stats["settings"]["traces_per_image"] == 4
+    assert stats["settings"]["teacher"] | {"error_rate": 0.75, "name": "template"} == stats["settings"]["teacher"]
+    assert "kept with a deliberate flaw" in capsys.readouterr().out
+    written = out.read_bytes().splitlines(keepends=True)
+    out.write_bytes(b"".join(written[:6]) + written[6][:40])  # killed while writing the 7th trace
+    assert _prepare_traces(samples_dir, au_cache, out, *options) == 0
+    resumed = _lines(out)
+    assert sorted(map(json.dumps, resumed)) == sorted(map(json.dumps, complete))
+    assert json.loads(sidecar_paths(out)[1].read_text())["kept"] == 10  # only what was lost is asked for
+    assert _prepare_traces(samples_dir, au_cache, out, "--filter", "grounded", "--traces-per-image", "4",
+                           "--error-rate", "0.75") == 0
+    again = json.loads(sidecar_paths(out)[1].read_text())
+    assert again["kept"] == 0 and again["skipped"]["already written"] == 4
+
+
+def test_the_error_rate_belongs_to_the_template_teacher(samples_dir, au_cache, tmp_path, capsys):
+    for option, value, message in (("--error-rate", "1.5", "must lie in [0, 1]"),
+                                   ("--error-kinds", "typo", "unknown flaw kind")):
+        with pytest.raises(SystemExit) as stopped:
+            _prepare_traces(samples_dir, au_cache, tmp_path / "t.jsonl", option, value)
+        assert stopped.value.code == 2 and message in capsys.readouterr().err
+    assert _prepare_traces(samples_dir, au_cache, tmp_path / "t.jsonl", "--teacher", "openai",
+                           "--error-rate", "0.5") == 2
+    assert "controlled experiment" in capsys.readouterr().err
