@@ -13,12 +13,12 @@ claim rule the GRPO rewards use). `AnswerMetrics` (one object per stage) accumul
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torchmetrics import Metric, MetricCollection
+from torchmetrics import MeanMetric, Metric, MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy,
     MulticlassConfusionMatrix,
@@ -29,6 +29,7 @@ from torchmetrics.classification import (
 from tag_lightning.au.taxonomy import EMOTION_PROTOTYPES
 from tag_lightning.claims import ACTIVE, HALLUCINATION, NEUTRAL, Claim, Completion, References, claims_of
 from tag_lightning.data.labels import EMOTION_INDEX, EMOTIONS
+from tag_lightning.rewards import REWARDS
 
 NO_ANSWER = "no answer"
 CLASSES = (*EMOTIONS, NO_ANSWER)
@@ -189,3 +190,33 @@ class AnswerMetrics(nn.Module):
     def reset(self) -> None:
         self.classification.reset()
         self.faithfulness.reset()
+
+
+class SampledAnswerMetrics(nn.Module):
+    """Figures over several sampled answers per image (`VLMModule.sampled_answers`): every figure of
+    `AnswerMetrics` with each sampled answer counted as one answer, and the mean of each GRPO reward
+    (`rewards.reward_values`, unweighted) over the samples. Sums, so ranks sync as in `AnswerMetrics`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answers = AnswerMetrics()
+        self.rewards = nn.ModuleDict({name: MeanMetric() for name in REWARDS})
+
+    def update(self, scores: Sequence[AnswerScore], rewards: Sequence[Mapping[str, float]]) -> None:
+        self.answers.update(scores)
+        for values in rewards:
+            for name, value in values.items():
+                self.rewards[name].update(value)
+
+    def compute(self) -> dict:
+        """``figures`` (the figures of `AnswerMetrics` and ``reward/<name>``) and ``counts``."""
+        computed = self.answers.compute()
+        figures = {name: value for name, value in computed.items() if isinstance(value, float)}
+        figures |= {f"reward/{name}": float(metric.compute()) for name, metric in self.rewards.items()
+                    if metric.update_count}
+        return {"figures": figures, "counts": computed["counts"]}
+
+    def reset(self) -> None:
+        self.answers.reset()
+        for metric in self.rewards.values():
+            metric.reset()

@@ -98,6 +98,11 @@ def check_weights(weights: Mapping[str, float]) -> dict[str, float]:
     return {name: float(weight) for name, weight in weights.items()}
 
 
+def reward_values(completion: Completion, references: References) -> dict[str, float]:
+    """Every reward of `REWARDS`, unweighted, for one completion (what evaluation reports of sampled answers)."""
+    return {name: reward(completion, references).value for name, reward in REWARDS.items()}
+
+
 def score(completion: Completion, references: References, weights: Mapping[str, float]) -> tuple[float, dict[str, RewardResult]]:
     """The weighted total and each weighted reward's result, for one completion."""
     results = {name: REWARDS[name](completion, references) for name in weights}

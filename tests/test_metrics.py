@@ -90,3 +90,26 @@ def test_two_ddp_ranks_compute_every_figure_of_one_process():
         assert results[rank].keys() == expected.keys()
         for name, value in expected.items():
             assert results[rank][name] == (pytest.approx(value) if isinstance(value, float) else value), name
+
+
+def test_sampled_answers_are_counted_as_answers_and_each_reward_is_averaged():
+    """The five hand-made answers as five samples of one face (`tag test --model.init_args.sampled_answers`)."""
+    from tag_lightning.metrics import SampledAnswerMetrics
+    from tag_lightning.rewards import reward_values
+
+    completions = [read_completion(text) for text in HAND_MADE.values()]
+    sampled = SampledAnswerMetrics()
+    sampled.update([score_answer(c, HAPPY_FACE) for c in completions[:2]],
+                   [reward_values(c, HAPPY_FACE) for c in completions[:2]])
+    sampled.update([score_answer(c, HAPPY_FACE) for c in completions[2:]],
+                   [reward_values(c, HAPPY_FACE) for c in completions[2:]])
+    result = sampled.compute()
+    figures = result["figures"]
+    assert figures["hallucination_rate"] == pytest.approx(1 / 5) and figures["format_valid"] == pytest.approx(3 / 5)
+    assert figures["box_iou"] == pytest.approx(5 / 6) and result["counts"]["answers"] == 5
+    # grounding: perfect 1, AU4 hallucinated 1/2, box off the face 0, missing answer (its AU6 claim) 1, garbage 0
+    assert figures["reward/grounding"] == pytest.approx(2.5 / 5)
+    assert figures["reward/answer"] == pytest.approx(3 / 5)
+    # format: perfect, hallucinated and off-the-face pass all four checks; the missing answer fails grammar and
+    # answer (2/4); garbage passes none
+    assert figures["reward/format"] == pytest.approx((1 + 1 + 1 + 0.5 + 0) / 5)

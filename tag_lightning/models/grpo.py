@@ -31,10 +31,8 @@ from __future__ import annotations
 
 import copy
 import csv
-import hashlib
 import math
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +44,7 @@ from torch import Tensor
 
 from tag_lightning.models.checkpoints import check_fits, network_weights, read_checkpoint
 from tag_lightning.models.module import VLMModule
+from tag_lightning.models.sampling import seeded
 from tag_lightning.models.vlm import VLMWrapper
 from tag_lightning.rewards import DEFAULT_WEIGHTS, check_weights, score
 
@@ -187,6 +186,8 @@ class GRPOModule(VLMModule):
         max_new_tokens: longest greedy answer in validation, test and prediction.
         occlusion_test: in `tag test`, also run the evidence-necessity test (see `VLMModule`).
         occlusion_seed: seed of its random regions.
+        sampled_answers, sampled_temperature, sampled_seed: in `tag test`, also score sampled answers
+            per image (see `VLMModule`).
     """
 
     def __init__(
@@ -215,8 +216,12 @@ class GRPOModule(VLMModule):
         max_new_tokens: int = 256,
         occlusion_test: bool = False,
         occlusion_seed: int = 0,
+        sampled_answers: int = 0,
+        sampled_temperature: float = 1.0,
+        sampled_seed: int = 0,
     ) -> None:
-        super().__init__(network, optimizer, scheduler, max_new_tokens, occlusion_test, occlusion_seed)
+        super().__init__(network, optimizer, scheduler, max_new_tokens, occlusion_test, occlusion_seed,
+                         sampled_answers, sampled_temperature, sampled_seed)
         _check_options(num_generations, max_completion_length, temperature, top_p, scale_rewards, loss_type,
                        epsilon, epsilon_high, beta, num_iterations, micro_batch_size)
         self.reward_weights = check_weights(DEFAULT_WEIGHTS if rewards is None else rewards)
@@ -333,14 +338,9 @@ class GRPOModule(VLMModule):
             labels=[label for label in batch["label"] for _ in range(repeat)],
         )
 
-    @contextmanager
-    def _seeded(self, image_name: str) -> Iterator[None]:
-        """Fork the random state and seed it from (rollout_seed, step, image): the group's samples are then
-        the same whatever ran before (resumption, other ranks, validation)."""
-        digest = hashlib.sha256(f"{self.rollout_seed}:{self.global_step}:{image_name}".encode()).digest()
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            torch.manual_seed(int.from_bytes(digest[:8], "little") % 2**63)
-            yield
+    def _seeded(self, image_name: str):
+        """The group's samples are a function of (rollout_seed, step, image), whatever ran before."""
+        return seeded(f"{self.rollout_seed}:{self.global_step}:{image_name}", self.device)
 
     def _chunks(self, rollouts: Rollouts) -> list[tuple[slice, Mapping[str, Tensor]]]:
         """The rollouts as model inputs (prompt + completion tokens, labels = completion), in micro-batches."""

@@ -5,7 +5,8 @@
 - validation and test generate greedily, parse each answer once and score it against the label
   and the detector (`claims.py`, `metrics.py`); `tag test` writes its figures, every answer and
   the confusion matrix to a new folder (`reports.py`), with the evidence-necessity test
-  (`occlusion.py`) when asked; `tag predict` writes the same scores per image;
+  (`occlusion.py`) and k sampled answers per image (the model's distribution, not only its
+  greedy answer) when asked; `tag predict` writes the same scores per image;
 - checkpoints hold only the trainable weights, the VLM config and the random states, and a
   checkpoint built for another model set-up is refused before anything loads (`checkpoints.py`).
 """
@@ -21,11 +22,13 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 
 from tag_lightning.claims import Completion, References, read_completion
-from tag_lightning.metrics import AnswerMetrics, AnswerScore, score_answer
+from tag_lightning.metrics import AnswerMetrics, AnswerScore, SampledAnswerMetrics, score_answer
 from tag_lightning.models.checkpoints import check_fits, pack_rng_states, restore_rng_states
+from tag_lightning.models.sampling import seeded
 from tag_lightning.models.vlm import VLMWrapper
 from tag_lightning.occlusion import OcclusionFlips, blur_boxes, face_area, random_boxes_like
 from tag_lightning.reports import new_run_folder, write_evaluation
+from tag_lightning.rewards import reward_values
 
 
 class VLMModule(LightningModule):
@@ -39,6 +42,12 @@ class VLMModule(LightningModule):
         occlusion_test: in `tag test`, ask each question again with the cited regions blurred and
             with as many random face regions of the same sizes blurred (evidence necessity).
         occlusion_seed: seed of the random regions (with the image's name).
+        sampled_answers: in `tag test`, also sample this many answers per image at
+            `sampled_temperature` (as GRPO's rollouts are drawn) and report every figure over them
+            (``sampled`` in metrics.json, with the mean of each GRPO reward): what the model tends to
+            say, where the greedy answer shows only its most likely path. 0: greedy answers only.
+        sampled_temperature: temperature of those samples (top-p 1).
+        sampled_seed: seed of those samples (with the image's name).
     """
 
     def __init__(
@@ -49,8 +58,14 @@ class VLMModule(LightningModule):
         max_new_tokens: int = 256,
         occlusion_test: bool = False,
         occlusion_seed: int = 0,
+        sampled_answers: int = 0,
+        sampled_temperature: float = 1.0,
+        sampled_seed: int = 0,
     ) -> None:
         super().__init__()
+        if sampled_answers < 0 or sampled_temperature <= 0:
+            raise ValueError(f"sampled_answers must be >= 0 and sampled_temperature > 0, got {sampled_answers} and "
+                             f"{sampled_temperature}")
         self.save_hyperparameters(ignore=["network", "optimizer", "scheduler"])  # a subclass's own arguments too
         self.network = network
         self.optimizer_factory = optimizer
@@ -58,8 +73,12 @@ class VLMModule(LightningModule):
         self.max_new_tokens = max_new_tokens
         self.occlusion_test = occlusion_test
         self.occlusion_seed = occlusion_seed
+        self.sampled_answers = sampled_answers
+        self.sampled_temperature = sampled_temperature
+        self.sampled_seed = sampled_seed
         self.val_metrics = AnswerMetrics()
         self.test_metrics = AnswerMetrics()
+        self.sampled_metrics = SampledAnswerMetrics()
         self.occlusion = OcclusionFlips()
         self._test_rows: list[dict] = []  # this rank's per-image rows of the running test
         self.strict_loading = False  # checkpoints hold only the trainable weights (see on_save_checkpoint)
@@ -130,7 +149,32 @@ class VLMModule(LightningModule):
         if self.occlusion_test:
             for row, occlusion in zip(rows, self._ask_occluded(batch, answered)):
                 row["occlusion"] = occlusion
+        if self.sampled_answers:
+            for row, samples in zip(rows, self._sample_answers(batch)):
+                row["samples"] = samples
         self._test_rows.extend(rows)
+
+    @torch.no_grad()
+    def _sample_answers(self, batch: dict) -> list[list[dict]]:
+        """`sampled_answers` sampled answers per image (seeded by `sampled_seed` and the image's name),
+        each scored like a greedy answer and by every GRPO reward; one list of rows per image."""
+        per_image = []
+        for image, prompt, name, references in zip(batch["image"].cpu(), batch["prompt"], batch["image_name"],
+                                                   self.references(batch)):
+            with seeded(f"sampled:{self.sampled_seed}:{name}", self.device):
+                output = self.network.generate([image.numpy()], [prompt], max_new_tokens=self.max_new_tokens,
+                                               do_sample=True, temperature=self.sampled_temperature,
+                                               num_return_sequences=self.sampled_answers)
+            rows = []
+            for text in output.texts:
+                completion = self.read(text, references)
+                answer, rewards = score_answer(completion, references), reward_values(completion, references)
+                self.sampled_metrics.update([answer], [rewards])
+                rows.append({"text": text, "answer": answer.answer, "format_valid": answer.valid,
+                             "box_iou": answer.box_iou, "hallucination": answer.hallucinates,
+                             "claims": [claim.to_dict() for claim in answer.claims], "rewards": rewards})
+            per_image.append(rows)
+        return per_image
 
     def _ask_occluded(self, batch: dict, answered: list[tuple[str, Completion, AnswerScore]]) -> list[dict | None]:
         """Ask again with the cited regions blurred, then with as many random face regions of the same sizes.
@@ -183,6 +227,10 @@ class VLMModule(LightningModule):
             about["evidence_necessity"] = self.occlusion.compute()
             self.log_dict({f"test/{name}": about["evidence_necessity"][name]
                            for name in ("flip_cited", "flip_random", "difference")})
+        if self.sampled_answers:
+            about["sampled"] = {"answers_per_image": self.sampled_answers, "temperature": self.sampled_temperature,
+                                "seed": self.sampled_seed, **self.sampled_metrics.compute()}
+            self.log_dict({f"test/sampled/{name}": value for name, value in about["sampled"]["figures"].items()})
         rows = self._gathered_rows()
         if self.global_rank == 0:
             folder = new_run_folder(self.trainer.log_dir or ".")
@@ -190,6 +238,7 @@ class VLMModule(LightningModule):
             rank_zero_info(f"evaluation of {len(rows)} images: {folder}")
         self.test_metrics.reset()
         self.occlusion.reset()
+        self.sampled_metrics.reset()
         self._test_rows = []
 
     def _log_figures(self, stage: str, figures: dict) -> None:

@@ -12,10 +12,22 @@ Hugging Face's `suppress_tokens`, which rebuilds a vocabulary mask on every step
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from transformers import LogitsProcessor
+
+
+@contextmanager
+def seeded(key: str, device: torch.device) -> Iterator[None]:
+    """Fork torch's random state and seed it from `key`: what is sampled inside is a function of the
+    key alone, whatever ran before (resumption, other ranks, validation, batch composition)."""
+    digest = hashlib.sha256(key.encode()).digest()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(int.from_bytes(digest[:8], "little") % 2**63)
+        yield
 
 
 class NextTokenSampler(LogitsProcessor):

@@ -59,3 +59,25 @@ def test_a_bare_model_folder_is_a_zero_shot_baseline_and_the_occlusion_test_repo
     necessity = report["evidence_necessity"]
     assert {"flip_cited", "flip_random", "difference", "no_evidence", "per_class"} <= set(necessity)
     assert necessity["asked"] + necessity["no_evidence"] == 4
+
+
+def test_sampled_answers_beside_a_checkpoint_are_scored_and_reported(tag_args, sft_checkpoint, tmp_path):
+    """`--model.init_args.sampled_answers 3` beside `--ckpt_path` takes effect: three seeded samples per face,
+    each in predictions.jsonl, and metrics.json's ``sampled`` figures are their counts."""
+    options = ["--model.init_args.sampled_answers=3", "--model.init_args.sampled_temperature=1.0",
+               "--model.init_args.max_new_tokens=48", f"--ckpt_path={sft_checkpoint}"]
+    assert main(tag_args("sft", tmp_path / "a", *options, command="test")) == 0
+    folder = evaluation_of(tmp_path / "a")
+    sampled = check_report(folder, sft_checkpoint, "SFTModule")["sampled"]
+    assert (sampled["answers_per_image"], sampled["temperature"]) == (3, 1.0)
+    rows = [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
+    samples = [sample for row in rows for sample in row["samples"]]
+    assert [len(row["samples"]) for row in rows] == [3] * 4 and sampled["counts"]["answers"] == 12
+    figures = sampled["figures"]
+    assert figures["hallucination_rate"] == pytest.approx(sum(s["hallucination"] for s in samples) / 12)
+    assert figures["format_valid"] == pytest.approx(sum(s["format_valid"] for s in samples) / 12)
+    for reward in ("format", "answer", "grounding"):
+        assert figures[f"reward/{reward}"] == pytest.approx(sum(s["rewards"][reward] for s in samples) / 12)
+    assert main(tag_args("sft", tmp_path / "b", *options, command="test")) == 0
+    again = [json.loads(line) for line in (evaluation_of(tmp_path / "b") / "predictions.jsonl").read_text().splitlines()]
+    assert [row["samples"] for row in again] == [row["samples"] for row in rows]  # seeded
