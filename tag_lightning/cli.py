@@ -13,6 +13,8 @@ import os
 import sys
 from pathlib import Path
 
+from tag_lightning.data.teachers import FLAW_KINDS
+from tag_lightning.data.trace_builder import FILTERS
 from tag_lightning.errors import UserError, describe, read_yaml
 from tag_lightning.images import IMAGE_SUFFIXES, ImageRef, content_hash
 
@@ -37,6 +39,23 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def _unit_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {text}")
+    return value
+
+
+def _error_kinds(text: str) -> str:
+    unknown = sorted(set(text.split(",")) - set(FLAW_KINDS))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown flaw kind(s) {unknown}; choose from {', '.join(FLAW_KINDS)}")
+    return text
 
 
 def _image_file(text: str) -> Path:
@@ -127,7 +146,9 @@ def _demo(args: argparse.Namespace) -> int:
 
     run_demo(DemoSettings(out=args.out, model=args.model, data=args.data, configs=tuple(args.config),
                           sft_steps=args.sft_steps, grpo_steps=args.grpo_steps, workers=args.workers,
-                          libreface_weights=args.libreface_weights))
+                          libreface_weights=args.libreface_weights, traces_per_image=args.traces_per_image,
+                          error_rate=args.error_rate, error_kinds=tuple(args.error_kinds.split(",")),
+                          sampled_answers=args.sampled_answers, ablation=args.ablation))
     return 0
 
 
@@ -218,8 +239,11 @@ def _describe(record) -> str:
 def _trace_teacher(args: argparse.Namespace):
     from tag_lightning.data import teachers
 
+    if args.error_rate and args.teacher != "template":
+        raise UserError("--error-rate is the template teacher's controlled experiment; a VLM teacher errs on its own")
     if args.teacher == "template":
-        return teachers.TemplateTeacher(top_k=args.top_k, min_intensity=args.min_intensity, seed=args.seed)
+        return teachers.TemplateTeacher(top_k=args.top_k, min_intensity=args.min_intensity, seed=args.seed,
+                                        error_rate=args.error_rate, error_kinds=tuple(args.error_kinds.split(",")))
     if args.teacher == "openai":
         if not args.base_url or not args.model:
             raise UserError("--teacher openai needs --base-url (e.g. http://localhost:8000/v1) and --model")
@@ -246,7 +270,8 @@ def _traces(args: argparse.Namespace) -> int:
         raise UserError(f"the candidate labels are {list(candidates)}; a teacher needs at least two: "
                         "name them with --candidates")
     config = RejectionConfig(max_format_retries=args.max_format_retries, max_label_retries=args.max_label_retries,
-                             top_k=args.top_k, min_intensity=args.min_intensity, min_box_iou=args.min_box_iou)
+                             top_k=args.top_k, min_intensity=args.min_intensity, min_box_iou=args.min_box_iou,
+                             filter=args.filter, traces_per_image=args.traces_per_image)
     stats = build_traces(samples, cache, _trace_teacher(args), args.out, candidates, config,
                          retry_rejected=args.retry_rejected, limit=args.limit, progress=not args.quiet,
                          max_failures_in_a_row=args.max_failures_in_a_row)
@@ -290,11 +315,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run every phase of TAG, each as the `tag` command a user would type: the sample face photos "
                     "and their AU cache (with AU drawings), template-teacher traces, the tiny random Qwen2.5-VL, "
                     "an evaluation of the untrained model, SFT, its evaluation, GRPO from the SFT checkpoint, its "
-                    "evaluation; then OUT/report.html (one self-contained page: metrics of the three stages, "
-                    "training curves, every face with the model's boxes against the detector's, the commands) and "
-                    "OUT/metrics.json. About 8 minutes on 2 CPU cores. Killed, it resumes: finished phases are "
-                    "skipped and a training run goes on from its last checkpoint. With --model and --data it runs "
-                    "the same phases on a real model and dataset (nothing is downloaded).")
+                    "evaluation; then OUT/report.html (one self-contained page: metrics of each stage, training "
+                    "curves, every face with the model's boxes against the detector's, the commands) and "
+                    "OUT/metrics.json.\n\nBy default the demo is a controlled experiment on TAG's claim that the "
+                    "grounding reward removes evidence SFT learned wrong: the template teacher writes "
+                    "--traces-per-image traces per face, a share (--error-rate) of them with a deliberate grounding "
+                    "flaw (an AU the detector does not see, or a box on another region) but the right label, which "
+                    "TAG's own filter (label and format) keeps; SFT learns that mix, GRPO should unlearn the flaws. "
+                    "--ablation runs the same GRPO without the grounding reward for comparison. It shows that the "
+                    "reward moves a tiny model's evidence on four faces, not TAG's accuracy on real data.\n\n"
+                    "About 10 minutes on 2 CPU cores (--ablation: about 4 more). Killed, it resumes: finished phases "
+                    "are skipped and a training run goes on from its last checkpoint. With --model and --data it "
+                    "runs the same phases on a real model and dataset (nothing is downloaded).")
     demo.add_argument("--out", type=Path, default=Path("outputs/demo"), help="folder for everything the demo writes")
     demo.add_argument("--model", default=None,
                       help="a Hugging Face model folder, or a hub id already in the local Hugging Face cache "
@@ -311,6 +343,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--grpo-steps", type=_positive_int, default=None,
                       help="GRPO optimizer steps (unset: the configs' max_steps, 30 for the tiny model)")
     demo.add_argument("--workers", type=_positive_int, default=2, help="worker processes for the AU cache build")
+    demo.add_argument("--traces-per-image", type=_positive_int, default=4,
+                      help="template-teacher traces per face (the experiment's mix)")
+    demo.add_argument("--error-rate", type=_unit_float, default=0.75,
+                      help="the controlled experiment: the share of each face's traces with a deliberate grounding "
+                           "flaw and the right label, kept by TAG's filter (0: every trace grounded, and our "
+                           "grounding filter)")
+    demo.add_argument("--error-kinds", type=_error_kinds, default="hallucination",
+                      help="the flaw kinds of the experiment (see `tag prepare traces --help`); wrong_box flaws were "
+                           "not removed by the tiny model's GRPO in our runs (README, The demo's experiment)")
+    demo.add_argument("--sampled-answers", type=int, default=8,
+                      help="answers sampled per face (at GRPO's temperature) in the evaluations after SFT and GRPO, "
+                           "besides the greedy one: the share of flawed evidence in what the model tends to say")
+    demo.add_argument("--ablation", action="store_true",
+                      help="also run GRPO without the grounding reward (configs/ablation/no_grounding.yaml), same "
+                           "SFT start, steps and seeds, and evaluate it: is the effect the grounding reward's?")
     demo.add_argument("--libreface-weights", default=None,
                       help="LibreFace's combined_resnet.pt; without it AU intensities come from blendshapes")
     demo.set_defaults(func=_demo)
@@ -411,7 +458,22 @@ def build_parser() -> argparse.ArgumentParser:
     traces.add_argument("--device", default="cpu", help="hf: torch device (cpu, cuda, cuda:1)")
     traces.add_argument("--temperature", type=float, default=0.7, help="openai/hf: sampling temperature (0: greedy)")
     traces.add_argument("--max-new-tokens", type=int, default=1024, help="openai/hf: longest answer in tokens")
-    traces.add_argument("--seed", type=int, default=0, help="template: seed of the phrasing choices")
+    traces.add_argument("--seed", type=int, default=0,
+                        help="template: seed of the phrasing choices (and of the flaws, with --error-rate)")
+    traces.add_argument("--traces-per-image", type=_positive_int, default=1,
+                        help="traces asked for per image, each judged and kept on its own (a VLM teacher at a "
+                             "temperature above 0 writes a different one each time)")
+    traces.add_argument("--filter", choices=tuple(FILTERS), default="grounded",
+                        help="which traces are kept: " + "; ".join(f"{name}: {text}" for name, text in FILTERS.items()))
+    traces.add_argument("--error-rate", type=_unit_float, default=0.0,
+                        help="template, a controlled experiment: the share of each image's traces that carry a "
+                             "deliberate flaw while naming the right label, as a VLM teacher's traces do (one flaw "
+                             "per face, seeded; see --error-kinds). Use with --traces-per-image and --filter paper, "
+                             "which keeps them; the grounded filter drops them")
+    traces.add_argument("--error-kinds", type=_error_kinds, default=",".join(FLAW_KINDS),
+                        help="with --error-rate: comma-separated flaw kinds to draw from; hallucination: an extra "
+                             "step cites an AU the detector does not activate; wrong_box: a cited step carries "
+                             "another region's box")
     traces.add_argument("--limit", type=int, default=None, help="consider only the first N samples of the data")
     traces.add_argument("--retry-rejected", action="store_true",
                         help="ask again about images an earlier run gave up on")

@@ -1,11 +1,16 @@
 """`tag demo`: all of TAG on a laptop, phase by phase, each phase the `tag` commands a user would type.
 
 1. data: the sample face photos (or the user's dataset), their AU cache, drawings of a few faces;
-2. traces: AU-grounded reasoning traces written by the template teacher;
+2. traces: AU-grounded reasoning traces written by the template teacher, by default as a
+   controlled experiment: several traces per face, some with a deliberate grounding flaw but the
+   right label, kept by TAG's own filter (label and format), as a VLM teacher's would be;
 3. model: the tiny random Qwen2.5-VL with the real Qwen vocabulary (or the user's model);
 4. evaluation of the untrained model (`tag test`), the zero-shot baseline;
-5. SFT on the traces (`tag fit -c configs/sft.yaml`), then its evaluation;
-6. GRPO from the SFT checkpoint (`tag fit -c configs/grpo.yaml`), then its evaluation;
+5. SFT on the traces (`tag fit -c configs/sft.yaml`), then its evaluation: greedy answers and
+   sampled ones (the model learns the teacher's mix, flaws included);
+6. GRPO from the SFT checkpoint (`tag fit -c configs/grpo.yaml`), then its evaluation: does the
+   grounding reward remove the flawed evidence? With ``ablation``, the same GRPO without the
+   grounding reward (`configs/ablation/no_grounding.yaml`) and its evaluation, for comparison;
 7. the report: ``report.html`` (one self-contained page) and ``metrics.json``.
 
 The demo runs each command in this process through `cli.main`, exactly as typed, and records
@@ -46,6 +51,12 @@ class DemoSettings:
         grpo_steps: GRPO optimizer steps (None: the configs' ``max_steps``).
         workers: worker processes of the AU cache build.
         libreface_weights: LibreFace's ``combined_resnet.pt`` (None: blendshape intensities).
+        traces_per_image: template traces per face.
+        error_rate: the share of each face's traces with a deliberate grounding flaw (the controlled
+            experiment; 0: every trace grounded, kept by our grounding filter instead of TAG's).
+        error_kinds: the flaw kinds drawn from (`teachers.FLAW_KINDS`).
+        sampled_answers: sampled answers per face scored after each training stage (0: greedy only).
+        ablation: also run GRPO without the grounding reward, from the same SFT checkpoint.
     """
 
     out: Path
@@ -56,9 +67,15 @@ class DemoSettings:
     grpo_steps: int | None = None
     workers: int = 2
     libreface_weights: str | None = None
+    traces_per_image: int = 4
+    error_rate: float = 0.75
+    error_kinds: tuple[str, ...] = ("hallucination",)
+    sampled_answers: int = 8
+    ablation: bool = False
 
     def to_json(self) -> dict:
-        return {**asdict(self), "out": str(self.out), "configs": list(self.configs)}
+        return {**asdict(self), "out": str(self.out), "configs": list(self.configs),
+                "error_kinds": list(self.error_kinds)}
 
 
 @dataclass
@@ -160,12 +177,18 @@ class Demo:
             Phase("after_sft", "evaluation after SFT",
                   lambda: [self.test_command("after_sft", "sft", self.checkpoints("sft") / "last.ckpt")],
                   lambda: self.evaluation("after_sft") is not None),
-            Phase("grpo", "GRPO with the format, answer and grounding rewards", lambda: [self.fit_command("grpo")],
-                  (self.checkpoints("grpo") / "last.ckpt").is_file),
-            Phase("after_grpo", "evaluation after GRPO",
-                  lambda: [self.test_command("after_grpo", "grpo", self.checkpoints("grpo") / "last.ckpt")],
-                  lambda: self.evaluation("after_grpo") is not None),
         ]
+        grpo_runs = {"grpo": "GRPO with the format, answer and grounding rewards"}
+        if self.settings.ablation:
+            grpo_runs["grpo_ablation"] = "the ablation: the same GRPO without the grounding reward"
+        for run, title in grpo_runs.items():
+            phases += [
+                Phase(run, title, lambda run=run: [self.fit_command(run)],
+                      (self.checkpoints(run) / "last.ckpt").is_file),
+                Phase(f"after_{run}", f"evaluation after {title.split(':')[-1].strip()}",
+                      lambda run=run: [self.test_command(f"after_{run}", "grpo", self.checkpoints(run) / "last.ckpt")],
+                      lambda run=run: self.evaluation(f"after_{run}") is not None),
+            ]
         return phases
 
     def _data_commands(self) -> list[list[str]]:
@@ -190,8 +213,12 @@ class Demo:
 
     def _trace_commands(self) -> list[list[str]]:
         split = [] if self.settings.data is None else ["--split", "train"]
+        experiment = ["--traces-per-image", str(self.settings.traces_per_image)]
+        if self.settings.error_rate:  # TAG's filter keeps the flawed traces, as it would a VLM teacher's
+            experiment += ["--error-rate", str(self.settings.error_rate),
+                           "--error-kinds", ",".join(self.settings.error_kinds), "--filter", "paper"]
         return [["prepare", "traces", "--data", self.data, *split, "--cache", str(self.au_cache),
-                 "--out", str(self.traces)]]
+                 "--out", str(self.traces), *experiment]]
 
     def _common(self, config: str) -> list[str]:
         """The config files and the paths of this folder, for every `tag fit` and `tag test`."""
@@ -209,12 +236,14 @@ class Demo:
         return pieces + paths
 
     def fit_command(self, stage: str) -> list[str]:
-        """`tag fit` of a training stage (sft, grpo); a killed run's last checkpoint is resumed."""
+        """`tag fit` of a training stage (sft, grpo, grpo_ablation); a killed run's last checkpoint is resumed."""
         steps = self.settings.sft_steps if stage == "sft" else self.settings.grpo_steps
-        argv = ["fit", *self._common(f"{stage}.yaml"), *([f"--trainer.max_steps={steps}"] if steps else []),
+        config = "sft.yaml" if stage == "sft" else "grpo.yaml"
+        ablation = ["-c", str(CONFIGS / "ablation" / "no_grounding.yaml")] if stage == "grpo_ablation" else []
+        argv = ["fit", *self._common(config), *ablation, *([f"--trainer.max_steps={steps}"] if steps else []),
                 f"--trainer.default_root_dir={self.out / stage}",
                 f"--trainer.callbacks.init_args.dirpath={self.checkpoints(stage)}"]
-        if stage == "grpo":
+        if stage != "sft":  # both GRPO runs start from the same SFT checkpoint, with the same seeds
             argv.append(f"--model.init_args.init_from={self.checkpoints('sft') / 'last.ckpt'}")
         last = self.checkpoints(stage) / "last.ckpt"
         if last.is_file():  # a killed run: go on from its last checkpoint, not from the start
@@ -226,6 +255,8 @@ class Demo:
         argv = ["test", *self._common(f"{config}.yaml"), f"--trainer.default_root_dir={self.evaluation_root(stage)}"]
         if config == "grpo":  # the checkpoint holds the trained weights; the SFT start is not needed
             argv.append("--model.init_args.init_from=null")
+        if checkpoint and self.settings.sampled_answers:  # what the trained model tends to say, not only its greedy answer
+            argv.append(f"--model.init_args.sampled_answers={self.settings.sampled_answers}")
         return argv + ([f"--ckpt_path={checkpoint}"] if checkpoint else [])
 
     # -- running ----------------------------------------------------------------------------------

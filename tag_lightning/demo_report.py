@@ -24,8 +24,21 @@ from PIL import Image
 
 from tag_lightning.metrics import CLASSIFICATION, FAITHFULNESS
 
-STAGES = {"before_sft": "untrained", "after_sft": "after SFT", "after_grpo": "after GRPO"}
-"""The evaluated stages of a demo, in order, with the names the report gives them."""
+STAGES = {"before_sft": "untrained", "after_sft": "after SFT", "after_grpo": "after GRPO",
+          "after_grpo_ablation": "after GRPO without the grounding reward"}
+"""The evaluated stages of a demo, in order, with the names the report gives them (the last with --ablation only)."""
+SAMPLED_SHOWN = ("hallucination_rate", "box_iou", "format_valid", "acc", "reward/grounding", "reward/format",
+                 "reward/answer")
+"""The figures of the sampled answers the report shows."""
+EXPERIMENT_NOTE = (
+    "The experiment: the template teacher wrote {per_image} traces per face, {flawed} of them with the face's "
+    "deliberate grounding flaw (an AU the detector does not activate, or a box on another region) and all naming the "
+    "right label, so TAG's filter (label and format) kept them all, as it would keep a VLM teacher's. SFT learns "
+    "that mix; the question is whether GRPO's grounding reward removes the flawed evidence, and whether GRPO "
+    "without it (the ablation) does not. Greedy answers show the model's most likely answer; sampled ones "
+    "({sampled} per face at temperature {temperature}) show how much of its probability the flaw still holds. A "
+    "tiny model on four faces: this tests that the reward moves the model's evidence, not TAG's accuracy on real "
+    "data.")
 MEANINGS = {**CLASSIFICATION, **FAITHFULNESS}
 FACES_SHOWN = 12
 """Faces drawn with the model's answer in the report (the first of the test data)."""
@@ -39,19 +52,27 @@ TINY_MODEL_NOTE = ("The model is a tiny randomly initialised Qwen2.5-VL (about 1
 
 def write_report(demo, state) -> Path:
     """Write ``metrics.json`` and ``report.html`` into the demo's folder; returns the page's path."""
-    evaluations = {stage: demo.evaluation(stage) for stage in STAGES}
+    evaluations = {stage: folder for stage in STAGES if (folder := demo.evaluation(stage)) is not None}
     documents = {stage: json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
-                 for stage, folder in evaluations.items() if folder is not None}
+                 for stage, folder in evaluations.items()}
+    rows = {stage: _read_rows(folder) for stage, folder in evaluations.items()}
+    flaws = teacher_flaws(demo.traces)
     metrics = {
         "model": demo.model, "tiny_random_model": demo.settings.model is None, "data": demo.data,
+        "experiment": {"traces_per_image": demo.settings.traces_per_image, "error_rate": demo.settings.error_rate,
+                       "filter": "paper" if demo.settings.error_rate else "grounded", "ablation": demo.settings.ablation},
         "stages": {stage: document["figures"] for stage, document in documents.items()},
+        "sampled": {stage: document["sampled"] for stage, document in documents.items() if "sampled" in document},
+        "faces": face_fates(flaws, rows),
         "meaning": MEANINGS,
-        "evaluations": {stage: str(folder) for stage, folder in evaluations.items() if folder is not None},
+        "evaluations": {stage: str(folder) for stage, folder in evaluations.items()},
     }
     (demo.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
 
     sections = [
-        _section("What was measured", _metrics_table(metrics["stages"])),
+        _section("What was measured", _experiment_note(demo, metrics) + _metrics_table(metrics["stages"])
+                 + _sampled_table(metrics["sampled"])),
+        _section("The flawed evidence, face by face", _fates_table(metrics["faces"], list(rows))),
         _section("Training curves", _curves(demo)),
         _section("The evidence, face by face", _faces(demo, evaluations)),
         _section("The AU cache", _au_cache(demo)),
@@ -79,6 +100,103 @@ def _metrics_table(stages: dict[str, dict]) -> str:
 
 def _number(value) -> str:
     return "-" if value is None else f"{value:.3f}"
+
+
+def _experiment_note(demo, metrics: dict) -> str:
+    if not demo.settings.error_rate:
+        return ""
+    sampled = next(iter(metrics["sampled"].values()), {})
+    text = EXPERIMENT_NOTE.format(per_image=demo.settings.traces_per_image,
+                                  flawed=round(demo.settings.error_rate * demo.settings.traces_per_image),
+                                  sampled=sampled.get("answers_per_image", 0), temperature=sampled.get("temperature", "-"))
+    return f"<p class='note'>{html.escape(text)}</p>"
+
+
+def _sampled_table(sampled: dict[str, dict]) -> str:
+    if not sampled:
+        return ""
+    head = "".join(f"<th>{html.escape(STAGES[stage])}</th>" for stage in sampled)
+    rows = "".join(
+        f"<tr><th>{name}</th>" + "".join(f"<td class='num'>{_number(s['figures'].get(name))}</td>" for s in sampled.values())
+        + "</tr>" for name in SAMPLED_SHOWN)
+    return ("<h3>Sampled answers (the model's distribution, not only its greedy answer)</h3>"
+            f"<table><tr><th>figure over the samples</th>{head}</tr>{rows}</table>")
+
+
+# -- the fate of each face's flaw ----------------------------------------------------------------
+
+def teacher_flaws(traces: Path) -> dict[str, dict]:
+    """Per image (by name): how many traces it got, and the flaw some of them carry (None: all grounded)."""
+    flaws: dict[str, dict] = {}
+    if not traces.is_file():
+        return flaws
+    for line in traces.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            row = json.loads(line)
+            entry = flaws.setdefault(row["image"], {"traces": 0, "flawed": 0, "flaw": None})
+            entry["traces"] += 1
+            if row.get("flaw"):
+                entry["flawed"] += 1
+                entry["flaw"] = row["flaw"]
+    return flaws
+
+
+def flawed_claims(claims: Sequence[dict]) -> list[str]:
+    """The claims of an answer that the grounding reward scores below a grounded one: hallucinated or missed
+    AUs, and boxes that miss their AU's region (IoU below 0.5)."""
+    return [f"{claim['au']} {claim['verdict']}" if claim["verdict"] in ("hallucination", "miss")
+            else f"{claim['au']} box IoU {claim['iou']:.2f}" for claim in claims
+            if claim["verdict"] in ("hallucination", "miss") or claim["iou"] < 0.5]
+
+
+def face_fates(flaws: dict[str, dict], rows: dict[str, list[dict]]) -> list[dict]:
+    """Per face: the teacher's flaw, and at each evaluated stage the greedy answer's flawed claims and the share
+    of its sampled answers that carry one."""
+    faces = []
+    for image in sorted({row["image"] for stage_rows in rows.values() for row in stage_rows}):
+        fate = {"image": image, "teacher_flaw": flaws.get(image, {}).get("flaw"),
+                "flawed_traces": flaws.get(image, {}).get("flawed", 0), "traces": flaws.get(image, {}).get("traces", 0)}
+        for stage, stage_rows in rows.items():
+            row = next((row for row in stage_rows if row["image"] == image), None)
+            if row is None:
+                continue
+            samples = row.get("samples") or []
+            fate[stage] = {"greedy": flawed_claims(row["claims"]),
+                           "sampled_flawed": (sum(bool(flawed_claims(s["claims"])) for s in samples) / len(samples)
+                                              if samples else None)}
+        faces.append(fate)
+    return faces
+
+
+def _describe_flaw(flaw: dict | None) -> str:
+    if flaw is None:
+        return "none"
+    if flaw["kind"] == "hallucination":
+        return f"claims {flaw['au']} (measured intensity {flaw['measured_intensity']})"
+    return f"step {flaw['step']} ({', '.join(flaw['aus'])}) boxed on another region"
+
+
+def _fates_table(faces: list[dict], stages: list[str]) -> str:
+    trained = [stage for stage in stages if stage != "before_sft"]
+    if not faces or not trained:
+        return "<p>No trained stage was evaluated.</p>"
+    head = "".join(f"<th>{html.escape(STAGES[stage])}</th>" for stage in trained)
+    body = []
+    for face in faces:
+        cells = []
+        for stage in trained:
+            fate = face.get(stage)
+            if fate is None:
+                cells.append("<td>-</td>")
+                continue
+            greedy = ", ".join(fate["greedy"]) or "grounded"
+            share = "" if fate["sampled_flawed"] is None else f"<br>{fate['sampled_flawed']:.0%} of samples flawed"
+            cells.append(f"<td>greedy: {html.escape(greedy)}{share}</td>")
+        flaw = f"{_describe_flaw(face['teacher_flaw'])} in {face['flawed_traces']} of {face['traces']} traces"
+        body.append(f"<tr><th>{html.escape(Path(face['image']).name)}</th><td>{html.escape(flaw)}</td>{''.join(cells)}</tr>")
+    legend = ("<p>A flawed claim is one the grounding reward scores below a grounded one: an AU the detector does not "
+              "activate (hallucination), or a box with IoU below 0.5 against its AU's region.</p>")
+    return legend + f"<table><tr><th>face</th><th>the teacher's flaw</th>{head}</tr>{''.join(body)}</table>"
 
 
 # -- curves --------------------------------------------------------------------------------------
@@ -114,6 +232,9 @@ def _curves(demo) -> str:
     sft_val = logged_series(demo.out / "sft", ["val/format_valid", "val/box_iou", "val/acc"])
     total = logged_series(demo.out / "grpo", ["train/reward"]).get("train/reward", [])
     rewards = logged_series(demo.out / "grpo", [f"train/rewards/{name}/mean" for name in ("format", "answer", "grounding")])
+    grounding = {name: running_mean(line, SMOOTHING)
+                 for run, name in (("grpo", "GRPO"), ("grpo_ablation", "ablation: its weight 0"))
+                 for line in logged_series(demo.out / run, ["train/rewards/grounding/mean"]).values()}
     smoothed = f"mean of {SMOOTHING} steps"
     charts = [
         line_chart("SFT: training loss", sft, "optimizer step"),
@@ -123,6 +244,7 @@ def _curves(demo) -> str:
         line_chart(f"GRPO: each reward of the sampled answers (0 to 1), {smoothed}",
                    {name.split("/")[2]: running_mean(line, SMOOTHING) for name, line in rewards.items()},
                    "optimizer step"),
+        line_chart(f"GRPO: grounding reward of the sampled answers, {smoothed}", grounding, "optimizer step"),
     ]
     return "<div class='charts'>" + "".join(charts) + "</div>"
 
@@ -176,7 +298,7 @@ def _faces(demo, evaluations: dict[str, Path | None]) -> str:
     """Per face, the answer of each trained stage drawn over the image it saw, and its text."""
     from tag_lightning.viz import draw_answer
 
-    shown = [stage for stage in ("after_sft", "after_grpo") if evaluations.get(stage) is not None]
+    shown = [stage for stage in STAGES if stage != "before_sft" and evaluations.get(stage) is not None]
     if not shown:
         return "<p>No trained stage was evaluated.</p>"
     answers = {stage: {row["image"]: row for row in _read_rows(evaluations[stage])} for stage in shown}

@@ -33,11 +33,12 @@ def small_demo(tmp_path_factory):
 def test_the_report_shows_every_stage_and_every_picture_decodes(small_demo):
     out, _ = small_demo
     page = (out / "report.html").read_text(encoding="utf-8")
-    for title in ("What was measured", "Training curves", "The evidence, face by face", "The AU cache",
-                  "The commands of each phase", "tiny randomly initialised"):
+    for title in ("What was measured", "The flawed evidence, face by face", "Training curves",
+                  "The evidence, face by face", "The AU cache", "The commands of each phase",
+                  "tiny randomly initialised", "The experiment: the template teacher wrote 4 traces per face, 3 of them"):
         assert title in page
-    for stage_name in STAGES.values():
-        assert f"<th>{stage_name}</th>" in page
+    for stage in ("before_sft", "after_sft", "after_grpo"):  # the ablation runs with --ablation only
+        assert f"<th>{STAGES[stage]}</th>" in page
     links = re.findall(r"""(?:src|href)=['"]([^'"]*)""", page)
     assert links and all(link.startswith("data:") for link in links)  # self-contained: nothing to fetch
     pictures = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", page)
@@ -45,7 +46,7 @@ def test_the_report_shows_every_stage_and_every_picture_decodes(small_demo):
     for data in pictures:
         Image.open(io.BytesIO(base64.b64decode(data))).load()
     charts = re.findall(r"<svg.*?</svg>", page, flags=re.S)
-    assert len(charts) == 4
+    assert len(charts) == 5
     for chart in charts:
         drawn = ElementTree.fromstring(chart)
         assert drawn.findall(".//polyline") or drawn.findall(".//circle")  # a curve, or a single logged point
@@ -128,7 +129,8 @@ def test_a_real_dataset_is_cached_in_every_split_and_trained_on_its_train_split(
     assert demo.run(until="traces") == settings.out
     assert len(AUCache(settings.out / "au_cache")) == 3  # both splits
     traced = [json.loads(line)["image"] for line in (settings.out / "traces.jsonl").read_text().splitlines()]
-    assert sorted(name.rsplit("/", 1)[-1] for name in traced) == ["train_00001_aligned.jpg", "train_00002_aligned.jpg"]
+    assert sorted({name.rsplit("/", 1)[-1] for name in traced}) == ["train_00001_aligned.jpg", "train_00002_aligned.jpg"]
+    assert len(traced) == 2 * 4  # the experiment's traces per image
     assert [phase.name for phase in demo.phases()] == ["data", "traces", "before_sft", "sft", "after_sft", "grpo",
                                                        "after_grpo"]  # no tiny model to build
     fit = demo.fit_command("sft")
@@ -149,3 +151,48 @@ def test_bad_model_and_data_options_stop_before_any_phase(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "b"), "--data", str(CONFIGS / "data" / "rafdb.yaml")]) == 2
     assert "give a dataset spec" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_the_tiny_configs_sample_evaluation_answers_as_grpo_samples_rollouts():
+    import yaml
+
+    def model_options(name: str) -> dict:
+        return yaml.safe_load((CONFIGS / "tiny" / name).read_text())["model"]["init_args"]
+
+    grpo = model_options("grpo.yaml")
+    assert model_options("sft.yaml")["sampled_temperature"] == grpo["sampled_temperature"] == grpo["temperature"]
+
+
+def test_the_demo_runs_the_controlled_experiment_and_its_ablation_as_commands(tmp_path):
+    from tag_lightning.demo import Demo
+
+    demo = Demo(DemoSettings(out=tmp_path, ablation=True))
+    (traces,) = demo._trace_commands()
+    assert traces[traces.index("--traces-per-image") + 1] == "4" and traces[traces.index("--error-rate") + 1] == "0.75"
+    assert traces[traces.index("--filter") + 1] == "paper" and traces[traces.index("--error-kinds") + 1] == "hallucination"
+    assert [phase.name for phase in demo.phases()][-4:] == ["grpo", "after_grpo", "grpo_ablation", "after_grpo_ablation"]
+    grpo, ablation = demo.fit_command("grpo"), demo.fit_command("grpo_ablation")
+    at = ablation.index(str(CONFIGS / "ablation" / "no_grounding.yaml"))
+    assert ablation[at - 1] == "-c"
+    rest = ablation[: at - 1] + ablation[at + 1:]  # otherwise the same command: same SFT start, steps and seeds
+    assert [word.replace("grpo_ablation", "grpo") for word in rest] == grpo
+    assert "--model.init_args.sampled_answers=8" in demo.test_command("after_grpo", "grpo", tmp_path / "x.ckpt")
+    assert not any("sampled_answers" in word for word in demo.test_command("before_sft", "sft", None))
+    grounded = Demo(DemoSettings(out=tmp_path, error_rate=0.0))._trace_commands()[0]
+    assert "--error-rate" not in grounded and "--filter" not in grounded  # our grounding filter, every trace grounded
+
+
+@pytest.mark.experiment
+def test_the_default_demo_shows_the_grounding_reward_removing_flawed_evidence(tmp_path):
+    """The demo's controlled experiment at its default size, with the ablation (issue acceptance figures)."""
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--ablation"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    sft, grpo, ablation = (metrics["stages"][stage] for stage in ("after_sft", "after_grpo", "after_grpo_ablation"))
+    assert sft["hallucination_rate"] >= 0.2  # SFT learned the teacher's flaw
+    assert grpo["hallucination_rate"] <= sft["hallucination_rate"] / 2
+    assert grpo["box_iou"] >= sft["box_iou"] and (sft["box_iou"] > 0.8 or grpo["box_iou"] >= sft["box_iou"] + 0.1)
+    assert grpo["acc"] >= sft["acc"] and grpo["format_valid"] >= sft["format_valid"]
+    assert abs(ablation["hallucination_rate"] - sft["hallucination_rate"]) <= 0.1  # the effect is the reward's
+    sampled = {stage: figures["figures"]["reward/grounding"] for stage, figures in metrics["sampled"].items()}
+    assert sampled["after_grpo"] > sampled["after_sft"]
