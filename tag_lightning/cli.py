@@ -144,11 +144,13 @@ def _export(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from tag_lightning.demo import DemoSettings, run_demo
 
+    experiment = {"traces_per_image": 4, "error_rate": 0.75} if args.experiment else {}
+    chosen = {name: value for name in ("traces_per_image", "error_rate") if (value := getattr(args, name)) is not None}
     run_demo(DemoSettings(out=args.out, model=args.model, data=args.data, configs=tuple(args.config),
                           sft_steps=args.sft_steps, grpo_steps=args.grpo_steps, workers=args.workers,
-                          libreface_weights=args.libreface_weights, traces_per_image=args.traces_per_image,
-                          error_rate=args.error_rate, error_kinds=tuple(args.error_kinds.split(",")),
-                          sampled_answers=args.sampled_answers, ablation=args.ablation))
+                          libreface_weights=args.libreface_weights, experiment=args.experiment,
+                          error_kinds=tuple(args.error_kinds.split(",")), sampled_answers=args.sampled_answers,
+                          ablation=args.ablation, **{**experiment, **chosen}))
     return 0
 
 
@@ -317,14 +319,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "an evaluation of the untrained model, SFT, its evaluation, GRPO from the SFT checkpoint, its "
                     "evaluation; then OUT/report.html (one self-contained page: metrics of each stage, training "
                     "curves, every face with the model's boxes against the detector's, the commands) and "
-                    "OUT/metrics.json.\n\nBy default the demo is a controlled experiment on TAG's claim that the "
-                    "grounding reward removes evidence SFT learned wrong: the template teacher writes "
-                    "--traces-per-image traces per face, a share (--error-rate) of them with a deliberate grounding "
-                    "flaw (an AU the detector does not see, or a box on another region) but the right label, which "
-                    "TAG's own filter (label and format) keeps; SFT learns that mix, GRPO should unlearn the flaws. "
-                    "--ablation runs the same GRPO without the grounding reward for comparison. It shows that the "
-                    "reward moves a tiny model's evidence on four faces, not TAG's accuracy on real data.\n\n"
-                    "About 10 minutes on 2 CPU cores (--ablation: about 4 more). Killed, it resumes: finished phases "
+                    "OUT/metrics.json.\n\n--experiment runs a controlled experiment on TAG's claim that the "
+                    "grounding reward removes evidence SFT learned wrong: the template teacher writes 4 traces per "
+                    "face (--traces-per-image), 3 of them (--error-rate 0.75) citing an AU the detector does not "
+                    "see but naming the right label, which TAG's own filter (label and format) keeps; SFT learns "
+                    "that mix, GRPO should unlearn the flaw. --ablation adds the same GRPO without the grounding "
+                    "reward. It tests that the reward moves a tiny model's evidence on four faces, not TAG's "
+                    "accuracy on real data.\n\n"
+                    "About 9 minutes on 2 CPU cores. Killed, it resumes: finished phases "
                     "are skipped and a training run goes on from its last checkpoint. With --model and --data it "
                     "runs the same phases on a real model and dataset (nothing is downloaded).")
     demo.add_argument("--out", type=Path, default=Path("outputs/demo"), help="folder for everything the demo writes")
@@ -343,12 +345,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--grpo-steps", type=_positive_int, default=None,
                       help="GRPO optimizer steps (unset: the configs' max_steps, 30 for the tiny model)")
     demo.add_argument("--workers", type=_positive_int, default=2, help="worker processes for the AU cache build")
-    demo.add_argument("--traces-per-image", type=_positive_int, default=4,
-                      help="template-teacher traces per face (the experiment's mix)")
-    demo.add_argument("--error-rate", type=_unit_float, default=0.75,
-                      help="the controlled experiment: the share of each face's traces with a deliberate grounding "
-                           "flaw and the right label, kept by TAG's filter (0: every trace grounded, and our "
-                           "grounding filter)")
+    demo.add_argument("--experiment", action="store_true",
+                      help="the controlled experiment (see above): flawed traces kept by TAG's filter, and for the "
+                           "tiny model the settings measured for it (configs/tiny/experiment_*.yaml: 300 SFT steps, "
+                           "GRPO at temperature 0.5, lr 3e-5)")
+    demo.add_argument("--traces-per-image", type=_positive_int, default=None,
+                      help="template-teacher traces per face (unset: 4 with --experiment, else 1)")
+    demo.add_argument("--error-rate", type=_unit_float, default=None,
+                      help="the share of each face's traces with a deliberate grounding flaw and the right label, "
+                           "kept by TAG's filter (unset: 0.75 with --experiment, else 0: every trace grounded, "
+                           "kept by our grounding filter)")
     demo.add_argument("--error-kinds", type=_error_kinds, default="hallucination",
                       help="the flaw kinds of the experiment (see `tag prepare traces --help`); wrong_box flaws were "
                            "not removed by the tiny model's GRPO in our runs (README, The demo's experiment)")

@@ -1,7 +1,7 @@
 """`tag demo`: all of TAG on a laptop, phase by phase, each phase the `tag` commands a user would type.
 
 1. data: the sample face photos (or the user's dataset), their AU cache, drawings of a few faces;
-2. traces: AU-grounded reasoning traces written by the template teacher, by default as a
+2. traces: AU-grounded reasoning traces written by the template teacher; with ``experiment``, a
    controlled experiment: several traces per face, some with a deliberate grounding flaw but the
    right label, kept by TAG's own filter (label and format), as a VLM teacher's would be;
 3. model: the tiny random Qwen2.5-VL with the real Qwen vocabulary (or the user's model);
@@ -51,9 +51,11 @@ class DemoSettings:
         grpo_steps: GRPO optimizer steps (None: the configs' ``max_steps``).
         workers: worker processes of the AU cache build.
         libreface_weights: LibreFace's ``combined_resnet.pt`` (None: blendshape intensities).
+        experiment: the controlled experiment: flawed traces (`traces_per_image`, `error_rate`) and,
+            for the tiny model, the settings measured for it (``configs/tiny/experiment_*.yaml``).
         traces_per_image: template traces per face.
-        error_rate: the share of each face's traces with a deliberate grounding flaw (the controlled
-            experiment; 0: every trace grounded, kept by our grounding filter instead of TAG's).
+        error_rate: the share of each face's traces with a deliberate grounding flaw (0: every trace
+            grounded, kept by our grounding filter instead of TAG's).
         error_kinds: the flaw kinds drawn from (`teachers.FLAW_KINDS`).
         sampled_answers: sampled answers per face scored after each training stage (0: greedy only).
         ablation: also run GRPO without the grounding reward, from the same SFT checkpoint.
@@ -67,8 +69,9 @@ class DemoSettings:
     grpo_steps: int | None = None
     workers: int = 2
     libreface_weights: str | None = None
-    traces_per_image: int = 4
-    error_rate: float = 0.75
+    experiment: bool = False
+    traces_per_image: int = 1
+    error_rate: float = 0.0
     error_kinds: tuple[str, ...] = ("hallucination",)
     sampled_answers: int = 8
     ablation: bool = False
@@ -225,6 +228,8 @@ class Demo:
         pieces = ["-c", str(CONFIGS / config), "-c", str(CONFIGS / "data" / "samples.yaml")]
         if self.settings.model is None:  # the tiny model's measured settings (see configs/tiny/)
             pieces += ["-c", str(CONFIGS / "tiny" / config)]
+            if self.settings.experiment:
+                pieces += ["-c", str(CONFIGS / "tiny" / f"experiment_{config}")]
         for extra in self.settings.configs:
             pieces += ["-c", extra]
         paths = [f"--model.init_args.network.init_args.config.model_path={self.model}",

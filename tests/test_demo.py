@@ -35,7 +35,7 @@ def test_the_report_shows_every_stage_and_every_picture_decodes(small_demo):
     page = (out / "report.html").read_text(encoding="utf-8")
     for title in ("What was measured", "The flawed evidence, face by face", "Training curves",
                   "The evidence, face by face", "The AU cache", "The commands of each phase",
-                  "tiny randomly initialised", "The experiment: the template teacher wrote 4 traces per face, 3 of them"):
+                  "tiny randomly initialised"):
         assert title in page
     for stage in ("before_sft", "after_sft", "after_grpo"):  # the ablation runs with --ablation only
         assert f"<th>{STAGES[stage]}</th>" in page
@@ -129,8 +129,7 @@ def test_a_real_dataset_is_cached_in_every_split_and_trained_on_its_train_split(
     assert demo.run(until="traces") == settings.out
     assert len(AUCache(settings.out / "au_cache")) == 3  # both splits
     traced = [json.loads(line)["image"] for line in (settings.out / "traces.jsonl").read_text().splitlines()]
-    assert sorted({name.rsplit("/", 1)[-1] for name in traced}) == ["train_00001_aligned.jpg", "train_00002_aligned.jpg"]
-    assert len(traced) == 2 * 4  # the experiment's traces per image
+    assert sorted(name.rsplit("/", 1)[-1] for name in traced) == ["train_00001_aligned.jpg", "train_00002_aligned.jpg"]
     assert [phase.name for phase in demo.phases()] == ["data", "traces", "before_sft", "sft", "after_sft", "grpo",
                                                        "after_grpo"]  # no tiny model to build
     fit = demo.fit_command("sft")
@@ -153,20 +152,21 @@ def test_bad_model_and_data_options_stop_before_any_phase(tmp_path, capsys):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
-def test_the_tiny_configs_sample_evaluation_answers_as_grpo_samples_rollouts():
+@pytest.mark.parametrize("prefix", ["", "experiment_"])
+def test_the_tiny_configs_sample_evaluation_answers_as_grpo_samples_rollouts(prefix):
     import yaml
 
     def model_options(name: str) -> dict:
-        return yaml.safe_load((CONFIGS / "tiny" / name).read_text())["model"]["init_args"]
+        return yaml.safe_load((CONFIGS / "tiny" / f"{prefix}{name}").read_text())["model"]["init_args"]
 
     grpo = model_options("grpo.yaml")
     assert model_options("sft.yaml")["sampled_temperature"] == grpo["sampled_temperature"] == grpo["temperature"]
 
 
-def test_the_demo_runs_the_controlled_experiment_and_its_ablation_as_commands(tmp_path):
+def test_the_demo_runs_the_controlled_experiment_and_its_ablation_as_commands(tmp_path, capsys):
     from tag_lightning.demo import Demo
 
-    demo = Demo(DemoSettings(out=tmp_path, ablation=True))
+    demo = Demo(DemoSettings(out=tmp_path, experiment=True, traces_per_image=4, error_rate=0.75, ablation=True))
     (traces,) = demo._trace_commands()
     assert traces[traces.index("--traces-per-image") + 1] == "4" and traces[traces.index("--error-rate") + 1] == "0.75"
     assert traces[traces.index("--filter") + 1] == "paper" and traces[traces.index("--error-kinds") + 1] == "hallucination"
@@ -176,17 +176,20 @@ def test_the_demo_runs_the_controlled_experiment_and_its_ablation_as_commands(tm
     assert ablation[at - 1] == "-c"
     rest = ablation[: at - 1] + ablation[at + 1:]  # otherwise the same command: same SFT start, steps and seeds
     assert [word.replace("grpo_ablation", "grpo") for word in rest] == grpo
+    assert str(CONFIGS / "tiny" / "experiment_grpo.yaml") in grpo
+    assert str(CONFIGS / "tiny" / "experiment_sft.yaml") in demo.fit_command("sft")
     assert "--model.init_args.sampled_answers=8" in demo.test_command("after_grpo", "grpo", tmp_path / "x.ckpt")
     assert not any("sampled_answers" in word for word in demo.test_command("before_sft", "sft", None))
-    grounded = Demo(DemoSettings(out=tmp_path, error_rate=0.0))._trace_commands()[0]
-    assert "--error-rate" not in grounded and "--filter" not in grounded  # our grounding filter, every trace grounded
+    grounded = Demo(DemoSettings(out=tmp_path))  # the default demo: one grounded trace per face, our filter
+    assert grounded._trace_commands()[0][-2:] == ["--traces-per-image", "1"]
+    assert not any("experiment_" in word for word in grounded.fit_command("grpo"))
 
 
 @pytest.mark.experiment
-def test_the_default_demo_shows_the_grounding_reward_removing_flawed_evidence(tmp_path):
-    """The demo's controlled experiment at its default size, with the ablation (issue acceptance figures)."""
+def test_the_demo_experiment_shows_the_grounding_reward_removing_flawed_evidence(tmp_path):
+    """`tag demo --experiment --ablation` at its default size: the figures the experiment is judged by."""
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--ablation"]) == 0
+    assert main(["demo", "--out", str(out), "--experiment", "--ablation"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     sft, grpo, ablation = (metrics["stages"][stage] for stage in ("after_sft", "after_grpo", "after_grpo_ablation"))
     assert sft["hallucination_rate"] >= 0.2  # SFT learned the teacher's flaw
