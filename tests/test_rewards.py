@@ -38,7 +38,8 @@ WEIGHTS = {"format": 0.5, "answer": 1.0, "grounding": 1.0}
 def samples(demo_dir):
     """(record, kept SFT target trace) of every labelled sample photo the template teacher kept."""
     cache = AUCache(demo_dir / "au_cache")
-    return [(cache.get(digest), trace) for digest, trace in load_traces(demo_dir / "traces.jsonl").items()]
+    return [(cache.get(digest), trace) for digest, traces in load_traces(demo_dir / "traces.jsonl").items()
+            for trace in traces]
 
 
 def references_of(record, label: str) -> References:
