@@ -459,7 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     traces.add_argument("--max-http-retries", type=int, default=5,
                         help="openai: retries of timeouts, refused connections, HTTP 429 and 5xx (exponential backoff)")
     traces.add_argument("--max-failures-in-a-row", type=_positive_int, default=3,
-                        help="stop when the teacher gave no answer (after its retries) for this many images in a row")
+                        help="stop when the teacher gave no answer (after its retries) for this many traces in a row")
     traces.add_argument("--hf-model", default=None, help="hf: a local model folder with its processor")
     traces.add_argument("--device", default="cpu", help="hf: torch device (cpu, cuda, cuda:1)")
     traces.add_argument("--temperature", type=float, default=0.7, help="openai/hf: sampling temperature (0: greedy)")

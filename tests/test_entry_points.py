@@ -239,7 +239,7 @@ def test_a_dead_or_failing_teacher_stops_the_job_with_a_non_zero_exit(cache, fac
                f"http://127.0.0.1:{port}/v1 does not answer", "refused")
     assert not out.exists()
     stopped = tag(*openai, "--base-url", down_teacher.base_url, "--max-failures-in-a-row", "2", timeout=60)
-    error_line(stopped, "no answer for 2 images in a row", "HTTP 503", "Rerun once it answers")
+    error_line(stopped, "no answer for 2 traces in a row", "HTTP 503", "Rerun once it answers")
     assert down_teacher.chat_requests == 2 and out.read_text() == ""
     one = tag(*openai, "--base-url", down_teacher.base_url, "--limit", "1", timeout=60)
     assert "failed 1" in one.stdout

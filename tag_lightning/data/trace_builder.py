@@ -12,7 +12,7 @@ Every kept line is appended, flushed and fsynced, so a killed job loses at most 
 writing; a rerun repairs a torn last line and skips the images already written. Samples given
 up on go to a sidecar file so that a rerun does not ask the teacher about them again. What is
 done is keyed by image content, not by path text, so a teacher is never asked twice about one
-image, however it is named. A teacher that answers nothing for several images in a row stops the
+image, however it is named. A teacher that answers nothing for several traces in a row stops the
 job (`TeacherSetupError`) rather than failing every remaining image after its backoff.
 """
 
