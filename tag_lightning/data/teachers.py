@@ -35,6 +35,7 @@ from tag_lightning.au.taxonomy import AU_BY_ID, EMOTION_PROTOTYPES, REGIONS, Act
 from tag_lightning.boxes import round_box
 from tag_lightning.data.prompts import user_prompt
 from tag_lightning.data.traces import COORDINATE_SEPARATOR, Box, Step, Trace, render_trace
+from tag_lightning.errors import BadValue
 from tag_lightning.images import ImageRef, decode_image
 
 NEUTRAL = "neutral"
@@ -495,7 +496,7 @@ class HFTeacher:
             processor = AutoProcessor.from_pretrained(folder)
             model = AutoModelForImageTextToText.from_pretrained(folder, dtype="auto").to(device)
         except (OSError, ValueError, KeyError) as err:
-            raise ValueError(
+            raise BadValue(
                 f"{folder} does not load as an image-text-to-text model with its processor ({err}); "
                 "it needs the model's config and weights plus the processor files (save both with save_pretrained)"
             ) from err
