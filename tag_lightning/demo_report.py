@@ -45,13 +45,15 @@ def write_report(demo, state) -> Path:
     metrics = {
         "model": demo.model, "tiny_random_model": demo.settings.model is None, "data": demo.data,
         "stages": {stage: document["figures"] for stage, document in documents.items()},
+        "weights": {stage: {key: document.get(key) for key in ("weights", "checkpoint", "init_from")}
+                    for stage, document in documents.items()},
         "meaning": MEANINGS,
         "evaluations": {stage: str(folder) for stage, folder in evaluations.items() if folder is not None},
     }
     (demo.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
 
     sections = [
-        _section("What was measured", _metrics_table(metrics["stages"])),
+        _section("What was measured", _metrics_table(metrics["stages"]) + _weights_list(metrics["weights"])),
         _section("Training curves", _curves(demo)),
         _section("The evidence, face by face", _faces(demo, evaluations)),
         _section("The AU cache", _au_cache(demo)),
@@ -75,6 +77,14 @@ def _metrics_table(stages: dict[str, dict]) -> str:
         cells = "".join(f"<td class='num'>{_number(figures.get(name))}</td>" for figures in stages.values())
         rows.append(f"<tr><th>{name}</th>{cells}<td class='meaning'>{html.escape(MEANINGS[name])}</td></tr>")
     return f"<table><tr><th>metric</th>{head}<th>what it means</th></tr>{''.join(rows)}</table>"
+
+
+def _weights_list(weights: dict[str, dict]) -> str:
+    """Which weights answered in each stage: a checkpoint, the init_from it started from, or the bare model."""
+    items = "".join(f"<li>{html.escape(STAGES[stage])}: {html.escape(used['weights'] or '?')}"
+                    + (f" <code>{html.escape(used[used['weights']])}</code>" if used["weights"] in used else "")
+                    + "</li>" for stage, used in weights.items())
+    return f"<p>Weights evaluated:</p><ul>{items}</ul>"
 
 
 def _number(value) -> str:
