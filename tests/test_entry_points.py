@@ -375,8 +375,8 @@ def test_predict_reads_a_folder_as_the_au_cache_does_and_refuses_an_empty_one(de
                   f"--trainer.callbacks.init_args.output_dir={nothing}"))
     assert answered.returncode == 0, answered.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "predictions.rank0.jsonl").read_text().splitlines()]
-    assert sorted((Path(row["image"]).name, row["label"]) for row in rows) == [(HAPPINESS, "happiness"),
-                                                                               (SURPRISE, None)]
+    assert sorted((Path(row["image"]).name, str(row["label"])) for row in rows) == sorted(
+        [(HAPPINESS, "happiness"), (SURPRISE, "None")])
     assert all(row["weights"] == "bare model" and row["checkpoint"] is None for row in rows)
     reports = [json.loads(path.read_text()) for path in (out / "images").glob("*.json")]
     (skipped,) = [report for report in reports if report["status"] == "rejected"]
