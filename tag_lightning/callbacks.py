@@ -37,6 +37,9 @@ HOW_TO_FIX = {
                    "--data.exclude_statuses=[no_face,unreadable]",
     "unreadable": "the file does not decode as an image: replace it with one that does",
     "unlabeled": "the test split answers labelled images only: answer any image with --data.predict_data PATH",
+    "not_an_image": "only image files are answered: convert it to one of .jpg, .png, .bmp, .webp, .tif",
+    "missing_image": "the file the row names is not there: fix the row, or restore the file",
+    "bad_row": "the row is malformed (see detail): fix it; without --data.lenient true such a row stops the run",
 }
 """What a user can do about each reason a predict image was rejected ({image}, {au_cache} filled in)."""
 
@@ -87,9 +90,10 @@ class JSONLPredictionWriter(BasePredictionWriter):
     """Write each predicted batch's rows to ``output_dir/predictions.rank<R>.jsonl`` as they come,
     and, per image, a JSON report and an overlay PNG under ``output_dir/images/``.
 
-    Every row names the model and the checkpoint that answered it (``checkpoint`` is null for a
-    zero-shot run), and ``output_dir/run.json`` records the run: model, checkpoint, VLM config,
-    command line, start time. A run never adds to an earlier run's files, which would mix the
+    Every row names the model and the weights that answered it (`VLMModule.provenance`: the
+    checkpoint, the ``init_from`` it started from, and ``weights``, which of them answered, or
+    ``bare model``), and ``output_dir/run.json`` records the run: those, the VLM config, the
+    command line, the start time. A run never adds to an earlier run's files, which would mix the
     answers of different models: a folder that already holds predictions is refused. Rows are
     written batch by batch (flushed), so a long run that is killed keeps what it answered; one
     file per rank under DDP.
@@ -133,14 +137,15 @@ class JSONLPredictionWriter(BasePredictionWriter):
 
     def on_predict_start(self, trainer, pl_module) -> None:
         config = pl_module.network.config
-        checkpoint = None if trainer.ckpt_path is None else str(Path(trainer.ckpt_path).resolve())
-        self.provenance = {"model": config.model_path, "checkpoint": checkpoint}
+        self.provenance = pl_module.provenance()
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if trainer.is_global_zero:
             run = {**self.provenance, "vlm_config": asdict(config), "command": sys.argv,
                    "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
             _write_json(self.output_dir / RUN_FILE, run)
-        answered_by = checkpoint or "no checkpoint: the base model (zero-shot)"
+        answered_by = {"checkpoint": self.provenance["checkpoint"],
+                       "init_from": f"no checkpoint: the weights of init_from {self.provenance['init_from']}",
+                       "bare model": "no checkpoint: the base model (zero-shot)"}[self.provenance["weights"]]
         rank_zero_info(f"predictions: {self.output_dir} | model {config.model_path} | {answered_by}")
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):

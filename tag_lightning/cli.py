@@ -1,8 +1,8 @@
 """The `tag` command: data preparation now, LightningCLI training commands as they land.
 
 Thin by design: each command parses its options and calls one library function. A user's mistake
-(a bad option, path or file) ends, for every command, in one line on stderr and exit status 2:
-`main` is the one place that turns errors into that line (see `errors.py`).
+(a bad option, path or file) ends, for every command, in one line on stderr and exit status 2; a
+bug shows its traceback and exits with 1: `main` is the one place that decides (see `errors.py`).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from tag_lightning.data.teachers import FLAW_KINDS
@@ -35,7 +36,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
@@ -135,7 +139,7 @@ def _check_config_files(argv: list[str]) -> None:
 def _export(args: argparse.Namespace) -> int:
     from tag_lightning.training import export_checkpoint
 
-    out = export_checkpoint(args.ckpt, args.out)
+    out = export_checkpoint(args.ckpt, args.out, overwrite=args.overwrite)
     print(f"merged Hugging Face model: {out} (load it with AutoModelForImageTextToText.from_pretrained)")
     return 0
 
@@ -310,7 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  description="Rebuild the network of a `tag fit` checkpoint, merge LoRA adapters into "
                                              "it and save it with its processor files, loadable by plain transformers.")
     export.add_argument("--ckpt", required=True, type=Path, help="a checkpoint written by `tag fit`")
-    export.add_argument("--out", required=True, type=Path, help="folder to write the merged model into")
+    export.add_argument("--out", required=True, type=Path, help="folder to write the merged model into (new or empty)")
+    export.add_argument("--overwrite", action="store_true", help="replace what --out holds (e.g. an earlier export)")
     export.set_defaults(func=_export)
     demo = commands.add_parser(
         "demo", formatter_class=_HelpFormatter, help="run all of TAG and write an evidence report (report.html)",
@@ -505,9 +510,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run one `tag` command; a user's mistake becomes one line on stderr and exit status 2.
 
-    The classes caught are those of bad input: `UserError`, the OS's errors about paths
-    (missing, a file where a folder belongs, read-only), the `ValueError`s our readers and configs
-    raise for malformed content, and a wheel that cannot be fetched. ``TAG_DEBUG=1`` re-raises.
+    A user's mistake is what a user can fix: a `UserError` (a `BadValue` too: a value or file
+    content our code checked), the OS's errors about paths (missing, a file where a folder belongs,
+    read-only) and a wheel that cannot be fetched. Anything else is a bug: its traceback is shown,
+    with a line asking for a report, and the exit status is 1. ``TAG_DEBUG=1`` re-raises both.
     """
     from tag_lightning.resources import ResourceUnavailable
 
@@ -520,12 +526,18 @@ def main(argv: list[str] | None = None) -> int:
             return lightning_main(argv)
         args = build_parser().parse_args(argv)
         return args.func(args)
-    except (UserError, OSError, ValueError, ResourceUnavailable) as err:
+    except (UserError, OSError, ResourceUnavailable) as err:
         if os.environ.get("TAG_DEBUG"):
             raise
         print(f"error: {describe(err)}", file=sys.stderr)
         return 2
-
+    except Exception as err:  # noqa: BLE001 (the one place that reports bugs)
+        if os.environ.get("TAG_DEBUG"):
+            raise
+        traceback.print_exc()
+        print(f"error: internal error ({type(err).__name__}: {describe(err)}): this is a bug in tag_lightning, "
+              "not a mistake in what you typed; please report it with the traceback above", file=sys.stderr)
+        return 1
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -350,6 +350,8 @@ def prepare_demo_data(out: str | Path, workers: int = 2) -> Path:
 
 def run_demo(settings: DemoSettings) -> Path:
     """Run (or resume) the demo of `settings`; returns the report's path."""
+    if settings.out.exists() and not settings.out.is_dir():
+        raise UserError(f"--out {settings.out} is a file: the demo writes a folder; give a new or earlier demo folder")
     if not (CONFIGS / "sft.yaml").is_file():
         raise UserError(f"no configs folder at {CONFIGS}: `tag demo` runs from a clone of the repository "
                         "installed with `pip install -e .`")

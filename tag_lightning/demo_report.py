@@ -64,6 +64,8 @@ def write_report(demo, state) -> Path:
         "stages": {stage: document["figures"] for stage, document in documents.items()},
         "sampled": {stage: document["sampled"] for stage, document in documents.items() if "sampled" in document},
         "faces": face_fates(flaws, rows),
+        "weights": {stage: {key: document.get(key) for key in ("weights", "checkpoint", "init_from")}
+                    for stage, document in documents.items()},
         "meaning": MEANINGS,
         "evaluations": {stage: str(folder) for stage, folder in evaluations.items()},
     }
@@ -71,7 +73,7 @@ def write_report(demo, state) -> Path:
 
     sections = [
         _section("What was measured", _experiment_note(demo, metrics) + _metrics_table(metrics["stages"])
-                 + _sampled_table(metrics["sampled"])),
+                 + _sampled_table(metrics["sampled"]) + _weights_list(metrics["weights"])),
         _section("The flawed evidence, face by face", _fates_table(metrics["faces"], list(rows))),
         _section("Training curves", _curves(demo)),
         _section("The evidence, face by face", _faces(demo, evaluations)),
@@ -96,6 +98,14 @@ def _metrics_table(stages: dict[str, dict]) -> str:
         cells = "".join(f"<td class='num'>{_number(figures.get(name))}</td>" for figures in stages.values())
         rows.append(f"<tr><th>{name}</th>{cells}<td class='meaning'>{html.escape(MEANINGS[name])}</td></tr>")
     return f"<table><tr><th>metric</th>{head}<th>what it means</th></tr>{''.join(rows)}</table>"
+
+
+def _weights_list(weights: dict[str, dict]) -> str:
+    """Which weights answered in each stage: a checkpoint, the init_from it started from, or the bare model."""
+    items = "".join(f"<li>{html.escape(STAGES[stage])}: {html.escape(used['weights'] or '?')}"
+                    + (f" <code>{html.escape(used[used['weights']])}</code>" if used["weights"] in used else "")
+                    + "</li>" for stage, used in weights.items())
+    return f"<p>Weights evaluated:</p><ul>{items}</ul>"
 
 
 def _number(value) -> str:

@@ -1,8 +1,9 @@
 """What a user's mistake looks like: one line that says what is wrong and where, never a traceback.
 
-Library code raises `UserError` (or the `OSError`/`ValueError` the standard library and our
-readers raise for bad paths and bad input); the `tag` command turns each into one line on stderr
-and exit status 2 (`cli.main`). ``TAG_DEBUG=1`` shows the traceback instead.
+Library code raises `UserError` (or `BadValue`, a checked value or file content), and the standard
+library `OSError` for bad paths; the `tag` command turns each into one line on stderr and exit
+status 2 (`cli.main`). Anything else is a bug: its traceback is shown, exit status 1.
+``TAG_DEBUG=1`` shows the traceback of a user's mistake too.
 """
 
 from __future__ import annotations
@@ -14,6 +15,11 @@ from typing import Any
 
 class UserError(Exception):
     """Something the user gave cannot work (a path, a value, a file's content); the message says how to fix it."""
+
+
+class BadValue(UserError, ValueError):
+    """A value or file content our code checked and refuses: a `UserError`, and a `ValueError` for the
+    code that catches those while parsing. A plain `ValueError` that reaches `cli.main` is a bug."""
 
 
 def describe(err: BaseException) -> str:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import warnings
 
+from lightning.fabric.utilities.warnings import PossibleUserWarning
+
 # (message, category, module), regular expressions matched at the start, as `warnings.filterwarnings` does.
 LIBRARY_WARNINGS = [
     # peft 0.21.2 reads the property that transformers 5.24 renamed (to is_activation_checkpointing)
@@ -20,6 +22,10 @@ LIBRARY_WARNINGS = [
     # a GRPO checkpoint holds the weights after a batch's optimizer steps, by design (see models/grpo.py)
     (r"Using ModelCheckpoint with manual optimization", UserWarning,
      r"lightning\.pytorch\.callbacks\.model_checkpoint"),
+    # FERDataModule resumes mid-epoch exactly through its own state (`ResumableSampler`), which Lightning
+    # does not look for: it only knows loaders with a `state_dict`
+    (r"You're resuming from a checkpoint that ended before the epoch ended and your dataloader is not resumable",
+     PossibleUserWarning, r"lightning\.pytorch\.loops\.training_epoch_loop"),
     # `tag` hands LightningCLI its arguments itself (and `tag demo` a list of its own): as intended
     (r"LightningCLI's args parameter is intended", UserWarning, r"lightning\.pytorch\.cli"),
 ]

@@ -5,7 +5,10 @@
   checkpoint (null: the bare model, a zero-shot baseline) and the data;
 - ``predictions.jsonl``: per image its label, answer, raw text, parsed trace and each claim with
   its AU, box, IoU with the detector's box and verdict (boxes in pixels of the evaluated image);
-- ``confusion_matrix.png``: the dataset's labels against the answers given.
+- ``confusion_matrix.png``: the dataset's labels against the answers given;
+- ``excluded.jsonl``: each test image or row left out, with why (not in the AU cache, no face, a
+  row lenient reading skipped, ...); ``metrics.json`` counts them by reason under ``data.counts``,
+  so an evaluation that shrank says so.
 """
 
 from __future__ import annotations
@@ -31,8 +34,9 @@ def new_run_folder(parent: str | Path, name: str = "evaluation") -> Path:
     return folder
 
 
-def write_evaluation(folder: Path, figures: dict, rows: Sequence[dict], about: dict) -> None:
-    """Write the three files of one evaluation run into `folder` (see the module doc)."""
+def write_evaluation(folder: Path, figures: dict, rows: Sequence[dict], about: dict,
+                     excluded: Sequence[dict] = ()) -> None:
+    """Write the files of one evaluation run into `folder` (see the module doc)."""
     confusion = figures["confusion_matrix"]
     labels = [label for label, row in zip(CLASSES, confusion) if sum(row)]  # the labels the data holds
     answered = [index for index, name in enumerate(CLASSES)
@@ -46,9 +50,10 @@ def write_evaluation(folder: Path, figures: dict, rows: Sequence[dict], about: d
                              "counts": [[confusion[CLASSES.index(label)][i] for i in answered] for label in labels]},
     }
     (folder / "metrics.json").write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
-    with open(folder / "predictions.jsonl", "w", encoding="utf-8") as out:
-        for row in rows:
-            out.write(json.dumps(row) + "\n")
+    for name, lines in (("predictions.jsonl", rows), ("excluded.jsonl", excluded)):
+        with open(folder / name, "w", encoding="utf-8") as out:
+            for line in lines:
+                out.write(json.dumps(line) + "\n")
     matrix = document["confusion_matrix"]
     picture = draw_confusion_matrix(matrix["counts"], matrix["rows"], matrix["columns"])
     Image.fromarray(picture).save(folder / "confusion_matrix.png")

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from tag_lightning.claims import HALLUCINATION, MISS, Completion, References, claims_of
+from tag_lightning.errors import BadValue
 
 
 @dataclass(frozen=True)
@@ -84,17 +85,21 @@ DEFAULT_WEIGHTS: dict[str, float] = {"format": 0.5, "answer": 1.0, "grounding": 
 
 
 def check_weights(weights: Mapping[str, float]) -> dict[str, float]:
-    """The reward weights of a config, or a ValueError naming what is wrong and the known rewards."""
+    """The reward weights of a config, or a `BadValue` naming what is wrong (unknown rewards, no weight
+    that is not 0) and the known rewards."""
     unknown = sorted(set(weights) - set(REWARDS))
     if unknown:
-        raise ValueError(f"unknown reward(s) {unknown} in rewards; known rewards: {', '.join(REWARDS)} "
-                         "(a new reward is a function plus an entry in tag_lightning.rewards.REWARDS)")
+        raise BadValue(f"unknown reward(s) {unknown} in rewards; known rewards: {', '.join(REWARDS)} "
+                       "(a new reward is a function plus an entry in tag_lightning.rewards.REWARDS)")
     if not weights:
-        raise ValueError(f"rewards is empty: give at least one weight, e.g. {DEFAULT_WEIGHTS}")
+        raise BadValue(f"rewards is empty: give at least one weight, e.g. {DEFAULT_WEIGHTS}")
     bad = {name: weight for name, weight in weights.items()
            if not isinstance(weight, (int, float)) or not math.isfinite(weight)}
     if bad:
-        raise ValueError(f"reward weights must be finite numbers, got {bad}")
+        raise BadValue(f"reward weights must be finite numbers, got {bad}")
+    if not any(weights.values()):
+        raise BadValue(f"every reward weight is 0 ({dict(weights)}): every completion would score 0, so no "
+                       "completion has an advantage and GRPO cannot learn; give at least one reward a non-zero weight")
     return {name: float(weight) for name, weight in weights.items()}
 
 

@@ -69,6 +69,9 @@ def test_metrics_json_has_three_stages_and_sft_learns_the_format(small_demo):
     assert before["format_valid"] == 0.0 and after["format_valid"] >= 0.75
     assert after["box_iou"] > before["box_iou"] + 0.3
     assert set(metrics["meaning"]) >= {"acc", "format_valid", "box_iou"}
+    used = {stage: weights["weights"] for stage, weights in metrics["weights"].items()}
+    assert used == {"before_sft": "bare model", "after_sft": "checkpoint", "after_grpo": "checkpoint"}
+    assert metrics["weights"]["after_grpo"]["checkpoint"] == str(out.resolve() / "grpo" / "checkpoints" / "last.ckpt")
 
 
 @pytest.mark.slow

@@ -315,13 +315,98 @@ def test_predict_says_which_model_answered_and_never_mixes_runs(demo_dir, tmp_pa
 def test_every_prediction_names_the_checkpoint_that_made_it(demo_dir, tmp_path):
     """The writer's part of a `tag predict --ckpt_path` run (a full one is in tests/models/test_sft.py)."""
     from tag_lightning.callbacks import JSONLPredictionWriter
+    from tag_lightning.models.module import VLMModule
     from tag_lightning.models.vlm import VLMConfig
 
     writer = JSONLPredictionWriter(str(tmp_path / "out"), per_image=False)
     trainer = SimpleNamespace(ckpt_path="run/last.ckpt", is_global_zero=True, global_rank=0)
-    module = SimpleNamespace(network=SimpleNamespace(config=VLMConfig(str(demo_dir / "tiny-qwen2.5-vl"))))
+    network = SimpleNamespace(config=VLMConfig(str(demo_dir / "tiny-qwen2.5-vl")))
+    module = SimpleNamespace(network=network, provenance=lambda: VLMModule.provenance(
+        SimpleNamespace(trainer=trainer, network=network, started_from=None)))
     writer.on_predict_start(trainer, module)
     writer.write_on_batch_end(trainer, module, [{"image": "a.jpg", "answer": "anger"}], [0], None, 0, 0)
     row = json.loads((tmp_path / "out" / "predictions.rank0.jsonl").read_text())
     assert row["checkpoint"] == str(Path("run/last.ckpt").resolve()) and row["answer"] == "anger"
     assert json.loads((tmp_path / "out" / "run.json").read_text())["checkpoint"] == row["checkpoint"]
+
+
+# -- what a run read, and what it left out -------------------------------------------------------
+def test_lenient_reading_lists_what_it_skipped_and_says_how_to_cache_the_rest(demo_dir, tmp_path):
+    """A test manifest with two cached faces, a row whose image is gone and a face the cache never saw:
+    strict, the bad row stops the run naming file and line; lenient, the run says what it left out
+    and why, in the console, in metrics.json's counts and in the evaluation folder's excluded.jsonl."""
+    samples = demo_dir / "samples"
+    shutil.copyfile(samples / HAPPINESS, tmp_path / HAPPINESS)
+    shutil.copyfile(samples / ANGER, tmp_path / ANGER)
+    (tmp_path / "new.jpg").write_bytes((samples / DISGUST).read_bytes() + b"\0")  # content the cache never saw
+    manifest = tmp_path / "test.csv"
+    manifest.write_text(f"path,label\n{HAPPINESS},happiness\ngone.jpg,anger\n{ANGER},anger\nnew.jpg,disgust\n")
+    test = ("test", demo_dir, tmp_path / "run", f"--data.test_data=manifest:{manifest}")
+    strict, lenient = tag_together(lightning(*test), lightning(*test, "--data.lenient=true"))
+    error_line(strict, f"{manifest}:3: image file not found", only=False)
+    assert lenient.returncode == 0, lenient.stderr[-3000:]
+    assert "FERDataModule test: kept 2 of 4 samples (excluded: missing_image 1, not_cached 1); 1 not in the AU " \
+           f"cache {demo_dir / 'au_cache'}: cache them with `tag prepare au-cache --images manifest:{manifest} " \
+           f"--out {demo_dir / 'au_cache'}`" in lenient.stderr + lenient.stdout
+    (folder,) = (tmp_path / "run").rglob("evaluation")
+    counts = json.loads((folder / "metrics.json").read_text())["data"]["counts"]
+    assert (counts["samples"], counts["kept"], counts["missing_image"], counts["not_cached"]) == (4, 2, 1, 1)
+    excluded = [json.loads(line) for line in (folder / "excluded.jsonl").read_text().splitlines()]
+    assert [(row["image"], row["reason"]) for row in excluded] == [(f"{manifest}:3", "missing_image"),
+                                                                   (str(tmp_path / "new.jpg"), "not_cached")]
+
+
+def test_predict_reads_a_folder_as_the_au_cache_does_and_refuses_an_empty_one(demo_dir, tmp_path):
+    """Images in any subfolder are answered (a label-named folder labels them), a file that is not an
+    image gets a report saying so; a folder without images is an error, not an empty success."""
+    samples, folder = demo_dir / "samples", tmp_path / "photos"
+    (folder / "sub" / "deeper").mkdir(parents=True)
+    (folder / "happiness").mkdir()
+    shutil.copyfile(samples / SURPRISE, folder / "sub" / "deeper" / SURPRISE)
+    shutil.copyfile(samples / HAPPINESS, folder / "happiness" / HAPPINESS)
+    (folder / "sub" / "notes.txt").write_text("not a photo")
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "sub" / "notes.txt").write_text("not a photo")
+    out, nothing = tmp_path / "predictions", tmp_path / "nothing"
+    predict = ("predict", demo_dir, tmp_path, "-c", CONFIGS / "predict.yaml", "--zero_shot", "true")
+    answered, empty = tag_together(
+        lightning(*predict, f"--data.predict_data={folder}", f"--trainer.callbacks.init_args.output_dir={out}"),
+        lightning(*predict, f"--data.predict_data={tmp_path / 'empty'}",
+                  f"--trainer.callbacks.init_args.output_dir={nothing}"))
+    assert answered.returncode == 0, answered.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "predictions.rank0.jsonl").read_text().splitlines()]
+    assert sorted((Path(row["image"]).name, str(row["label"])) for row in rows) == sorted(
+        [(HAPPINESS, "happiness"), (SURPRISE, "None")])
+    assert all(row["weights"] == "bare model" and row["checkpoint"] is None for row in rows)
+    reports = [json.loads(path.read_text()) for path in (out / "images").glob("*.json")]
+    (skipped,) = [report for report in reports if report["status"] == "rejected"]
+    assert skipped["image"] == str(folder / "sub" / "notes.txt") and skipped["reason"] == "not_an_image"
+    error_line(empty, f"no image to answer in {tmp_path / 'empty'} (skipped: not_an_image 1)", only=False)
+    assert not nothing.exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (("demo", "--sft-steps", "abc"), "argument --sft-steps: expected a whole number, got 'abc'"),
+    (("demo", "--out", "{tmp}/a_file"), "--out {tmp}/a_file is a file"),
+])
+def test_demo_mistakes_name_the_option_and_the_fix(tmp_path, args, message):
+    (tmp_path / "a_file").write_text("keep me")
+    error_line(tag(*(arg.format(tmp=tmp_path) for arg in args)), message.format(tmp=tmp_path))
+    assert (tmp_path / "a_file").read_text() == "keep me" and len(list(tmp_path.iterdir())) == 1
+
+
+@pytest.mark.parametrize("stage, gpu", [("sft", "gpu.yaml"), ("grpo", "gpu_grpo.yaml")])
+def test_the_gpu_configs_validate_and_keep_checkpoints_in_optimizer_steps_and_bounded(stage, gpu):
+    """`val_check_interval` counts batches: under accumulation it must be the optimizer steps meant times
+    `accumulate_grad_batches`. Checkpoints every few hundred optimizer steps, and only the latest few kept."""
+    import yaml
+
+    shown = tag("fit", "-c", CONFIGS / f"{stage}.yaml", "-c", CONFIGS / "qwen2_5_vl_3b" / "model_lora.yaml",
+                "-c", CONFIGS / "qwen2_5_vl_3b" / gpu, "-c", CONFIGS / "data" / "rafdb.yaml", "--print_config")
+    assert shown.returncode == 0, shown.stderr[-3000:]
+    trainer = yaml.safe_load(shown.stdout)["trainer"]
+    validation_steps = trainer["val_check_interval"] / (trainer["accumulate_grad_batches"] or 1)
+    (checkpoints,) = [c["init_args"] for c in trainer["callbacks"] if c["class_path"].endswith("ModelCheckpoint")]
+    assert validation_steps in (200, 500) and checkpoints["every_n_train_steps"] in (100, 500)
+    assert trainer["max_steps"] / checkpoints["every_n_train_steps"] <= 10
+    assert (checkpoints["monitor"], checkpoints["mode"], checkpoints["save_top_k"]) == ("step", "max", 3)

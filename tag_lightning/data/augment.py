@@ -34,6 +34,7 @@ import numpy as np
 
 from tag_lightning.boxes import round_box
 from tag_lightning.data.traces import Box, Step, Trace
+from tag_lightning.errors import BadValue
 
 MAX_DRAWS = 5
 """Random draws tried per sample before falling back to the plain letterbox."""
@@ -73,9 +74,9 @@ class AugmentOptions:
 
     def __post_init__(self) -> None:
         if not 0.0 < self.min_visibility <= 1.0:
-            raise ValueError(f"min_visibility must lie in (0, 1], got {self.min_visibility}")
+            raise BadValue(f"min_visibility must lie in (0, 1], got {self.min_visibility}")
         if not 0.0 < self.scale[0] <= self.scale[1]:
-            raise ValueError(f"scale must be a range (low, high) with 0 < low <= high, got {self.scale}")
+            raise BadValue(f"scale must be a range (low, high) with 0 < low <= high, got {self.scale}")
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,7 @@ class FaceAugment:
 
     def __init__(self, image_size: int, options: AugmentOptions | None = None) -> None:
         if image_size < 1:
-            raise ValueError(f"image_size must be positive, got {image_size}")
+            raise BadValue(f"image_size must be positive, got {image_size}")
         self.image_size = image_size
         self._letterbox = A.Compose(_letterbox(image_size), bbox_params=_bbox_params(min_visibility=0.0))
         self._random = None

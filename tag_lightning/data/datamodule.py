@@ -50,10 +50,11 @@ from torch.utils.data import DataLoader, Dataset
 from tag_lightning.au.cache import AUCache
 from tag_lightning.au.record import STATUSES, AURecord
 from tag_lightning.data.augment import AugmentOptions, FaceAugment
-from tag_lightning.data.datasets import FERDataset, parse_data_spec
+from tag_lightning.data.datasets import FERDataset, PhotoFolder, parse_data_spec
 from tag_lightning.data.prompts import user_prompt
 from tag_lightning.data.sampling import ResumableSampler
 from tag_lightning.data.traces import Trace, render_trace
+from tag_lightning.errors import BadValue
 from tag_lightning.images import ImageRef, content_hash, decode_image
 
 SPLITS = ("train", "val", "test", "predict")
@@ -193,11 +194,11 @@ class FERDataModule(LightningDataModule):
         super().__init__()
         unknown = set(exclude_statuses) - set(STATUSES)
         if unknown:
-            raise ValueError(f"unknown record status(es) {sorted(unknown)} in exclude_statuses: expected {STATUSES}")
+            raise BadValue(f"unknown record status(es) {sorted(unknown)} in exclude_statuses: expected {STATUSES}")
         if "unreadable" not in exclude_statuses:
-            raise ValueError("unreadable images cannot be loaded: keep 'unreadable' in exclude_statuses")
+            raise BadValue("unreadable images cannot be loaded: keep 'unreadable' in exclude_statuses")
         if stage not in ("sft", "rl"):
-            raise ValueError(f"stage must be 'sft' or 'rl', got {stage!r}")
+            raise BadValue(f"stage must be 'sft' or 'rl', got {stage!r}")
         self.save_hyperparameters()
         self.au_cache = au_cache
         self.specs = {"train": _as_list(train_data), "val": _as_list(val_data), "test": _as_list(test_data),
@@ -241,7 +242,23 @@ class FERDataModule(LightningDataModule):
         cache = AUCache(self.au_cache)
         for split in wanted:
             self.items[split], self.counts[split], self.exclusions[split] = self._build(split, cache)
-            rank_zero_info(f"FERDataModule {split}: {_describe(self.counts[split])}")
+            rank_zero_info(f"FERDataModule {split}: {_describe(self.counts[split])}"
+                           f"{self._how_to_cache(split, self.counts[split])}")
+
+    def _read(self, spec: str, split: str) -> FERDataset:
+        """The dataset a spec names; for `tag predict` a folder is read as `tag prepare au-cache` reads it
+        (`PhotoFolder`: nested folders, files that are not images listed)."""
+        if split == "predict" and Path(spec).expanduser().is_dir():
+            return PhotoFolder(Path(spec).expanduser(), lenient=self.lenient)
+        return parse_data_spec(spec, self.split_names[split], self.lenient)
+
+    def _how_to_cache(self, split: str, counts: Counter) -> str:
+        """For a split with images not in the AU cache: the command that caches them."""
+        if not counts["not_cached"]:
+            return ""
+        images = " ".join(self.specs[split]) if len(self.specs[split]) == 1 else "DATA"
+        return (f"; {counts['not_cached']} not in the AU cache {self.au_cache}: cache them with `tag prepare au-cache "
+                f"--images {images} --out {self.au_cache}`")
 
     def _splits_of(self, stage: str) -> tuple[str, ...]:
         return (self.predict_split,) if stage == "predict" else _SPLITS_OF_STAGE[stage]
@@ -251,10 +268,18 @@ class FERDataModule(LightningDataModule):
         traces = None
         if kind == "sft":
             if self.train_traces is None:
-                raise ValueError("stage sft trains on traces: set train_traces (a `tag prepare traces` JSONL)")
+                raise BadValue("stage sft trains on traces: set train_traces (a `tag prepare traces` JSONL)")
             traces = load_traces(self.train_traces)
-        datasets = [parse_data_spec(spec, self.split_names[split], self.lenient) for spec in self.specs[split]]
+        datasets = [self._read(spec, split) for spec in self.specs[split]]
         entries, counts, exclusions = [], Counter(), []
+        for dataset in datasets:  # rows the reader left out (lenient reading, files that are not images)
+            for row in dataset.skipped:
+                counts[row.reason] += 1
+                exclusions.append(Exclusion(row.source, row.reason, row.removeprefix(f"{row.source}: ")))
+        if split == "predict" and not any(len(dataset) for dataset in datasets):
+            found = f" (skipped: {', '.join(f'{reason} {n}' for reason, n in sorted(counts.items()))})" if counts else ""
+            raise BadValue(f"no image to answer in {', '.join(self.specs[split])}{found}: give an image, a folder "
+                           "of images or a dataset spec as --data.predict_data")
         for number, dataset in enumerate(datasets):
             for index, sample in enumerate(dataset):
                 record = _find_record(cache, sample.image)
@@ -267,11 +292,11 @@ class FERDataModule(LightningDataModule):
                 else:
                     detail = "no record of this image's content in the AU cache" if record is None else record.reason
                     exclusions.append(Exclusion(sample.image.name, reason, detail))
-        counts["samples"] = sum(len(dataset) for dataset in datasets)
+        counts["samples"] = sum(len(dataset) + len(dataset.skipped) for dataset in datasets)
         if traces is not None:
             counts["traces"] = len(entries)
         if not entries and split != "predict":  # a wholly rejected predict split is still told image by image
-            raise ValueError(f"FERDataModule {split}: no usable sample, {_describe(counts)}")
+            raise BadValue(f"FERDataModule {split}: no usable sample, {_describe(counts)}{self._how_to_cache(split, counts)}")
         augment = FaceAugment(self.image_size, self.augment if split == "train" else None)
         items = FERItems(datasets, entries, cache, kind, augment, self.seed, self.activation_threshold)
         return items, counts, exclusions
@@ -363,7 +388,7 @@ def load_traces(path: str | Path) -> dict[str, list[Trace]]:
                 if row.get("trace_struct") is not None:
                     traces.setdefault(row["content_hash"], []).append(Trace.from_dict(row["trace_struct"]))
             except (ValueError, KeyError, TypeError, AttributeError) as err:
-                raise ValueError(f"{path}:{number}: not a trace line ({type(err).__name__}: {err})") from err
+                raise BadValue(f"{path}:{number}: not a trace line ({type(err).__name__}: {err})") from err
     return traces
 
 

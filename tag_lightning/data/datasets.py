@@ -33,12 +33,25 @@ from tag_lightning.data.labels import (
     RAFDB_LABELS,
     normalize_label,
 )
-from tag_lightning.errors import read_yaml
+from tag_lightning.errors import BadValue, read_yaml
 from tag_lightning.images import IMAGE_SUFFIXES, ImageRef
 
 
-class DatasetFormatError(ValueError):
+class DatasetFormatError(BadValue):
     """A dataset file does not have the format its adapter expects; the message names file and line."""
+
+
+class SkippedRow(str):
+    """A row or file left out of a dataset, as its message ``source: problem``, with `source` and why in
+    a word (`reason`: ``missing_image``, ``not_an_image`` or ``bad_row``) for counts and reports."""
+
+    source: str
+    reason: str
+
+    def __new__(cls, source: str, problem: str, reason: str = "bad_row") -> SkippedRow:
+        row = super().__new__(cls, f"{source}: {problem}")
+        row.source, row.reason = source, reason
+        return row
 
 
 @dataclass(frozen=True)
@@ -63,11 +76,11 @@ class FERDataset(Sequence[FERSample]):
 
     def __init__(self, split: str, lenient: bool = False, keep_missing: bool = False) -> None:
         if self.splits is not None and split not in self.splits:
-            raise ValueError(f"{self.name} has no split {split!r}: expected one of {', '.join(self.splits)}")
+            raise BadValue(f"{self.name} has no split {split!r}: expected one of {', '.join(self.splits)}")
         self.split = split
         self.lenient = lenient
         self.keep_missing = keep_missing
-        self.skipped: list[str] = []
+        self.skipped: list[SkippedRow] = []
         self.notes: list[str] = []
         self.dropped: Counter[str] = Counter()
         self._samples: list[FERSample] = []
@@ -93,17 +106,17 @@ class FERDataset(Sequence[FERSample]):
         """Samples per split, an empty split read included (what `tag prepare au-cache` reports)."""
         return Counter({self.split: len(self)})
 
-    def _bad_row(self, source: str, problem: str) -> None:
-        """Strict: raise naming the row. Lenient: remember the same message and go on."""
-        message = f"{source}: {problem}"
+    def _bad_row(self, source: str, problem: str, reason: str = "bad_row") -> None:
+        """Strict: raise naming the row. Lenient: remember it (`skipped`) and go on."""
+        row = SkippedRow(source, problem, reason)
         if not self.lenient:
-            raise DatasetFormatError(message)
-        self.skipped.append(message)
+            raise DatasetFormatError(str(row))
+        self.skipped.append(row)
 
     def _add_file(self, path: Path, label: str | None, source: str, split: str | None = None) -> None:
         """Add an image file as a sample, or report the row if the file is missing (unless `keep_missing`)."""
         if not self.keep_missing and not path.is_file():
-            self._bad_row(source, f"image file not found: {path}")
+            self._bad_row(source, f"image file not found: {path}", "missing_image")
             return
         self._samples.append(FERSample(ImageRef.from_path(path), label, self.name, split or self.split, source))
 
@@ -232,7 +245,7 @@ class FERPlus(FERDataset):
     ) -> None:
         super().__init__(split, lenient, keep_missing)
         if vote_policy not in self.vote_policies:
-            raise ValueError(
+            raise BadValue(
                 f"unknown vote_policy {vote_policy!r}: expected one of {', '.join(self.vote_policies)}"
             )
         self.root = Path(root)
@@ -355,7 +368,7 @@ class AffectNet(FERDataset):
     ) -> None:
         super().__init__(split, lenient, keep_missing)
         if layout not in self.layouts:
-            raise ValueError(f"unknown AffectNet layout {layout!r}: expected one of {', '.join(self.layouts)}")
+            raise BadValue(f"unknown AffectNet layout {layout!r}: expected one of {', '.join(self.layouts)}")
         self.root = Path(root)
         csv_path = self.root / self._CSV[split]
         if layout == "auto":
@@ -469,6 +482,35 @@ class ImageFolder(_PresentClasses, FERDataset):
                 self._add_file(path, label, str(path))
 
 
+class PhotoFolder(_PresentClasses, FERDataset):
+    """Every image under ``root``, however nested, as `tag prepare au-cache` reads a folder: what `tag
+    predict` answers. An image in a folder named after an emotion is labelled with it, any other is
+    unlabeled; a file that is not an image is skipped and listed in `skipped` (not an error)."""
+
+    name = "photos"
+
+    def __init__(self, root: str | Path, split: str = "all", lenient: bool = False, keep_missing: bool = False) -> None:
+        super().__init__(split, lenient, keep_missing)
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"no such folder: {self.root}")
+        for path in sorted(self.root.rglob("*")):
+            if not path.is_file() or any(part.startswith(".") for part in path.relative_to(self.root).parts):
+                continue
+            if path.suffix.lower() in IMAGE_SUFFIXES:
+                self._add_file(path, _folder_label(path.parent) if path.parent != self.root else None, str(path))
+            else:
+                self.skipped.append(SkippedRow(str(path), f"not an image file (images end in "
+                                                          f"{', '.join(IMAGE_SUFFIXES)})", "not_an_image"))
+
+
+def _folder_label(folder: Path) -> str | None:
+    try:
+        return normalize_label(folder.name)
+    except ValueError:
+        return None
+
+
 class ImageFile(_PresentClasses, FERDataset):
     """One unlabeled image file: a photo to answer (`tag predict --data.predict_data photo.jpg`)."""
 
@@ -536,7 +578,7 @@ def data_config_dataset(
     """
     role = role or "train"
     if role not in ROLES:
-        raise ValueError(f"{path}: a data config has train, val and test data; got split {role!r}")
+        raise BadValue(f"{path}: a data config has train, val and test data; got split {role!r}")
     return _read_data_config(path, (role,), lenient, keep_missing)
 
 
@@ -546,7 +588,7 @@ def _read_data_config(path: Path, roles: Sequence[str], lenient: bool, keep_miss
     if not uses:
         names = [f"{role}_data" for role in roles]
         listed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
-        raise ValueError(f"{path} names no {listed}")
+        raise BadValue(f"{path} names no {listed}")
     parts = [parse_data_spec(spec, split, lenient, keep_missing) for spec, split in uses]
     return parts[0] if len(parts) == 1 else CombinedDataset(parts)
 
@@ -604,7 +646,7 @@ def resolve_data_spec(spec: str) -> tuple[type[FERDataset], Path] | None:
                                 f"one of {_SPEC_FORMS})")
     adapter = ADAPTERS.get(kind.strip().lower())
     if not separator or adapter is None or not location.strip():
-        raise ValueError(f"bad data spec {spec!r}: expected one of {_SPEC_FORMS}")
+        raise BadValue(f"bad data spec {spec!r}: expected one of {_SPEC_FORMS}")
     return adapter, Path(location.strip()).expanduser()
 
 

@@ -6,6 +6,8 @@ the codes are translated here, once, into unified names; a class id is an index 
 
 from __future__ import annotations
 
+from tag_lightning.errors import BadValue
+
 EMOTIONS: tuple[str, ...] = (
     "neutral",
     "happiness",
@@ -99,7 +101,7 @@ def normalize_label(text: str) -> str:
     label = find_label(text)
     if label is not None:
         return label
-    raise ValueError(
+    raise BadValue(
         f"unknown emotion label {text!r}: expected one of {', '.join(EMOTIONS)} "
         f"or a synonym ({', '.join(_SYNONYMS)})"
     )

@@ -35,6 +35,7 @@ from tag_lightning.au.taxonomy import AU_BY_ID, EMOTION_PROTOTYPES, REGIONS, Act
 from tag_lightning.boxes import box_iou, round_box
 from tag_lightning.data.prompts import user_prompt
 from tag_lightning.data.traces import COORDINATE_SEPARATOR, Box, Step, Trace, render_trace
+from tag_lightning.errors import BadValue
 from tag_lightning.images import ImageRef, decode_image
 
 NEUTRAL = "neutral"
@@ -219,10 +220,10 @@ class TemplateTeacher:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.error_rate <= 1.0:
-            raise ValueError(f"error_rate must lie in [0, 1], got {self.error_rate}")
+            raise BadValue(f"error_rate must lie in [0, 1], got {self.error_rate}")
         unknown = sorted(set(self.error_kinds) - set(FLAW_KINDS))
         if unknown or not self.error_kinds:
-            raise ValueError(f"error kinds must be some of {', '.join(FLAW_KINDS)}, got {list(self.error_kinds)}")
+            raise BadValue(f"error kinds must be some of {', '.join(FLAW_KINDS)}, got {list(self.error_kinds)}")
 
     def propose(self, request: TeacherRequest) -> Proposal:
         flawed = self.is_flawed(request.record, request.index, request.count)
@@ -581,7 +582,7 @@ class HFTeacher:
             processor = AutoProcessor.from_pretrained(folder)
             model = AutoModelForImageTextToText.from_pretrained(folder, dtype="auto").to(device)
         except (OSError, ValueError, KeyError) as err:
-            raise ValueError(
+            raise BadValue(
                 f"{folder} does not load as an image-text-to-text model with its processor ({err}); "
                 "it needs the model's config and weights plus the processor files (save both with save_pretrained)"
             ) from err

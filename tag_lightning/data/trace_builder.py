@@ -43,6 +43,7 @@ from tag_lightning.data.teachers import (
     activated_aus,
 )
 from tag_lightning.data.traces import ParsedTrace, Trace, parse_trace, render_trace
+from tag_lightning.errors import BadValue
 from tag_lightning.images import ImageRef, UnreadableImage, content_hash
 
 _AU_MENTION_RE = re.compile(r"\bAU([1-9][0-9]?)\b")
@@ -62,9 +63,9 @@ class RejectionConfig:
 
     def __post_init__(self) -> None:
         if self.filter not in FILTERS:
-            raise ValueError(f"filter must be one of {', '.join(FILTERS)}, got {self.filter!r}")
+            raise BadValue(f"filter must be one of {', '.join(FILTERS)}, got {self.filter!r}")
         if self.traces_per_image < 1:
-            raise ValueError(f"traces_per_image must be at least 1, got {self.traces_per_image}")
+            raise BadValue(f"traces_per_image must be at least 1, got {self.traces_per_image}")
 
 
 FILTERS = {
@@ -267,7 +268,7 @@ def read_jsonl(path: Path) -> list[dict]:
             lines.append(json.loads(chunk))
         except ValueError:
             if number < len(chunks):  # followed by a newline: not a torn write
-                raise ValueError(f"{path}:{number} is not a JSON line; remove or repair that line and rerun") from None
+                raise BadValue(f"{path}:{number} is not a JSON line; remove or repair that line and rerun") from None
     if chunks[-1]:  # the file does not end with a newline: rewrite it cleanly
         partial = path.with_name(path.name + ".partial")
         partial.write_text("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines), encoding="utf-8")

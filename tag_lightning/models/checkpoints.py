@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tag_lightning.errors import BadValue
 from tag_lightning.models.vlm import LoRAConfig, VLMConfig
 
 STRUCTURAL_FIELDS = ("model_path", "backbone", "freeze_vision", "lora", "lora.r", "lora.alpha", "lora.target_modules")
@@ -36,10 +37,10 @@ def read_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
         raise
     except Exception as err:  # a checkpoint is data: anything unloadable is the user's file
         # torch's own message suggests weights_only=False, i.e. running the file's code: never pass that on
-        raise ValueError(f"{path}: not a loadable checkpoint (torch cannot read it as data: {type(err).__name__}); "
-                         "give one written by `tag fit`") from None
+        raise BadValue(f"{path}: not a loadable checkpoint (torch cannot read it as data: {type(err).__name__}); "
+                       "give one written by `tag fit`") from None
     if not isinstance(checkpoint, dict) or "vlm_config" not in checkpoint:
-        raise ValueError(f"{path} is not a tag_lightning training checkpoint (it has no vlm_config)")
+        raise BadValue(f"{path} is not a tag_lightning training checkpoint (it has no vlm_config)")
     return checkpoint
 
 
@@ -75,8 +76,8 @@ def check_fits(checkpoint: Mapping[str, Any], config: VLMConfig, what: str) -> N
     """Refuse a checkpoint whose network was built otherwise than `config` says (`what` names it)."""
     differences = structural_differences(checkpoint.get("vlm_config") or {}, config)
     if differences:
-        raise ValueError(f"{what} was trained with another model set-up ({'; '.join(differences)}); configure "
-                         "the same values, or start a new run instead of loading it")
+        raise BadValue(f"{what} was trained with another model set-up ({'; '.join(differences)}); configure "
+                       "the same values, or start a new run instead of loading it")
 
 
 def pack_rng_states() -> dict[str, Any]:

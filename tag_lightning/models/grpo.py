@@ -20,8 +20,10 @@ Where this differs from TRL, and why:
   token count, the logged statistics) are gathered over ranks, so 2 ranks compute what 1 does;
 - rollouts are a function of (``rollout_seed``, step, image): each prompt's group is sampled under its own
   seed, so a resumed run, or the same batch split over ranks, samples the same completions;
-- one Lightning step is one batch of rollouts and its μ optimizer steps (`max_steps` counts
-  optimizer steps), so a checkpoint never falls between a rollout and its updates;
+- one Lightning step is one batch of rollouts and its μ optimizer steps, so a checkpoint never
+  falls between a rollout and its updates; there is one step axis, optimizer steps: `max_steps`
+  and checkpoint intervals count them (and must be multiples of μ), and every log (CSV,
+  TensorBoard, ``completions.csv``) is at the optimizer step the batch's rollouts were sampled at;
 - with LoRA the reference model is the base model with the adapters (and the trained projector)
   switched off, as TRL does with a PEFT model: after `init_from` an SFT checkpoint, the KL term
   anchors to the model before SFT. Without LoRA it is a frozen copy of the starting policy.
@@ -39,9 +41,10 @@ from pathlib import Path
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from tag_lightning.errors import BadValue, UserError, describe
 from tag_lightning.models.checkpoints import check_fits, network_weights, read_checkpoint
 from tag_lightning.models.module import VLMModule
 from tag_lightning.models.sampling import seeded
@@ -65,8 +68,11 @@ def group_advantages(rewards: Tensor, group_size: int, scale_rewards: str = "gro
     Standard deviations are Bessel-corrected, as in TRL.
     """
     if scale_rewards not in SCALE_REWARDS:
-        raise ValueError(f"scale_rewards {scale_rewards!r} is not one of {', '.join(SCALE_REWARDS)}")
-    if group_size < 1 or rewards.numel() % group_size:
+        raise BadValue(f"scale_rewards {scale_rewards!r} is not one of {', '.join(SCALE_REWARDS)}")
+    if group_size < 2:
+        raise BadValue(f"a group of {group_size} has no advantage to compute (its std is undefined): "
+                         "groups compare at least 2 completions")
+    if rewards.numel() % group_size:
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
     grouped = rewards.view(-1, group_size)
     advantages = rewards - grouped.mean(dim=1).repeat_interleave(group_size)
@@ -89,6 +95,8 @@ def policy_loss(
     loss_type: str = "grpo",
     max_completion_length: int | None = None,
     num_items_in_batch: float | None = None,
+    batch_size: int | None = None,
+    batch_tokens: float | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """The clipped surrogate loss (+ β k3 KL) of completions' tokens, aggregated as `loss_type` says.
 
@@ -100,9 +108,14 @@ def policy_loss(
     (the tokens of the whole generation batch over all ranks, divided by the number of ranks;
     default: this batch's tokens). Stats: ``kl`` (masked mean; 0 when β = 0) and ``clip_ratio``
     (share of tokens whose ratio was clipped in the direction of their advantage).
+
+    When the rows are a micro-batch of a step, `batch_size` and `batch_tokens` give the step's
+    completions and counted tokens (default: these rows'): every aggregation then divides by the
+    step's figures, so the micro-batches' losses add up to the step's loss, and the gradient does
+    not depend on how the step is split.
     """
     if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type {loss_type!r} is not one of {', '.join(LOSS_TYPES)}")
+        raise BadValue(f"loss_type {loss_type!r} is not one of {', '.join(LOSS_TYPES)}")
     mask = mask.to(logps.dtype)
     advantages = advantages.unsqueeze(1)
     ratio = torch.exp(logps - old_logps)
@@ -115,14 +128,15 @@ def policy_loss(
         kl = torch.exp(ref_logps - logps) - (ref_logps - logps) - 1
         per_token = per_token + beta * kl
     tokens = mask.sum().clamp(min=1.0)
+    rows = per_token.size(0) if batch_size is None else batch_size
     if loss_type == "grpo":
-        loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+        loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).sum() / rows
     elif loss_type == "bnpo":
-        loss = (per_token * mask).sum() / tokens
+        loss = (per_token * mask).sum() / (tokens if batch_tokens is None else max(batch_tokens, 1.0))
     elif loss_type == "dr_grpo":
         if max_completion_length is None:
-            raise ValueError("loss_type dr_grpo divides by max_completion_length: give it")
-        loss = (per_token * mask).sum() / (per_token.size(0) * max_completion_length)
+            raise BadValue("loss_type dr_grpo divides by max_completion_length: give it")
+        loss = (per_token * mask).sum() / (rows * max_completion_length)
     else:
         loss = (per_token * mask).sum() / (tokens if num_items_in_batch is None else max(num_items_in_batch, 1.0))
     was_clipped = ((ratio < 1 - epsilon_low) & (advantages < 0)) | ((ratio > 1 + epsilon_high) & (advantages > 0))
@@ -177,7 +191,8 @@ class GRPOModule(VLMModule):
         num_iterations: μ, optimizer steps per batch of rollouts (old log-probs kept from the first).
         mask_truncated_completions: leave completions that hit max_completion_length out of the loss.
         max_grad_norm: clip the gradient norm to this before each step; None: no clipping.
-        micro_batch_size: completions per forward/backward pass (gradients accumulate); None: all.
+        micro_batch_size: completions per forward/backward pass (gradients accumulate; the update is the
+            same for any value, see `policy_loss`); None: all.
         log_completions: write sampled completions with their rewards to ``completions.csv`` in
             the log folder (and as text to TensorBoard) every step.
         num_completions_to_print: completions per step written there.
@@ -243,14 +258,49 @@ class GRPOModule(VLMModule):
         self.rollout_seed = rollout_seed
         self.automatic_optimization = False  # μ optimizer steps per batch of rollouts
         self.reference = None  # a frozen copy of the starting policy, made when beta > 0 without LoRA
+        self._warned_nothing_counted = False
         if init_from is not None:
             self._start_from(init_from)
 
     def _start_from(self, path: str) -> None:
-        checkpoint = read_checkpoint(path)
+        try:
+            checkpoint = read_checkpoint(path)
+        except OSError as err:
+            raise UserError(f"model.init_args.init_from: {describe(err)}; give the SFT run's checkpoint (e.g. "
+                            "its checkpoints/last.ckpt), or --model.init_args.init_from=null to start from the "
+                            "model folder's own weights") from None
         check_fits(checkpoint, self.network.config, f"init_from {path}")
         self.network.load_trainable_state_dict(network_weights(checkpoint))
+        self.started_from = str(Path(path).resolve())
         rank_zero_info(f"GRPO starts from {path} (step {checkpoint.get('global_step', '?')} of its run)")
+
+    # -- one step axis: optimizer steps -----------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            self._check_step_counts()
+
+    def _check_step_counts(self) -> None:
+        """`max_steps` and checkpoint intervals count optimizer steps, and Lightning checks them after each
+        batch of rollouts, which takes μ of them: each must be a multiple of μ to be met exactly."""
+        counts = {"trainer.max_steps": self.trainer.max_steps}
+        for callback in self.trainer.checkpoint_callbacks:
+            counts[f"{type(callback).__name__}'s every_n_train_steps"] = callback._every_n_train_steps
+        for name, count in counts.items():
+            if count > 0 and count % self.num_iterations:
+                lower = count - count % self.num_iterations
+                fits = " or ".join(str(n) for n in (lower, lower + self.num_iterations) if n > 0)
+                raise UserError(f"{name} is {count} optimizer steps, not a multiple of num_iterations "
+                                f"({self.num_iterations}): each batch of rollouts takes {self.num_iterations} "
+                                f"optimizer steps, so {count} cannot be met exactly; use {fits}")
+
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        """Log this batch at the optimizer step its rollouts are sampled at, as `completions.csv` does.
+
+        Lightning's loggers count batches (`_batches_that_stepped`, one per batch whatever the
+        optimizer steps taken); with μ > 1 those would be a second step axis beside `global_step`.
+        """
+        self.trainer.fit_loop.epoch_loop._batches_that_stepped = self.global_step
 
     def configure_model(self) -> None:
         """The frozen reference copy (full fine-tuning with beta > 0), made before any sharding."""
@@ -270,7 +320,10 @@ class GRPOModule(VLMModule):
         chunks = self._chunks(rollouts)
         counted = ~rollouts.truncated if self.mask_truncated_completions else torch.ones_like(rollouts.truncated)
         lengths = torch.tensor([len(ids) for ids in rollouts.token_ids], dtype=torch.float32)
-        num_items = float(self._gathered((lengths * counted).sum().reshape(1)).sum()) / self._world()
+        tokens = (lengths * counted).sum()
+        num_items = float(self._gathered(tokens.reshape(1)).sum()) / self._world()
+        if num_items == 0:
+            self._warn_nothing_counted(rollouts)
         references = [self._reference_logprobs(inputs) for _, inputs in chunks] if self.beta else [None] * len(chunks)
         old = [None] * len(chunks)
         optimizer = self.optimizers()
@@ -278,6 +331,7 @@ class GRPOModule(VLMModule):
         losses, kls, clips = [], [], []
         for _ in range(self.num_iterations):
             optimizer.zero_grad()
+            loss_of_step = 0.0  # the chunks' losses add up to the step's (see `policy_loss`)
             for index, (rows, inputs) in enumerate(chunks):
                 logps, mask = self.network.answer_logprobs(inputs, self.temperature)
                 mask = mask * counted[rows].to(mask).unsqueeze(1)
@@ -285,19 +339,29 @@ class GRPOModule(VLMModule):
                     old[index] = logps.detach()
                 loss, stats = policy_loss(
                     logps, old[index], advantages[rows], mask, references[index], self.epsilon_low,
-                    self.epsilon_high, self.beta, self.loss_type, self.max_completion_length, num_items)
-                if self.loss_type != "dapo":  # dapo's normaliser already spans the whole batch
-                    loss = loss / len(chunks)
+                    self.epsilon_high, self.beta, self.loss_type, self.max_completion_length, num_items,
+                    batch_size=len(rollouts.texts), batch_tokens=float(tokens))
                 self.manual_backward(loss)
-                losses.append(float(loss.detach()) * (1 if self.loss_type == "dapo" else len(chunks)))
+                loss_of_step += float(loss.detach())
                 kls.append(stats["kl"])
                 clips.append(stats["clip_ratio"])
+            losses.append(loss_of_step)
             if self.max_grad_norm is not None:
                 self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
         self._log_step(rollouts, everyone, sum(losses) / len(losses), sum(kls) / len(kls), sum(clips) / len(clips))
+
+    def _warn_nothing_counted(self, rollouts: Rollouts) -> None:
+        """Once a run: a step whose every completion hit `max_completion_length` and is masked learns nothing."""
+        if self._warned_nothing_counted:
+            return
+        self._warned_nothing_counted = True
+        rank_zero_warn(f"step {rollouts.step}: all {len(rollouts.texts) * self._world()} completions reached "
+                       f"max_completion_length ({self.max_completion_length} tokens) and mask_truncated_completions "
+                       "leaves them out of the loss, so the step did not learn; raise max_completion_length or "
+                       "set mask_truncated_completions false (told once a run)")
 
     @torch.no_grad()
     def _rollout(self, batch: dict) -> Rollouts:
@@ -429,23 +493,23 @@ def _check_options(num_generations, max_completion_length, temperature, top_p, s
                    epsilon_high, beta, num_iterations, micro_batch_size) -> None:
     """One line per impossible setting, before any weight moves."""
     if num_generations < 2:
-        raise ValueError(f"num_generations must be at least 2 (advantages compare a prompt's completions), "
-                         f"got {num_generations}")
+        raise BadValue(f"num_generations must be at least 2 (advantages compare a prompt's completions), "
+                       f"got {num_generations}")
     if max_completion_length < 1:
-        raise ValueError(f"max_completion_length must be positive, got {max_completion_length}")
+        raise BadValue(f"max_completion_length must be positive, got {max_completion_length}")
     if not temperature > 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
+        raise BadValue(f"temperature must be positive, got {temperature}")
     if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        raise BadValue(f"top_p must be in (0, 1], got {top_p}")
     if scale_rewards not in SCALE_REWARDS:
-        raise ValueError(f"scale_rewards {scale_rewards!r} is not one of {', '.join(SCALE_REWARDS)}")
+        raise BadValue(f"scale_rewards {scale_rewards!r} is not one of {', '.join(SCALE_REWARDS)}")
     if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type {loss_type!r} is not one of {', '.join(LOSS_TYPES)}")
+        raise BadValue(f"loss_type {loss_type!r} is not one of {', '.join(LOSS_TYPES)}")
     if not 0 <= epsilon < 1 or (epsilon_high is not None and epsilon_high < 0):
-        raise ValueError(f"epsilon must be in [0, 1) and epsilon_high >= 0, got {epsilon} and {epsilon_high}")
+        raise BadValue(f"epsilon must be in [0, 1) and epsilon_high >= 0, got {epsilon} and {epsilon_high}")
     if beta < 0 or not math.isfinite(beta):
-        raise ValueError(f"beta must be a finite number >= 0, got {beta}")
+        raise BadValue(f"beta must be a finite number >= 0, got {beta}")
     if num_iterations < 1:
-        raise ValueError(f"num_iterations must be at least 1, got {num_iterations}")
+        raise BadValue(f"num_iterations must be at least 1, got {num_iterations}")
     if micro_batch_size is not None and micro_batch_size < 1:
-        raise ValueError(f"micro_batch_size must be positive or null, got {micro_batch_size}")
+        raise BadValue(f"micro_batch_size must be positive or null, got {micro_batch_size}")

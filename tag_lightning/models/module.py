@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,6 +23,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 
 from tag_lightning.claims import Completion, References, read_completion
+from tag_lightning.errors import BadValue
 from tag_lightning.metrics import AnswerMetrics, AnswerScore, SampledAnswerMetrics, score_answer
 from tag_lightning.models.checkpoints import check_fits, pack_rng_states, restore_rng_states
 from tag_lightning.models.sampling import seeded
@@ -64,7 +66,7 @@ class VLMModule(LightningModule):
     ) -> None:
         super().__init__()
         if sampled_answers < 0 or sampled_temperature <= 0:
-            raise ValueError(f"sampled_answers must be >= 0 and sampled_temperature > 0, got {sampled_answers} and "
+            raise BadValue(f"sampled_answers must be >= 0 and sampled_temperature > 0, got {sampled_answers} and "
                              f"{sampled_temperature}")
         self.save_hyperparameters(ignore=["network", "optimizer", "scheduler"])  # a subclass's own arguments too
         self.network = network
@@ -81,6 +83,7 @@ class VLMModule(LightningModule):
         self.sampled_metrics = SampledAnswerMetrics()
         self.occlusion = OcclusionFlips()
         self._test_rows: list[dict] = []  # this rank's per-image rows of the running test
+        self.started_from: str | None = None  # a checkpoint whose weights were loaded at construction (init_from)
         self.strict_loading = False  # checkpoints hold only the trainable weights (see on_save_checkpoint)
 
     # -- model set-up ----------------------------------------------------------------------------
@@ -234,7 +237,7 @@ class VLMModule(LightningModule):
         rows = self._gathered_rows()
         if self.global_rank == 0:
             folder = new_run_folder(self.trainer.log_dir or ".")
-            write_evaluation(folder, figures, rows, about)
+            write_evaluation(folder, figures, rows, about, self._excluded())
             rank_zero_info(f"evaluation of {len(rows)} images: {folder}")
         self.test_metrics.reset()
         self.occlusion.reset()
@@ -247,15 +250,30 @@ class VLMModule(LightningModule):
         self.log_dict({f"{stage}/{name}": scalars[name] for name in shown}, prog_bar=True)
         self.log_dict({f"{stage}/{name}": value for name, value in scalars.items() if name not in shown})
 
+    def provenance(self) -> dict:
+        """Which weights answer: ``checkpoint`` (the one `--ckpt_path` loaded, else None), ``init_from``
+        (the checkpoint the module started from, else None) and ``weights``, the one that was used:
+        ``checkpoint``, ``init_from``, or ``bare model`` (the model folder's own weights, zero-shot)."""
+        checkpoint = self.trainer.ckpt_path
+        checkpoint = None if checkpoint is None else str(Path(checkpoint).resolve())
+        weights = "checkpoint" if checkpoint else "init_from" if self.started_from else "bare model"
+        return {"model": self.network.config.model_path, "checkpoint": checkpoint, "init_from": self.started_from,
+                "weights": weights}
+
     def _evaluated(self) -> dict:
-        """What was evaluated: the model, the checkpoint (None: the bare model, zero-shot), the data."""
+        """What was evaluated: the model and the weights used (`provenance`), the data."""
         datamodule = getattr(self.trainer, "datamodule", None)
         data = None
         if datamodule is not None and hasattr(datamodule, "specs"):
             data = {"specs": datamodule.specs["test"], "split": datamodule.split_names["test"],
-                    "au_cache": str(datamodule.au_cache)}
-        return {"model": self.network.config.model_path, "checkpoint": self.trainer.ckpt_path,
-                "vlm_config": asdict(self.network.config), "data": data, "module": type(self).__name__}
+                    "au_cache": str(datamodule.au_cache), "counts": dict(datamodule.counts.get("test", {}))}
+        return {**self.provenance(), "vlm_config": asdict(self.network.config), "data": data,
+                "module": type(self).__name__}
+
+    def _excluded(self) -> list[dict]:
+        """The test images left out (not cached, no face, rows skipped by lenient reading...), with why."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        return [asdict(exclusion) for exclusion in getattr(datamodule, "exclusions", {}).get("test", [])]
 
     def _gathered_rows(self) -> list[dict]:
         """Every rank's per-image rows (in rank order) on every rank."""
@@ -275,12 +293,13 @@ class VLMModule(LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint["vlm_config"] = asdict(self.network.config)
         checkpoint["rng_states"] = pack_rng_states()
+        checkpoint["log_dir"] = self.logger.log_dir if self.logger is not None else None  # where a resumed run logs on
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         check_fits(checkpoint, self.network.config, "the checkpoint")
         missing = sorted(self._trainable_names() - set(checkpoint["state_dict"]))
         if missing:
-            raise ValueError(f"the checkpoint lacks {len(missing)} trainable weights of this model (e.g. {missing[:3]}); "
-                             "was it trained with the same model, LoRA and freezing settings?")
+            raise BadValue(f"the checkpoint lacks {len(missing)} trainable weights of this model (e.g. {missing[:3]}); "
+                           "was it trained with the same model, LoRA and freezing settings?")
         if checkpoint.get("rng_states"):
             restore_rng_states(checkpoint["rng_states"])

@@ -19,6 +19,8 @@ from contextlib import contextmanager
 import torch
 from transformers import LogitsProcessor
 
+from tag_lightning.errors import BadValue
+
 
 @contextmanager
 def seeded(key: str, device: torch.device) -> Iterator[None]:
@@ -43,9 +45,9 @@ class NextTokenSampler(LogitsProcessor):
     def __init__(self, forbidden: Sequence[int] = (), sample: bool = False, temperature: float = 1.0,
                  top_p: float = 1.0) -> None:
         if not temperature > 0:
-            raise ValueError(f"temperature must be positive, got {temperature}")
+            raise BadValue(f"temperature must be positive, got {temperature}")
         if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+            raise BadValue(f"top_p must be in (0, 1], got {top_p}")
         self.forbidden = torch.tensor(list(forbidden), dtype=torch.long)
         self.sample = sample
         self.temperature = temperature

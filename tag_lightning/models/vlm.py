@@ -34,6 +34,7 @@ from transformers import (
 )
 from transformers.utils import ModelOutput
 
+from tag_lightning.errors import BadValue
 from tag_lightning.models.backbones import BACKBONES, Backbone, Frame, resolve_backbone
 from tag_lightning.models.sampling import NextTokenSampler
 
@@ -90,14 +91,14 @@ class VLMConfig:
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
-            raise ValueError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+            raise BadValue(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if self.attn_implementation not in ATTENTION:
-            raise ValueError(f"attn_implementation {self.attn_implementation!r} is not one of {', '.join(ATTENTION)}")
+            raise BadValue(f"attn_implementation {self.attn_implementation!r} is not one of {', '.join(ATTENTION)}")
         if self.backbone is not None:
             resolve_backbone(self.backbone)
         if self.lora is not None and not self.freeze_vision:
-            raise ValueError("with LoRA the vision encoder stays frozen (adapters go on the language model only): "
-                             "set freeze_vision=True, or lora=None to fine-tune in full")
+            raise BadValue("with LoRA the vision encoder stays frozen (adapters go on the language model only): "
+                           "set freeze_vision=True, or lora=None to fine-tune in full")
 
 
 @dataclass
@@ -214,7 +215,7 @@ class VLMWrapper(nn.Module):
         full = self._render(prompt, target, add_generation_prompt=False)
         end = full.rfind(self.backbone.end_of_turn)
         if not full.startswith(prompt_text) or end < len(prompt_text):
-            raise ValueError(
+            raise BadValue(
                 f"the chat template of {self.config.model_path} does not render the answer after its generation "
                 f"prompt, closed by {self.backbone.end_of_turn!r}; cannot tell which tokens are the answer"
             )
@@ -396,9 +397,9 @@ def _backbone(name: str | None, model_type: str, source: str) -> type[Backbone]:
     if name is not None:
         return resolve_backbone(name)
     if model_type not in BACKBONES:
-        raise ValueError(f"{source} is a {model_type!r} model, for which no backbone is registered (known "
-                         f"backbones: {', '.join(BACKBONES)}); add an adapter in tag_lightning/models/backbones "
-                         "or set backbone to a compatible one")
+        raise BadValue(f"{source} is a {model_type!r} model, for which no backbone is registered (known "
+                       f"backbones: {', '.join(BACKBONES)}); add an adapter in tag_lightning/models/backbones "
+                       "or set backbone to a compatible one")
     return BACKBONES[model_type]
 
 
@@ -411,8 +412,8 @@ def _lora_targets(hf_config: PretrainedConfig, backbone: type[Backbone], lora: L
     unmatched = [target for target in lora.target_modules if not any(_named(layer, target) for layer in layers)]
     if unmatched:
         candidates = sorted({layer.rsplit(".", 1)[-1] for layer in layers})
-        raise ValueError(f"LoRA target_modules {unmatched} match no linear layer of the {backbone.name} language "
-                         f"model; candidates: {', '.join(candidates)}")
+        raise BadValue(f"LoRA target_modules {unmatched} match no linear layer of the {backbone.name} language "
+                       f"model; candidates: {', '.join(candidates)}")
     return [layer for layer in layers if any(_named(layer, target) for target in lora.target_modules)]
 
 

@@ -13,6 +13,7 @@ from tag_lightning.cli import main
 from tag_lightning.metrics import CLASSIFICATION, FAITHFULNESS
 
 LABELS = {"surprise", "happiness", "anger", "disgust"}
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def evaluation_of(root: Path) -> Path:
@@ -24,7 +25,8 @@ def check_report(folder: Path, checkpoint: Path | None, module: str) -> dict:
     report = json.loads((folder / "metrics.json").read_text())
     assert set(report["figures"]) == set(CLASSIFICATION) | set(FAITHFULNESS)
     assert report["counts"]["answers"] == 4 and report["meaning"]["box_iou"] == FAITHFULNESS["box_iou"]
-    assert report["checkpoint"] == (None if checkpoint is None else str(checkpoint)) and report["module"] == module
+    assert report["checkpoint"] == (None if checkpoint is None else str(checkpoint.resolve()))
+    assert report["module"] == module
     assert report["model"].endswith("tiny-qwen2.5-vl") and report["data"]["specs"][0].startswith("manifest:")
     assert set(report["confusion_matrix"]["rows"]) == LABELS
     rows = [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
@@ -38,6 +40,33 @@ def check_report(folder: Path, checkpoint: Path | None, module: str) -> dict:
 def test_an_sft_checkpoint(tag_args, sft_checkpoint, tmp_path):
     assert main(tag_args("sft", tmp_path, f"--ckpt_path={sft_checkpoint}", command="test")) == 0
     check_report(evaluation_of(tmp_path), sft_checkpoint, "SFTModule")
+
+
+def test_options_given_beside_a_checkpoint_win_over_its_saved_ones(tag_args, sft_checkpoint, demo_dir, tmp_path):
+    """The checkpoint was trained with max_new_tokens 8 and no occlusion test; the command line says 3 and true."""
+    from transformers import AutoTokenizer
+
+    assert main(tag_args("sft", tmp_path, f"--ckpt_path={sft_checkpoint}", "--model.init_args.occlusion_test=true",
+                         "--model.init_args.max_new_tokens=3", command="test")) == 0
+    report = check_report(evaluation_of(tmp_path), sft_checkpoint, "SFTModule")
+    assert report["weights"] == "checkpoint" and report["init_from"] is None
+    assert {"flip_cited", "flip_random", "difference"} <= set(report["evidence_necessity"])
+    tokenizer = AutoTokenizer.from_pretrained(demo_dir / "tiny-qwen2.5-vl")
+    rows = [json.loads(line) for line in (evaluation_of(tmp_path) / "predictions.jsonl").read_text().splitlines()]
+    assert max(len(tokenizer(row["text"], add_special_tokens=False).input_ids) for row in rows) <= 3
+
+
+def test_a_run_that_starts_from_init_from_says_so(tag_args, sft_checkpoint, tmp_path, capsys):
+    """`tag test -c configs/grpo.yaml` without --ckpt_path answers with init_from's weights: not a bare model.
+    `tag predict --zero_shot true` with an init_from set is refused: it would not be the bare model."""
+    grpo = [f"--model.init_args.init_from={sft_checkpoint}", "--model.init_args.num_generations=2"]
+    assert main(tag_args("grpo", tmp_path, *grpo, command="test")) == 0
+    report = check_report(evaluation_of(tmp_path), None, "GRPOModule")
+    assert report["weights"] == "init_from" and report["init_from"] == str(sft_checkpoint.resolve())
+    assert main(tag_args("grpo", tmp_path, *grpo, "-c", str(CONFIGS / "predict.yaml"), "--zero_shot=true",
+                         command="predict")) == 2
+    assert "--zero_shot true answers with the bare model, but model.init_args.init_from loads" in \
+        capsys.readouterr().err
 
 
 def test_a_grpo_checkpoint_and_a_second_run_in_its_own_folder(tag_args, sft_checkpoint, tmp_path):

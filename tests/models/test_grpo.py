@@ -38,6 +38,11 @@ def test_group_advantages(scale, expected):
     assert group_advantages(REWARDS_2x4, 4, scale).tolist() == pytest.approx(expected, abs=1e-6)
 
 
+def test_a_group_of_one_is_refused():
+    with pytest.raises(ValueError, match="a group of 1 has no advantage"):
+        group_advantages(torch.tensor([0.5, 1.0]), 1)
+
+
 def test_a_group_of_equal_rewards_has_no_advantage():
     assert group_advantages(torch.tensor([0.5, 0.5, 1.0, 0.0]), 2, "group").tolist() == pytest.approx(
         [0.0, 0.0, 0.5 / (math.sqrt(0.5) + 1e-4), -0.5 / (math.sqrt(0.5) + 1e-4)])  # std of (1, 0): sqrt(0.5)
@@ -160,17 +165,104 @@ def test_a_resumed_run_ends_with_the_weights_and_prompts_of_an_uninterrupted_one
 
 @pytest.mark.parametrize("override, message", [
     ("--model.init_args.num_generations=1", "num_generations must be at least 2"),
+    ('--model.init_args.rewards={"format": 0.0, "answer": 0}', "every reward weight is 0"),
+    ("--model.init_args.init_from=/nowhere/last.ckpt", "model.init_args.init_from: /nowhere/last.ckpt: No such file"),
     ('--model.init_args.rewards={"format": 1.0, "accuracy": 1.0}', "unknown reward(s) ['accuracy']"),
     ("--model.init_args.loss_type=ppo", "loss_type 'ppo' is not one of grpo, bnpo, dr_grpo, dapo"),
     ("--model.init_args.network.init_args.config.lora.r=4",
      "was trained with another model set-up (lora.r: checkpoint 8, configured 4)"),
 ])
 def test_bad_configs_fail_before_training_with_one_clear_line(grpo_args, tmp_path, capsys, override, message):
-    with pytest.raises(SystemExit) as exit_:
-        main(grpo_args(tmp_path, override))
-    assert exit_.value.code != 0
+    try:
+        status = main(grpo_args(tmp_path, override))
+    except SystemExit as exit_:  # the configuration parser's own exit
+        status = exit_.code
+    assert status == 2
     assert message in capsys.readouterr().err
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+SGD_NO_CLIPPING = ['--model.init_args.rewards={"length": 1.0}', "--trainer.max_steps=1",
+                   "--model.init_args.optimizer.class_path=torch.optim.SGD", "--model.init_args.optimizer.init_args.lr=1.0",
+                   "--model.init_args.max_grad_norm=null", "--data.batch_size=2", "--model.init_args.num_generations=4"]
+
+
+def logged(root: Path, name: str) -> list[tuple[int, float]]:
+    """(step, value) of every row of `root`'s metrics.csv that logged `name`."""
+    rows = csv.DictReader(open(next(root.rglob("metrics.csv"))))
+    return [(int(row["step"]), float(row[name])) for row in rows if row.get(name)]
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+def test_a_step_does_not_depend_on_how_it_is_split_into_micro_batches(grpo_args, sft_checkpoint, tmp_path,
+                                                                       length_reward, loss_type):
+    """8 completions in one pass, or in passes of 3, 3 and 2: the same update (SGD, no clipping: the
+    weights move by the gradient itself) and the same logged loss, the one backpropagated."""
+    for name, size in (("whole", "null"), ("split", "3")):
+        assert main(grpo_args(tmp_path / name, *SGD_NO_CLIPPING, f"--model.init_args.loss_type={loss_type}",
+                              f"--model.init_args.micro_batch_size={size}")) == 0
+    whole, split = (trained_weights(newest_last_checkpoint(tmp_path / name)) for name in ("whole", "split"))
+    start = trained_weights(sft_checkpoint)
+    assert any(not torch.allclose(whole[name], start[name], atol=1e-4) for name in whole), "training changed nothing"
+    for name in whole:  # lr 1: a 1/9 instead of 1/8 weight on some rows moves weights by ~1e-3
+        assert torch.allclose(whole[name], split[name], rtol=1e-5, atol=1e-6), name
+    ((_, loss_whole),), ((_, loss_split),) = logged(tmp_path / "whole", "train/loss"), logged(tmp_path / "split",
+                                                                                              "train/loss")
+    assert loss_split == pytest.approx(loss_whole, rel=1e-5, abs=1e-7)
+
+
+def test_one_step_axis_with_several_optimizer_steps_a_batch(grpo_args, tmp_path, length_reward):
+    """μ = 2: two batches of rollouts are optimizer steps 0-1 and 2-3; every log says 0 and 2, a
+    checkpoint every 2 steps is written at 2 and 4, the run ends at 4; a count that is not a multiple
+    of μ is refused before training."""
+    common = ['--model.init_args.rewards={"length": 1.0}', "--model.init_args.num_iterations=2",
+              "--data.batch_size=1", "--model.init_args.num_generations=2"]
+    assert main(grpo_args(tmp_path, *common, "--trainer.max_steps=4",
+                          "--trainer.callbacks.init_args.every_n_train_steps=2")) == 0
+    assert [step for step, _ in logged(tmp_path, "train/loss")] == [0, 2]
+    assert [int(row["step"]) for row in csv.DictReader(open(next(tmp_path.rglob("completions.csv"))))] == [0, 0, 2, 2]
+    events = EventAccumulator(str(next(tmp_path.rglob("completions.csv")).parent))
+    events.Reload()
+    assert [event.step for event in events.Scalars("train/reward")] == [0, 2]
+    assert [event.step for event in events.Tensors("train/completions/text_summary")] == [0, 2]
+    assert sorted(path.name for path in tmp_path.rglob("step=*.ckpt")) == ["epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt"]
+    assert torch.load(newest_last_checkpoint(tmp_path), weights_only=True)["global_step"] == 4
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--trainer.max_steps=3", "trainer.max_steps is 3 optimizer steps, not a multiple of num_iterations (2)"),
+    ("--trainer.callbacks.init_args.every_n_train_steps=3",
+     "ModelCheckpoint's every_n_train_steps is 3 optimizer steps, not a multiple of num_iterations (2)"),
+])
+def test_step_counts_that_num_iterations_cannot_meet_are_refused(grpo_args, tmp_path, capsys, override, message):
+    assert main(grpo_args(tmp_path, "--model.init_args.num_iterations=2", "--trainer.max_steps=4",
+                          "--trainer.callbacks.init_args.every_n_train_steps=2", override)) == 2
+    err = capsys.readouterr().err
+    assert message in err and "use 2 or 4" in err
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_a_run_whose_completions_are_all_masked_says_so_once(grpo_args, tmp_path, length_reward, recwarn):
+    """One-token completions never end, so all are truncated: with mask_truncated_completions nothing counts."""
+    assert main(grpo_args(tmp_path, '--model.init_args.rewards={"length": 1.0}', "--trainer.max_steps=2",
+                          "--model.init_args.max_completion_length=1", "--model.init_args.mask_truncated_completions=true",
+                          "--data.batch_size=1", "--model.init_args.num_generations=2")) == 0
+    told = [str(warning.message) for warning in recwarn if "mask_truncated_completions" in str(warning.message)]
+    assert len(told) == 1 and "step 0: all 2 completions reached max_completion_length (1 tokens)" in told[0], told
+
+
+def test_a_bug_shows_its_traceback_and_exit_status_1(grpo_args, tmp_path, capsys, monkeypatch):
+    """A ValueError from inside a run is not the user's mistake: no one-line `error:` with status 2."""
+    def broken(completion, references):
+        raise ValueError("an internal inconsistency")
+
+    monkeypatch.setitem(REWARDS, "length", broken)
+    assert main(grpo_args(tmp_path, '--model.init_args.rewards={"length": 1.0}', "--trainer.max_steps=1",
+                          "--model.init_args.num_generations=2", "--data.batch_size=1")) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "in broken" in err
+    assert "internal error (ValueError: an internal inconsistency): this is a bug in tag_lightning" in err
+    assert "please report it" in err.splitlines()[-1]
 
 
 DRIVER = '''"""`tag` with the test reward registered (Lightning's DDP launcher re-runs this script per rank)."""

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import logging
+import warnings
 
 import pytest
 import torch
@@ -33,6 +36,9 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(fit_args, t
     first_part = newest_last_checkpoint(tmp_path / "parts")
     assert torch.load(first_part, weights_only=True)["global_step"] == 3
     main(fit_args(tmp_path / "parts", *common, "--trainer.max_steps=6", f"--ckpt_path={first_part}"))
+    (run,) = (tmp_path / "parts" / "lightning_logs").iterdir()  # the resumed run logs on in its run's folder
+    steps = [row["step"] for row in csv.DictReader(open(run / "metrics.csv")) if row["train/loss"]]
+    assert steps == ["0", "1", "2", "3", "4", "5"]
     whole = trained_weights(newest_last_checkpoint(tmp_path / "whole"))
     resumed_checkpoint = newest_last_checkpoint(tmp_path / "parts")
     assert torch.load(resumed_checkpoint, weights_only=True)["global_step"] == 6
@@ -44,7 +50,7 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(fit_args, t
         assert torch.equal(whole[name], resumed[name]), name
 
 
-def test_checkpoints_hold_only_trained_weights_and_export_a_plain_hf_model(fit_args, demo_dir, tmp_path):
+def test_checkpoints_hold_only_trained_weights_and_export_a_plain_hf_model(fit_args, demo_dir, tmp_path, capsys):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     assert main(fit_args(tmp_path, "--trainer.max_steps=2", "--trainer.limit_val_batches=0")) == 0
@@ -61,12 +67,40 @@ def test_checkpoints_hold_only_trained_weights_and_export_a_plain_hf_model(fit_a
     assert len(rows) == 4 and {"image", "label", "answer", "correct", "format_valid", "text"} <= set(rows[0])
     out = tmp_path / "exported"
     assert main(["export", "--ckpt", str(checkpoint), "--out", str(out)]) == 0
+    (out / "notes.txt").write_text("mine")  # a second export never mixes with what the folder holds
+    assert main(["export", "--ckpt", str(checkpoint), "--out", str(out)]) == 2
+    assert f"--out {out} is not empty" in capsys.readouterr().err and (out / "notes.txt").exists()
+    assert main(["export", "--ckpt", str(checkpoint), "--out", str(out), "--overwrite"]) == 0
+    assert not (out / "notes.txt").exists()
     model = AutoModelForImageTextToText.from_pretrained(out)
     AutoProcessor.from_pretrained(out)
     assert not any("lora" in name for name, _ in model.named_parameters())
     base = AutoModelForImageTextToText.from_pretrained(demo_dir / "tiny-qwen2.5-vl")
     changed = [name for name, p in model.named_parameters() if not torch.equal(p, base.state_dict()[name])]
     assert any("layers" in name for name in changed), "the merged LoRA deltas are missing"
+
+
+def test_a_resumed_fit_logs_on_in_its_folder_says_which_options_changed_and_no_false_warning(fit_args, tmp_path,
+                                                                                               caplog):
+    common = ["--data.batch_size=1", "--trainer.limit_val_batches=0", "--trainer.val_check_interval=null"]
+    assert main(fit_args(tmp_path, *common, "--trainer.max_steps=1")) == 0
+    checkpoint = newest_last_checkpoint(tmp_path)
+    for name in ("lightning.pytorch", "lightning.fabric"):  # where `rank_zero_info` logs (they do not propagate)
+        logging.getLogger(name).addHandler(caplog.handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert main(fit_args(tmp_path, *common, "--trainer.max_steps=2", "--model.init_args.max_new_tokens=5",
+                                 f"--ckpt_path={checkpoint}")) == 0
+    finally:
+        for name in ("lightning.pytorch", "lightning.fabric"):
+            logging.getLogger(name).removeHandler(caplog.handler)
+    assert f"resuming {checkpoint} with options that differ from its run's, used as given: max_new_tokens 5 " \
+           "(its run: 8)" in caplog.text
+    assert not [w for w in caught if "not resumable" in str(w.message)], [str(w.message) for w in caught]
+    assert [path.name for path in (tmp_path / "lightning_logs").iterdir()] == ["version_0"]
+    rows = list(csv.DictReader(open(tmp_path / "lightning_logs" / "version_0" / "metrics.csv")))
+    assert [row["step"] for row in rows if row["train/loss"]] == ["0", "1"]
 
 
 @pytest.mark.parametrize("override, message", [

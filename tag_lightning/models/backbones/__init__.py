@@ -6,6 +6,7 @@ Adding a family: write its `Backbone` subclass in a new file here and add it to 
 
 from __future__ import annotations
 
+from tag_lightning.errors import BadValue
 from tag_lightning.models.backbones.base import Backbone, Frame
 from tag_lightning.models.backbones.idefics3 import Idefics3
 from tag_lightning.models.backbones.qwen_vl import Qwen2_5_VL, Qwen2_VL
@@ -18,7 +19,7 @@ def resolve_backbone(name: str) -> type[Backbone]:
     try:
         return BACKBONES[name]
     except KeyError:
-        raise ValueError(f"unknown backbone {name!r}; known backbones: {', '.join(BACKBONES)}") from None
+        raise BadValue(f"unknown backbone {name!r}; known backbones: {', '.join(BACKBONES)}") from None
 
 
 __all__ = ["BACKBONES", "Backbone", "Frame", "resolve_backbone"]

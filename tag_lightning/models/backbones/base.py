@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 from tag_lightning.boxes import Box, round_box
 from tag_lightning.data.traces import Trace
+from tag_lightning.errors import BadValue
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ class Backbone:
 
     def set_pixel_limits(self, min_pixels: int | None, max_pixels: int | None) -> None:
         """Bound the resized image's area (Qwen's knob); families that resize otherwise refuse."""
-        raise ValueError(
+        raise BadValue(
             f"the {self.name} backbone does not resize images by pixel count; leave min_pixels/max_pixels unset "
             "and set the size in the model folder's preprocessor config instead"
         )
