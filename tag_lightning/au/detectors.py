@@ -17,6 +17,7 @@ import numpy as np
 
 from tag_lightning.au.alignment import align_face, alignment_fingerprint, network_input
 from tag_lightning.au.landmarks import FaceLandmarks
+from tag_lightning.errors import BadValue
 
 MAX_INTENSITY = 5.0
 
@@ -150,7 +151,7 @@ def build_libreface_net(dropout: float = 0.1):
     return LibreFaceAUNet()
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(BadValue):
     """A weights file does not fit the LibreFace network."""
 
 

@@ -35,7 +35,7 @@ from tag_lightning.au.taxonomy import AU_BY_ID, EMOTION_PROTOTYPES, REGIONS, Act
 from tag_lightning.boxes import box_iou, round_box
 from tag_lightning.data.prompts import user_prompt
 from tag_lightning.data.traces import COORDINATE_SEPARATOR, Box, Step, Trace, render_trace
-from tag_lightning.errors import BadValue
+from tag_lightning.errors import BadValue, UserError
 from tag_lightning.images import ImageRef, decode_image
 
 NEUTRAL = "neutral"
@@ -129,7 +129,7 @@ class TeacherDeclined(TeacherError):
     """The teacher cannot write an honest grounded trace for this sample (asking again won't help)."""
 
 
-class TeacherSetupError(ValueError):
+class TeacherSetupError(UserError):
     """The teacher cannot serve the job (bad key, URL or model name, or it does not answer): the job must stop."""
 
 

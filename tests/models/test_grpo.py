@@ -225,7 +225,7 @@ def test_one_step_axis_with_several_optimizer_steps_a_batch(grpo_args, tmp_path,
     events.Reload()
     assert [event.step for event in events.Scalars("train/reward")] == [0, 2]
     assert [event.step for event in events.Tensors("train/completions/text_summary")] == [0, 2]
-    assert sorted(path.name for path in tmp_path.rglob("step=*.ckpt")) == ["epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt"]
+    assert sorted(path.name for path in tmp_path.rglob("*step=*.ckpt")) == ["epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt"]
     assert torch.load(newest_last_checkpoint(tmp_path), weights_only=True)["global_step"] == 4
 
 

@@ -16,7 +16,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tag_lightning.callbacks import StepProgressBar
 from tag_lightning.data.datamodule import FERDataModule
 from tag_lightning.quiet import quiet_library_noise
-from tag_lightning.training import TagCLI
+from tag_lightning.training import ContinuedCSVLogger, TagCLI
 
 # What the libraries printed on every run: tag_lightning/quiet.py hides (and says why) all but tensorboardX's tip
 # and the CSV logger's "not empty" warning, which `training.default_loggers` leaves no cause for.
@@ -62,7 +62,7 @@ def test_without_max_steps_the_bar_is_lightnings_an_epoch_at_a_time(tmp_path):
 
 @pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")  # the test's own arguments, not pytest's
 @pytest.mark.parametrize("extra, bar, loggers", [
-    ([], StepProgressBar, [CSVLogger, TensorBoardLogger]),
+    ([], StepProgressBar, [ContinuedCSVLogger, TensorBoardLogger]),
     (["--trainer.callbacks+=lightning.pytorch.callbacks.TQDMProgressBar", "--trainer.logger=false"],
      TQDMProgressBar, []),
     (["--trainer.enable_progress_bar=false",

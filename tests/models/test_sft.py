@@ -35,6 +35,7 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(fit_args, t
     main(fit_args(tmp_path / "parts", *common, "--trainer.max_steps=3"))
     first_part = newest_last_checkpoint(tmp_path / "parts")
     assert torch.load(first_part, weights_only=True)["global_step"] == 3
+    initial = trained_weights(first_part)  # read now: the resumed run writes its last.ckpt in the same folder
     main(fit_args(tmp_path / "parts", *common, "--trainer.max_steps=6", f"--ckpt_path={first_part}"))
     (run,) = (tmp_path / "parts" / "lightning_logs").iterdir()  # the resumed run logs on in its run's folder
     steps = [row["step"] for row in csv.DictReader(open(run / "metrics.csv")) if row["train/loss"]]
@@ -44,7 +45,6 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(fit_args, t
     assert torch.load(resumed_checkpoint, weights_only=True)["global_step"] == 6
     resumed = trained_weights(resumed_checkpoint)
     assert set(whole) == set(resumed) and whole
-    initial = trained_weights(first_part)
     assert any(not torch.equal(initial[k], whole[k]) for k in whole), "training changed nothing"
     for name in whole:
         assert torch.equal(whole[name], resumed[name]), name
