@@ -329,7 +329,8 @@ class VLMWrapper(nn.Module):
         from the folder's generation config), so GRPO's log-probabilities describe what was
         sampled; it is drawn by `NextTokenSampler` (exact, and cheaper than torch.multinomial over
         the vocabulary). Image placeholder tokens are never generated. Prompts are left-padded;
-        the KV cache is on.
+        the KV cache is on. Sharded with FSDP2 over several processes, a rank whose answers have
+        ended keeps taking part in the other ranks' forward passes (each gathers weights from all).
         """
         # Each prompt repeated in place: the sampler runs under greedy decoding, which returns one sequence per row.
         repeated = [index for index in range(len(prompts)) for _ in range(num_return_sequences)]
@@ -341,11 +342,18 @@ class VLMWrapper(nn.Module):
                 **inputs, max_new_tokens=max_new_tokens, use_cache=True,
                 eos_token_id=self.end_ids, pad_token_id=self.processor.tokenizer.pad_token_id,
                 repetition_penalty=1.0, do_sample=False, logits_processor=LogitsProcessorList([next_token]),
+                synced_gpus=self._sharded_over_ranks(),
             )
         prompt_length = inputs["input_ids"].shape[1]
         answers = [self._through_end(row) for row in sequences[:, prompt_length:].cpu()]
         texts = self.processor.batch_decode(answers, skip_special_tokens=True)
         return GenerationOutput(texts=texts, token_ids=answers, prompt_length=prompt_length)
+
+    def _sharded_over_ranks(self) -> bool:
+        from torch.distributed.fsdp import FSDPModule
+
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        return isinstance(self.model, FSDPModule) and distributed and torch.distributed.get_world_size() > 1
 
     def _through_end(self, tokens: Tensor) -> Tensor:
         ends = torch.isin(tokens, torch.tensor(self.end_ids)).nonzero()
