@@ -21,7 +21,8 @@ Prints per stage: parameters (total and by part), trainable parameters, image to
 seconds per step, peak RSS (on a GPU also peak GPU memory and rollout tokens/s), and how many
 trainable tensors of each kind the step changed. After SFT's first step the LoRA A matrices cannot
 have changed: B starts at 0, so A's gradient is 0; GRPO, starting from the SFT checkpoint, moves them.
-The figures in the README were measured on a 2-core CPU without a GPU (none was available).
+No GPU was available where this was written: the GPU branch (a CUDA device present) is untested, and
+on the 2-core CPU the run did not finish in the time there was (see the README's Benchmarks).
 """
 
 from __future__ import annotations
