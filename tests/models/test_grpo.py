@@ -261,10 +261,10 @@ def test_fsdp2_on_two_processes_trains_as_one_while_ranks_generate_different_len
               "--model.init_args.optimizer.init_args.lr=1.0"]
     lengths = {name: tmp_path / f"{name}.lengths" for name in ("one", "two")}
     single = run_python([str(driver), *grpo_args(tmp_path / "one", *common, "--data.batch_size=2")],
-                        env={"ROLLOUT_LENGTHS": str(lengths["one"])}, timeout=300)
+                        env={"ROLLOUT_LENGTHS": str(lengths["one"])})
     assert single.returncode == 0, single.stderr[-3000:]
     sharded = run_python([str(driver), *grpo_args(tmp_path / "two", *common, "--data.batch_size=1", strategy="fsdp2")],
-                         env={"ROLLOUT_LENGTHS": str(lengths["two"])}, timeout=300)
+                         env={"ROLLOUT_LENGTHS": str(lengths["two"])})
     assert sharded.returncode == 0, sharded.stderr[-3000:]
     ranks = [json.loads(Path(f"{lengths['two']}.rank{rank}").read_text()) for rank in (0, 1)]
     assert ranks[0] + ranks[1] == json.loads(Path(f"{lengths['one']}.rank0").read_text())  # the same completions

@@ -19,7 +19,7 @@ from tag_lightning.rewards import REWARDS
 
 RECIPE_CONFIGS = REPO / "configs" / "qwen2_5_vl_3b"
 RECIPE = {"sft": "gpu.yaml", "grpo": "gpu_grpo.yaml"}
-STEPS = 3
+STEPS = 2  # lora_A moves from the second step on (B starts at 0)
 FLOAT32 = ["--trainer.precision=32-true", "--model.init_args.network.init_args.config.dtype=float32"]
 
 
