@@ -23,9 +23,10 @@ def trained_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     return torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
 
 
-def run_python(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    """`python ARGS` in the repository, with the repository importable (e.g. ``["-m", "tag_lightning.cli", ...]``)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+def run_python(args: list[str], timeout: int = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`python ARGS` in the repository, with the repository importable (e.g. ``["-m", "tag_lightning.cli", ...]``)
+    and `env` added to the environment."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 

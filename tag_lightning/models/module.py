@@ -23,7 +23,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 
 from tag_lightning.claims import Completion, References, read_completion
-from tag_lightning.errors import BadValue
+from tag_lightning.errors import BadValue, UserError
 from tag_lightning.metrics import AnswerMetrics, AnswerScore, SampledAnswerMetrics, score_answer
 from tag_lightning.models.checkpoints import check_fits, pack_rng_states, restore_rng_states
 from tag_lightning.models.sampling import seeded
@@ -110,6 +110,7 @@ class VLMModule(LightningModule):
 
     def configure_optimizers(self):
         parameters = [p for p in self.trainer.model.parameters() if p.requires_grad]
+        _check_master_weights(parameters, self.trainer.precision)
         optimizer = self.optimizer_factory(parameters)
         if self.scheduler_factory is None:
             return optimizer
@@ -303,3 +304,17 @@ class VLMModule(LightningModule):
                            "was it trained with the same model, LoRA and freezing settings?")
         if checkpoint.get("rng_states"):
             restore_rng_states(checkpoint["rng_states"])
+
+
+def _check_master_weights(parameters: list[torch.Tensor], precision: str) -> None:
+    """Refuse trainable weights below float32 (Lightning's `bf16-true` / `16-true` cast every weight).
+
+    A plain optimizer updates weights in their own dtype, and a bfloat16 weight near 0.05 moves only
+    in steps of 2.4e-4: an update of lr x ~1 below half of that (lr 1e-4 or 1e-6) is rounded away.
+    """
+    low = sorted({str(p.dtype).removeprefix("torch.") for p in parameters if p.dtype != torch.float32})
+    if low:
+        raise UserError(f"trainer.precision {precision} puts the trained weights in {', '.join(low)}, where an "
+                        "optimizer step smaller than half the dtype's spacing is rounded away (lr 1e-4 moves almost "
+                        "nothing); use precision bf16-mixed: the frozen base keeps the model's dtype and the trained "
+                        "weights stay float32")

@@ -7,6 +7,11 @@ is asked of the backbone adapter (`backbones/`): the box frame, which modules ar
 projector and language model, how a turn ends. Training choices (dtype, attention kernel, frozen
 vision encoder, LoRA, activation checkpointing) are applied once, here, at construction; bad
 choices fail before any weight is loaded.
+
+`dtype` is the frozen base's: the weights that train (LoRA adapters, projector, or the whole
+language model) are always kept in float32, since an optimizer step on bfloat16 weights rounds
+away every update under half a bfloat16 step (at lr 1e-6 nearly all of them). A low-precision
+base then runs under autocast in that dtype, so frozen and trained weights meet in one matmul.
 """
 
 from __future__ import annotations
@@ -68,7 +73,8 @@ class VLMConfig:
             default); a hub id such as ``Qwen/Qwen2.5-VL-3B-Instruct`` is handed to transformers,
             which fetches it only where it can.
         backbone: a registered backbone name; None: the folder's ``config.json`` model_type.
-        dtype: weight dtype: float32, bfloat16 or float16.
+        dtype: dtype of the frozen weights and of the compute (autocast): float32, bfloat16 or float16;
+            the trained weights stay float32 either way.
         attn_implementation: attention kernel: sdpa, eager or flash_attention_2.
         freeze_vision: keep the vision encoder frozen (TAG: language model and projector train).
         lora: train LoRA adapters instead of the whole language model; None: full fine-tuning.
@@ -143,6 +149,9 @@ class VLMWrapper(nn.Module):
                 r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
                 target_modules=lora_targets, modules_to_save=list(self.backbone.projector),
             ))
+        for parameter in model.parameters():
+            if parameter.requires_grad:  # master weights in float32 (see the module doc)
+                parameter.data = parameter.data.float()
         self.model = model
         tokenizer = self.processor.tokenizer
         generation_ends = model.generation_config.eos_token_id
@@ -159,7 +168,12 @@ class VLMWrapper(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
+        """The frozen base's dtype, which the inputs and the compute take."""
         return DTYPES[self.config.dtype]
+
+    def _autocast(self) -> torch.autocast:
+        """Compute in the base's dtype; off for a float32 base (then nothing differs in dtype)."""
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
     def frame(self, width: int, height: int) -> Frame:
         """Box conversion between an image of this size and the resized image the model sees."""
@@ -260,7 +274,8 @@ class VLMWrapper(nn.Module):
         """
         inputs = self._on_device(batch)
         if "labels" not in inputs:
-            return self.model(**inputs, use_cache=False)
+            with self._autocast():
+                return self.model(**inputs, use_cache=False)
         outputs, logits, answers = self._answer_logits(self.model, inputs)
         outputs["loss"] = F.cross_entropy(logits.flatten(0, 1), answers.flatten(), ignore_index=IGNORE_INDEX)
         return outputs
@@ -287,15 +302,15 @@ class VLMWrapper(nn.Module):
         logps = (picked - logits.logsumexp(dim=-1)) * mask
         return logps, mask.to(logps.dtype)
 
-    @staticmethod
-    def _answer_logits(model: nn.Module, inputs: dict[str, Tensor]) -> tuple[ModelOutput, Tensor, Tensor]:
+    def _answer_logits(self, model: nn.Module, inputs: dict[str, Tensor]) -> tuple[ModelOutput, Tensor, Tensor]:
         """The model's outputs, float logits predicting the label columns from the first answer on, and those labels."""
         labels = inputs.pop("labels")
         answer_columns = (labels != IGNORE_INDEX).any(dim=0).nonzero()
         if len(answer_columns) == 0:
             raise ValueError("nothing to learn: every label is -100")
         start = max(int(answer_columns[0]), 1)  # a token in column 0 has nothing before it to predict it
-        outputs = model(**inputs, use_cache=False, logits_to_keep=labels.shape[1] - start + 1)
+        with self._autocast():
+            outputs = model(**inputs, use_cache=False, logits_to_keep=labels.shape[1] - start + 1)
         return outputs, outputs.logits[:, :-1].float(), labels[:, start:]
 
     @torch.no_grad()
@@ -315,22 +330,31 @@ class VLMWrapper(nn.Module):
         from the folder's generation config), so GRPO's log-probabilities describe what was
         sampled; it is drawn by `NextTokenSampler` (exact, and cheaper than torch.multinomial over
         the vocabulary). Image placeholder tokens are never generated. Prompts are left-padded;
-        the KV cache is on.
+        the KV cache is on. Sharded with FSDP2 over several processes, a rank whose answers have
+        ended keeps taking part in the other ranks' forward passes (each gathers weights from all).
         """
         # Each prompt repeated in place: the sampler runs under greedy decoding, which returns one sequence per row.
         repeated = [index for index in range(len(prompts)) for _ in range(num_return_sequences)]
         inputs = self._on_device(self.build_inputs(
             [images[index] for index in repeated], [prompts[index] for index in repeated], padding_side="left"))
         next_token = NextTokenSampler(self.placeholder_ids, do_sample, temperature, top_p)
-        sequences = self.model.generate(
-            **inputs, max_new_tokens=max_new_tokens, use_cache=True,
-            eos_token_id=self.end_ids, pad_token_id=self.processor.tokenizer.pad_token_id, repetition_penalty=1.0,
-            do_sample=False, logits_processor=LogitsProcessorList([next_token]),
-        )
+        with self._autocast():
+            sequences = self.model.generate(
+                **inputs, max_new_tokens=max_new_tokens, use_cache=True,
+                eos_token_id=self.end_ids, pad_token_id=self.processor.tokenizer.pad_token_id,
+                repetition_penalty=1.0, do_sample=False, logits_processor=LogitsProcessorList([next_token]),
+                synced_gpus=self._sharded_over_ranks(),
+            )
         prompt_length = inputs["input_ids"].shape[1]
         answers = [self._through_end(row) for row in sequences[:, prompt_length:].cpu()]
         texts = self.processor.batch_decode(answers, skip_special_tokens=True)
         return GenerationOutput(texts=texts, token_ids=answers, prompt_length=prompt_length)
+
+    def _sharded_over_ranks(self) -> bool:
+        from torch.distributed.fsdp import FSDPModule
+
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        return isinstance(self.model, FSDPModule) and distributed and torch.distributed.get_world_size() > 1
 
     def _through_end(self, tokens: Tensor) -> Tensor:
         ends = torch.isin(tokens, torch.tensor(self.end_ids)).nonzero()

@@ -8,7 +8,9 @@ which varies between samples and so gives the policy a gradient.
 from __future__ import annotations
 
 import csv
+import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -266,6 +268,8 @@ def test_a_bug_shows_its_traceback_and_exit_status_1(grpo_args, tmp_path, capsys
 
 
 DRIVER = '''"""`tag` with the test reward registered (Lightning's DDP launcher re-runs this script per rank)."""
+import json
+import os
 import sys
 sys.path.insert(0, {tests!r})
 from helpers import completion_length
@@ -273,6 +277,15 @@ from tag_lightning.claims import read_completion
 from tag_lightning.cli import main
 from tag_lightning.rewards import REWARDS
 REWARDS["length"] = completion_length
+if os.environ.get("ROLLOUT_LENGTHS"):  # record each rank's completion lengths (tokens), a line per step
+    from tag_lightning.models.grpo import GRPOModule
+    rollout = GRPOModule._rollout
+    def recorded(self, batch):
+        rollouts = rollout(self, batch)
+        with open(f"{{os.environ['ROLLOUT_LENGTHS']}}.rank{{self.global_rank}}", "a") as out:
+            out.write(json.dumps([len(ids) for ids in rollouts.token_ids]) + "\\n")
+        return rollouts
+    GRPOModule._rollout = recorded
 sys.exit(main(sys.argv[1:]))
 '''
 
@@ -309,12 +322,49 @@ def test_two_ddp_processes_train_exactly_as_one(grpo_args, sft_checkpoint, tmp_p
     assert rewards(tmp_path / "one") == rewards(tmp_path / "two") and len(rewards(tmp_path / "one")) == 1
 
 
+END_TOKENS = range(1000, 21_000)
+
+
+@pytest.fixture
+def early_ending_model(demo_dir, tmp_path) -> Path:
+    """The tiny model with 20,000 ordinary tokens added to its generation config's end tokens: its near-uniform
+    sampling ends a completion at each token with probability ~0.13, so completions (and ranks) differ in length."""
+    folder = tmp_path / "early-ending-model"
+    shutil.copytree(demo_dir / "tiny-qwen2.5-vl", folder)
+    path = folder / "generation_config.json"
+    config = json.loads(path.read_text())
+    config["eos_token_id"] = sorted({*config["eos_token_id"], *END_TOKENS})
+    path.write_text(json.dumps(config))
+    return folder
+
+
 @pytest.mark.slow
-def test_fsdp2_on_two_processes(grpo_args, tmp_path):
-    result = run_python(["-m", "tag_lightning.cli", *grpo_args(
-        tmp_path, "--trainer.max_steps=2", "--trainer.accelerator=cpu", "--data.batch_size=1", strategy="fsdp2")])
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "`Trainer.fit` stopped: `max_steps=2` reached" in result.stderr + result.stdout
+def test_fsdp2_on_two_processes_trains_as_one_while_ranks_generate_different_lengths(grpo_args, early_ending_model,
+                                                                                     tmp_path):
+    """FSDP2 with batch 1 on each of 2 ranks == batch 2 on one process (as for DDP above), while each rank's
+    rollouts run a different number of generation steps: a rank whose completions have ended keeps serving
+    the other's forward passes, which gather weights from both. Weights within 1e-5 (gradients are
+    reduce-scattered, so summed in another order than on one process)."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER.format(tests=str(Path(__file__).parents[1])))
+    common = ['--model.init_args.rewards={"length": 1.0}', "--trainer.max_steps=1", "--trainer.accelerator=cpu",
+              "--model.init_args.init_from=null", f"--model.init_args.network.init_args.config.model_path={early_ending_model}",
+              "--model.init_args.scale_rewards=batch", "--model.init_args.optimizer.class_path=torch.optim.SGD",
+              "--model.init_args.optimizer.init_args.lr=1.0"]
+    lengths = {name: tmp_path / f"{name}.lengths" for name in ("one", "two")}
+    single = run_python([str(driver), *grpo_args(tmp_path / "one", *common, "--data.batch_size=2")],
+                        env={"ROLLOUT_LENGTHS": str(lengths["one"])})
+    assert single.returncode == 0, single.stderr[-3000:]
+    sharded = run_python([str(driver), *grpo_args(tmp_path / "two", *common, "--data.batch_size=1", strategy="fsdp2")],
+                         env={"ROLLOUT_LENGTHS": str(lengths["two"])})
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    ranks = [json.loads(Path(f"{lengths['two']}.rank{rank}").read_text()) for rank in (0, 1)]
+    assert ranks[0] + ranks[1] == json.loads(Path(f"{lengths['one']}.rank0").read_text())  # the same completions
+    assert max(ranks[0]) != max(ranks[1]), ranks  # generation steps each rank ran
+    one, two = (trained_weights(newest_last_checkpoint(tmp_path / name)) for name in ("one", "two"))
+    assert set(one) == set(two) and any("lora_B" in name and one[name].any() for name in one), "nothing trained"
+    for name in one:
+        assert torch.allclose(one[name], two[name], atol=1e-5), name
 
 
 def test_the_reference_is_the_base_model_under_lora_and_a_frozen_copy_of_the_start_otherwise(demo_dir):

@@ -127,6 +127,26 @@ def test_two_cpu_processes(fit_args, tmp_path, strategy):
     assert "`Trainer.fit` stopped: `max_steps=2` reached" in result.stderr + result.stdout
 
 
+@pytest.mark.slow
+def test_fsdp2_on_two_processes_trains_the_weights_of_one(fit_args, tmp_path):
+    """One step of FSDP2 with batch 1 on each of 2 processes == one process accumulating 2 batches of 1: the
+    same two faces (the sampler shards one permutation), each face's mean loss averaged over the two. SGD at
+    lr 1.0, so the step is the gradient itself; weights within 1e-5 (FSDP2 reduce-scatters the gradients,
+    summing in another order)."""
+    common = ["--trainer.max_steps=1", "--trainer.limit_val_batches=0", "--trainer.val_check_interval=null",
+              "--trainer.accelerator=cpu", "--data.batch_size=1", "--trainer.callbacks.init_args.every_n_train_steps=1",
+              "--model.init_args.optimizer.class_path=torch.optim.SGD", "--model.init_args.optimizer.init_args.lr=1.0"]
+    runs = {"one": fit_args(tmp_path / "one", *common, "--trainer.accumulate_grad_batches=2"),
+            "two": fit_args(tmp_path / "two", *common, strategy="fsdp2")}
+    for name, args in runs.items():
+        result = run_python(["-m", "tag_lightning.cli", *args])
+        assert result.returncode == 0, result.stderr[-3000:]
+    one, two = (trained_weights(newest_last_checkpoint(tmp_path / name)) for name in runs)
+    assert set(one) == set(two) and any("lora_B" in name and one[name].any() for name in one), "nothing trained"
+    for name in one:
+        assert torch.allclose(one[name], two[name], atol=1e-5), (name, float((one[name] - two[name]).abs().max()))
+
+
 def test_export_refuses_a_missing_or_garbage_checkpoint(tmp_path, capsys):
     assert main(["export", "--ckpt", str(tmp_path / "missing.ckpt"), "--out", str(tmp_path / "out")]) == 2
     assert "missing.ckpt" in capsys.readouterr().err

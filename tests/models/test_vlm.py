@@ -69,14 +69,20 @@ def test_full_fine_tuning_logits_equal_the_plain_model(full_wrapper, tiny_dirs):
 
 
 def _assert_same_numbers(wrapper: VLMWrapper, folder: Path) -> None:
+    """The wrapper computes what plain transformers does in the same precision: a low-precision base's
+    trained weights in float32 and the compute under autocast."""
     plain = AutoModelForImageTextToText.from_pretrained(folder, dtype=wrapper.dtype)
+    trained = {name for name, parameter in wrapper.model.named_parameters() if parameter.requires_grad}
+    for name, parameter in plain.named_parameters():
+        if name in trained:
+            parameter.data = parameter.data.float()
 
     def cast(batch) -> dict:
         return {key: value.to(wrapper.dtype) if value.is_floating_point() else value for key, value in batch.items()}
 
     prompts_only = wrapper.build_inputs(IMAGES, PROMPTS)
     batch = wrapper.build_inputs(IMAGES, PROMPTS, TARGETS)
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast("cpu", dtype=wrapper.dtype, enabled=wrapper.dtype != torch.float32):
         torch.testing.assert_close(wrapper(prompts_only).logits, plain(**cast(prompts_only)).logits, rtol=0, atol=1e-5)
         ours, theirs = wrapper(batch), plain(**cast(batch))
     torch.testing.assert_close(ours.loss, theirs.loss, rtol=1e-5, atol=1e-5)
@@ -154,7 +160,7 @@ def test_full_fine_tuning_trains_language_model_and_projector_only(full_wrapper)
     trainable = full_wrapper.trainable_state_dict()
     for name, parameter in full_wrapper.model.named_parameters():
         assert parameter.requires_grad == (not backbone.is_vision_encoder(name)), name
-        assert parameter.dtype == torch.bfloat16
+        assert parameter.dtype == (torch.float32 if parameter.requires_grad else torch.bfloat16), name  # master weights
     assert any(name.startswith(backbone.projector) for name in trainable)
     assert any(name.startswith(backbone.language) for name in trainable)
 

