@@ -350,7 +350,8 @@ def test_fsdp2_on_two_processes_trains_as_one_while_ranks_generate_different_len
     common = ['--model.init_args.rewards={"length": 1.0}', "--trainer.max_steps=1", "--trainer.accelerator=cpu",
               "--model.init_args.init_from=null", f"--model.init_args.network.init_args.config.model_path={early_ending_model}",
               "--model.init_args.scale_rewards=batch", "--model.init_args.optimizer.class_path=torch.optim.SGD",
-              "--model.init_args.optimizer.init_args.lr=1.0"]
+              "--model.init_args.optimizer.init_args.lr=1.0",
+              "--model.init_args.max_completion_length=48"]  # long enough that no completion is cut: ends differ
     lengths = {name: tmp_path / f"{name}.lengths" for name in ("one", "two")}
     single = run_python([str(driver), *grpo_args(tmp_path / "one", *common, "--data.batch_size=2")],
                         env={"ROLLOUT_LENGTHS": str(lengths["one"])})
