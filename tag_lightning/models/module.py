@@ -5,7 +5,9 @@
 - validation and test generate greedily, parse each answer once and score it against the label
   and the detector (`claims.py`, `metrics.py`); `tag test` writes its figures, every answer and
   the confusion matrix to a new folder (`reports.py`), with the evidence-necessity test
-  (`occlusion.py`) when asked; `tag predict` writes the same scores per image;
+  (`occlusion.py`) when asked; `tag predict` writes the same scores per image; on several
+  processes every rank answers its padded slice in step, and only the images counted there
+  (``batch["counted"]``, `data/sampling.py`) are scored and written: each image once;
 - checkpoints hold only the trainable weights, the VLM config and the random states, and a
   checkpoint built for another model set-up is refused before anything loads (`checkpoints.py`).
 """
@@ -120,17 +122,17 @@ class VLMModule(LightningModule):
         return answered
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self.val_metrics.update([score for _, _, score in self._answer(batch)])
+        self.val_metrics.update([score for _, _, score in counted(batch, self._answer(batch))])
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         answered = self._answer(batch)
-        self.test_metrics.update([score for _, _, score in answered])
         rows = [{"image": name, "text": text, "trace": completion.trace.to_dict(), "format_errors": list(completion.errors),
                  **score.to_dict()} for name, (text, completion, score) in zip(batch["image_name"], answered)]
         if self.occlusion_test:
             for row, occlusion in zip(rows, self._ask_occluded(batch, answered)):
                 row["occlusion"] = occlusion
-        self._test_rows.extend(rows)
+        self.test_metrics.update([score for _, _, score in counted(batch, answered)])
+        self._test_rows.extend(counted(batch, rows))
 
     def _ask_occluded(self, batch: dict, answered: list[tuple[str, Completion, AnswerScore]]) -> list[dict | None]:
         """Ask again with the cited regions blurred, then with as many random face regions of the same sizes.
@@ -158,18 +160,19 @@ class VLMModule(LightningModule):
                                  "random_boxes": [[round(v, 1) for v in box] for box in boxes],
                                  "answer_cited_blurred": a_cited.answer, "answer_random_blurred": a_random.answer}
         answers = [score.answer for _, _, score in answered]
-        self.occlusion.update(batch["label"], answers, cited_answers, random_answers, [bool(boxes) for boxes in cited])
+        self.occlusion.update(*(counted(batch, values) for values in (
+            batch["label"], answers, cited_answers, random_answers, [bool(boxes) for boxes in cited])))
         return occluded
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
-        """One JSON-ready row per image: the generated text, its reasoning and what it is worth, boxes in
-        pixels of the delivered image (`original_size` maps them back, `augment.Letterbox`)."""
-        return [
+        """One JSON-ready row per counted image: the generated text, its reasoning and what it is worth, boxes
+        in pixels of the delivered image (`original_size` maps them back, `augment.Letterbox`)."""
+        return counted(batch, [
             {"image": name, "original_size": list(size), "text": text, "trace": completion.trace.to_dict(),
              "format_errors": list(completion.errors), **score.to_dict()}
             for name, size, (text, completion, score) in zip(batch["image_name"], batch["original_size"],
                                                              self._answer(batch))
-        ]
+        ])
 
     def on_validation_epoch_end(self) -> None:
         self._log_figures("val", self.val_metrics.compute())
@@ -184,8 +187,9 @@ class VLMModule(LightningModule):
             self.log_dict({f"test/{name}": about["evidence_necessity"][name]
                            for name in ("flip_cited", "flip_random", "difference")})
         rows = self._gathered_rows()
+        log_dir = self.trainer.log_dir  # on every rank: a collective (the loggers' folder is broadcast)
         if self.global_rank == 0:
-            folder = new_run_folder(self.trainer.log_dir or ".")
+            folder = new_run_folder(log_dir or ".")
             write_evaluation(folder, figures, rows, about)
             rank_zero_info(f"evaluation of {len(rows)} images: {folder}")
         self.test_metrics.reset()
@@ -195,6 +199,7 @@ class VLMModule(LightningModule):
     def _log_figures(self, stage: str, figures: dict) -> None:
         shown = ("acc", "format_valid", "box_iou")  # on the progress bar too
         scalars = {name: value for name, value in figures.items() if isinstance(value, float)}
+        scalars["images"] = figures["counts"]["answers"]  # how many the figures are over
         self.log_dict({f"{stage}/{name}": scalars[name] for name in shown}, prog_bar=True)
         self.log_dict({f"{stage}/{name}": value for name, value in scalars.items() if name not in shown})
 
@@ -235,3 +240,8 @@ class VLMModule(LightningModule):
                              "was it trained with the same model, LoRA and freezing settings?")
         if checkpoint.get("rng_states"):
             restore_rng_states(checkpoint["rng_states"])
+
+
+def counted(batch: dict, values: list) -> list:
+    """The `values` (one per item of `batch`) of the items counted: not an evaluation rank's padding."""
+    return [value for value, keep in zip(values, batch["counted"]) if keep]
