@@ -293,7 +293,8 @@ def build_traces(
     or was given up on earlier (unless `retry_rejected`) are skipped and counted by reason.
     Failed samples (the teacher could not be reached) are logged but asked again on the next
     run; `max_failures_in_a_row` of them in a row stop the job with `TeacherSetupError`. Only the
-    first `limit` samples are considered, so a limited run covers the same images each time. The
+    first `limit` samples are considered, so a limited run covers the same images each time. Every
+    line records the AU cache's settings key and the activation threshold it was grounded on. The
     statistics are returned and written to ``<out>.stats.json``.
     """
     out = Path(out)
@@ -302,6 +303,8 @@ def build_traces(
     given_up = {line["content_hash"] for line in read_jsonl(rejected_path) if line["status"] == "rejected"} - done
     if retry_rejected:
         given_up.clear()
+    # What the claims were checked against: the datamodule refuses traces of other AU records.
+    grounded_on = {"au_settings": getattr(records, "settings_key", None), "min_intensity": config.min_intensity}
     failures_in_a_row = 0
     stats = TraceStats()
     start = time.perf_counter()
@@ -318,7 +321,7 @@ def build_traces(
                 continue
             outcome = sample_trace(teacher, record, sample.image, sample.label, candidates, config)
             stats.add(outcome)
-            line = _line(sample, record, digest, teacher.name, outcome)
+            line = _line(sample, record, digest, teacher.name, outcome) | grounded_on
             (kept_log if outcome.status == "kept" else rejected_log).append(line)
             if outcome.status == "kept":  # the same content under another name is not asked about again
                 done.add(digest)
