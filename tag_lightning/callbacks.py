@@ -152,8 +152,9 @@ class JSONLPredictionWriter(BasePredictionWriter):
         with open(self.output_dir / f"predictions.rank{trainer.global_rank}.jsonl", "a", encoding="utf-8") as out:
             for row in prediction:
                 out.write(json.dumps({**row, **self.provenance}) + "\n")
-        if self.per_image:
-            for row, image in zip(prediction, batch["image"].numpy()):
+        if self.per_image:  # `prediction` holds the counted images' rows only (`VLMModule.predict_step`)
+            images = [image for image, counted in zip(batch["image"].numpy(), batch["counted"]) if counted]
+            for row, image in zip(prediction, images):
                 self._write_answer(row, image)
 
     def _write_answer(self, row: dict, image: np.ndarray) -> None:

@@ -1,7 +1,8 @@
 """The claim rule: what a generated answer asserts about a face, and whether the AU detector backs it.
 
-One definition, used by the GRPO rewards (`rewards.py`) and the evaluation metrics (`metrics.py`),
-so a model is trained on exactly what it is judged by.
+One definition, used by the trace filter (`data/trace_builder.py`), the GRPO rewards
+(`rewards.py`) and the evaluation metrics (`metrics.py`), so SFT keeps only traces that GRPO would
+reward and a model is trained on exactly what it is judged by.
 
 A step ``Inspect <region> (AU6, AU12) → … → <bbox>[…]</bbox>`` makes one claim per AU it names.
 The polarity of a claim follows from the answer, as the traces are built (`data/teachers.py`):
@@ -22,7 +23,7 @@ wrapper's `Frame`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import dataclass
 
 from tag_lightning.boxes import box_iou
@@ -107,15 +108,21 @@ def claim_polarity(answer: str | None) -> str:
 
 def claims_of(completion: Completion, references: References) -> list[Claim]:
     """Every (step, AU) claim of the completion, judged against the detector."""
-    polarity = claim_polarity(completion.answer)
+    return trace_claims(completion.trace, references.detector_aus, references.activated)
+
+
+def trace_claims(trace: Trace, detector_aus: Mapping[str, dict], activated: Set[str]) -> list[Claim]:
+    """Every (step, AU) claim of `trace`, judged against the detector's AU entries and `activated` keys
+    (boxes in one frame; see `References`)."""
+    polarity = claim_polarity(None if trace.answer is None else find_label(trace.answer))
     claims = []
-    for number, step in enumerate(completion.trace.steps, start=1):
+    for number, step in enumerate(trace.steps, start=1):
         for au in step.aus:
-            entry = references.detector_aus.get(f"AU{au}")
+            entry = detector_aus.get(f"AU{au}")
             detector_box = None if entry is None else entry.get("box")
             iou = box_iou(step.box, detector_box) if step.box is not None and detector_box is not None else 0.0
             claims.append(Claim(number, au, polarity, step.box, detector_box, iou,
-                                _verdict(polarity, f"AU{au}" in references.activated, detector_box is not None)))
+                                _verdict(polarity, f"AU{au}" in activated, detector_box is not None)))
     return claims
 
 

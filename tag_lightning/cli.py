@@ -270,6 +270,7 @@ def _traces(args: argparse.Namespace) -> int:
     from tag_lightning.data.trace_builder import RejectionConfig, build_traces, sidecar_paths
 
     cache = AUCache(args.cache)
+    cache.use_settings(args.au_settings)
     samples = _dataset(args.data, args.split)
     candidates = [normalize_label(name) for name in args.candidates.split(",")] if args.candidates else samples.classes
     if len(candidates) < 2:
@@ -440,6 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the split of a dataset spec to read (e.g. train, val, test); unset: train (manifests: "
                              "every row)")
     traces.add_argument("--cache", required=True, type=Path, help="the AU cache folder built by `tag prepare au-cache`")
+    traces.add_argument("--au-settings", default=None,
+                        help="the AU cache's settings key to ground on (`tag prepare au-cache` prints it); "
+                             "default: the only one the cache holds")
     traces.add_argument("--out", required=True, type=Path, help="the traces JSONL file (appended to when it exists)")
     traces.add_argument("--teacher", choices=("template", "openai", "hf"), default="template",
                         help="template: offline, grounded by construction; openai: an OpenAI-compatible endpoint; "

@@ -88,7 +88,7 @@ def build_au_cache(
     settings_key, settings = annotator_settings(config)
     cache = AUCache(cache_dir, create=True)
     cache.register_build(settings_key, settings)
-    summary = BuildSummary(sources=source_names(config))
+    summary = BuildSummary(sources=source_names(config), settings_key=settings_key)
     start = time.perf_counter()
     pending = _pending(refs, cache, settings_key, summary, progress)
     chunks = [pending[i:i + CHUNK_SIZE] for i in range(0, len(pending), CHUNK_SIZE)]

@@ -6,6 +6,10 @@ rerun skips every (content, settings) pair already present. A changed image (new
 or a changed setting (new settings key) is recomputed; nothing else is. Reads need no mediapipe:
 a JSON text and a float32 landmark blob per record, fast enough for a training dataloader.
 
+Reads default to the settings of the latest build. A cache holding records of several settings
+(say, a build with LibreFace weights, then one without) serves a run only the settings it names
+(`use_settings`): records of another detector are never swapped in behind a run's back.
+
 Reading needs no write access (caches often sit on shared read-only mounts): readers open the
 file read-only, and `immutable` when its folder cannot be written and holds no WAL file, because
 SQLite cannot otherwise set up WAL reading there. Building needs write access and says so.
@@ -156,6 +160,26 @@ class AUCache:
         row = self.db.execute("SELECT content_hash FROM images WHERE name = ?", (name,)).fetchone()
         return None if row is None else self.get(row[0], settings_key)
 
+    def builds(self) -> dict[str, dict]:
+        """The settings of every build the cache holds records of, by settings key, oldest first."""
+        rows = self.db.execute("SELECT settings_key, settings FROM builds ORDER BY rowid")
+        return {key: json.loads(settings) for key, settings in rows}
+
+    def use_settings(self, wanted: str | None) -> str:
+        """Read the records of the `wanted` settings key from now on; None: the one the cache holds
+        (refused when it holds several). Returns the key read."""
+        builds = self.builds()
+        if wanted is None and len(builds) > 1:
+            raise UserError(f"the AU cache {self.root} holds records of {len(builds)} AU detector settings "
+                            f"({describe_builds(builds)}); name the one this run uses with au_settings "
+                            "(e.g. --data.au_settings KEY)")
+        if wanted is not None and wanted not in builds:
+            raise UserError(f"the AU cache {self.root} holds no records of AU settings {wanted} (it holds "
+                            f"{describe_builds(builds) or 'none'}); build them with `tag prepare au-cache` "
+                            "and that detector's options, or name one it holds")
+        self.settings_key = wanted if wanted is not None else next(iter(builds), None)
+        return self.settings_key
+
     def content_hashes(self, settings_key: str | None = None) -> list[str]:
         rows = self.db.execute(
             "SELECT content_hash FROM records WHERE settings_key = ?", (settings_key or self.settings_key,)
@@ -168,6 +192,12 @@ class AUCache:
         ).fetchone()[0]
 
 
+def describe_builds(builds: dict[str, dict]) -> str:
+    """``KEY (libreface + blendshape), KEY (blendshape)``: each settings key with its AU sources."""
+    return ", ".join(f"{key} ({' + '.join(source.split('-')[0] for source in settings['sources'])})"
+                     for key, settings in builds.items())
+
+
 @dataclass
 class BuildSummary:
     total: int = 0
@@ -176,6 +206,7 @@ class BuildSummary:
     seconds: float = 0.0
     statuses: Counter = field(default_factory=Counter)
     sources: list[str] = field(default_factory=list)
+    settings_key: str = ""
 
     @property
     def images_per_second(self) -> float:
@@ -185,5 +216,6 @@ class BuildSummary:
         counts = ", ".join(f"{status} {self.statuses.get(status, 0)}" for status in ("ok", "low_quality", "no_face", "unreadable"))
         return (
             f"{self.total} images: {self.computed} computed, {self.cached} already cached | {counts} | "
-            f"{self.images_per_second:.1f} images/s | AU sources: {', '.join(self.sources)}"
+            f"{self.images_per_second:.1f} images/s | AU sources: {', '.join(self.sources)} | "
+            f"AU settings {self.settings_key}"
         )

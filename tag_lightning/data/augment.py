@@ -8,6 +8,15 @@ clipped to the image) together with the pixels:
 2. for training: horizontal flip, a random affine (zoom in or out, i.e. a random resized crop
    or a wider view; a shift; a small rotation) and colour jitter (pixels only).
 
+Rotation. A box does not say where its content lies inside it, so a rotated box can only be
+bounded by a rule: albumentations' default (the rotated box's corners) grows a face region by up to
+half at 10 degrees. Boxes follow the face instead:
+
+- the AU record's boxes, when its landmarks are given, are recomputed from the moved landmarks
+  by the rule that made them (`au/regions.py`): exact up to rounding;
+- any other box (a trace step's) is taken as the ellipse it encloses, rotated (the rotated
+  ellipse's box): within a few pixels of a face region's landmarks at the rotations used.
+
 Vanished boxes. A random draw that leaves any box with less than `min_visibility` of its area in
 view is redrawn, up to `MAX_DRAWS` times, and then replaced by the plain letterbox. So no trace
 step loses its box and no detector AU silently disappears; a box partly out of view is clipped.
@@ -32,7 +41,8 @@ import albumentations as A
 import cv2
 import numpy as np
 
-from tag_lightning.boxes import round_box
+from tag_lightning.au.regions import au_region_boxes
+from tag_lightning.boxes import points_box, round_box
 from tag_lightning.data.traces import Box, Step, Trace
 from tag_lightning.errors import BadValue
 
@@ -89,6 +99,8 @@ class AugmentedFace:
     aus: dict[str, dict] | None
     """The record's AU entries (see `AURecord.aus`); AUs whose box has no area in view are dropped."""
     mirrored: bool
+    landmarks: np.ndarray | None = None
+    """The record's landmarks, moved with the pixels ((478, 2) float, may lie outside the image)."""
 
 
 class FaceAugment:
@@ -102,12 +114,15 @@ class FaceAugment:
         if image_size < 1:
             raise BadValue(f"image_size must be positive, got {image_size}")
         self.image_size = image_size
-        self._letterbox = A.Compose(_letterbox(image_size), bbox_params=_bbox_params(min_visibility=0.0))
+        points = A.KeypointParams(format="xy", remove_invisible=False)
+        self._letterbox = A.Compose(_letterbox(image_size), bbox_params=_bbox_params(min_visibility=0.0),
+                                    keypoint_params=points)
         self._random = None
         if options is not None:
             self._random = A.Compose(
                 _letterbox(image_size) + _random_transforms(options),
                 bbox_params=_bbox_params(options.min_visibility),
+                keypoint_params=points,
                 save_applied_params=True,
             )
 
@@ -119,18 +134,24 @@ class FaceAugment:
         *,
         trace: Trace | None = None,
         aus: Mapping[str, dict] | None = None,
+        landmarks: np.ndarray | None = None,
     ) -> AugmentedFace:
-        """Augment `image` with the boxes of `trace` and `aus`, given in pixels of a
-        `source_size` (width, height) image of which `image` may be a resized copy."""
+        """Augment `image` with the boxes of `trace` and `aus` and the `landmarks` the AU boxes were made
+        from, given in pixels of a `source_size` (width, height) image of which `image` may be a resized copy."""
         steps = trace.steps if trace is not None else ()
         slots = _au_slots(aus) if aus is not None else []
         boxes = [step.box for step in steps] + [_slot_box(aus, slot) for slot in slots]
-        pixels, moved, mirrored = self.transform(image, boxes, source_size, rng)
+        pixels, moved, points, mirrored = self._apply(image, boxes, landmarks, source_size, rng)
+        au_boxes = dict(zip(slots, moved[len(steps) :]))
+        if points is not None:  # the AUs in view get their boxes from the moved landmarks
+            exact = _landmark_boxes(points, self.image_size)
+            au_boxes = {slot: None if box is None else exact[slot] for slot, box in au_boxes.items()}
         return AugmentedFace(
             image=pixels,
             trace=None if trace is None else _moved_trace(trace, moved[: len(steps)], mirrored),
-            aus=None if aus is None else _moved_aus(aus, dict(zip(slots, moved[len(steps) :])), mirrored),
+            aus=None if aus is None else _moved_aus(aus, au_boxes, mirrored),
             mirrored=mirrored,
+            landmarks=points,
         )
 
     def transform(
@@ -142,6 +163,18 @@ class FaceAugment:
     ) -> tuple[np.ndarray, list[Box | None], bool]:
         """The augmented image, each box in its integer pixels (None where the input box is None
         or has no area in its image), and whether the image was mirrored."""
+        pixels, moved, _, mirrored = self._apply(image, boxes, None, source_size, rng)
+        return pixels, moved, mirrored
+
+    def _apply(
+        self,
+        image: np.ndarray,
+        boxes: Sequence[Sequence[float] | None],
+        points: np.ndarray | None,
+        source_size: tuple[int, int],
+        rng: np.random.Generator | None,
+    ) -> tuple[np.ndarray, list[Box | None], np.ndarray | None, bool]:
+        """`transform`, moving `points` ((N, 2) source pixels) along."""
         height, width = image.shape[:2]
         factors = np.array([width / source_size[0], height / source_size[1]] * 2)
         bounds = np.array([width, height, width, height], dtype=float)
@@ -153,13 +186,15 @@ class FaceAugment:
             if row[2] > row[0] and row[3] > row[1]:
                 kept.append(index)
                 rows.append(row)
-        data = {"image": image, "bboxes": np.array(rows, dtype=np.float32).reshape(-1, 4), "box_ids": kept}
+        keypoints = np.zeros((0, 2)) if points is None else np.asarray(points, dtype=float) * factors[:2]
+        data = {"image": image, "bboxes": np.array(rows, dtype=np.float32).reshape(-1, 4), "box_ids": kept,
+                "keypoints": keypoints}
         result = self._draw(data, rng or np.random.default_rng())
         moved: list[Box | None] = [None] * len(boxes)
         for index, row in zip(result["box_ids"], result["bboxes"]):
             moved[int(index)] = _pixel_box(row, self.image_size)
         mirrored = any(name == "HorizontalFlip" for name, _ in result.get("applied_transforms", ()))
-        return result["image"], moved, mirrored
+        return result["image"], moved, None if points is None else np.asarray(result["keypoints"]), mirrored
 
     def _draw(self, data: dict, rng: np.random.Generator) -> dict:
         """A random draw that keeps every box in view, else the plain letterbox."""
@@ -252,6 +287,7 @@ def _random_transforms(options: AugmentOptions) -> list[A.BasicTransform]:
             scale=options.scale,
             translate_percent=(-options.translate, options.translate),
             rotate=(-options.rotate, options.rotate),
+            rotate_method="ellipse",  # see the module doc
             border_mode=cv2.BORDER_CONSTANT,
             fill=0,
             p=1.0,
@@ -276,6 +312,21 @@ def _pixel_box(row: Sequence[float], size: int) -> Box:
 # -- the boxed structures ---------------------------------------------------------------------
 Slot = tuple[str, str | None]
 """Where a box lives in an AU dict: (AU key, None) for the AU's box, (AU key, side) for a side's."""
+
+
+def _landmark_boxes(points: np.ndarray, size: int) -> dict[Slot, Box]:
+    """Every slot's box recomputed from moved landmarks as the AU pipeline makes it, in a `size` square.
+
+    The face box is the landmarks' box in the image, as `au/landmarks.py` makes it. The keys name
+    the subject's sides as the landmark indices do, like the record's slots before any relabelling.
+    """
+    face = np.clip(points_box(points), 0, size)
+    boxes: dict[Slot, Box] = {}
+    for au, region in au_region_boxes(points, tuple(face)).items():
+        boxes[(f"AU{au}", None)] = _pixel_box(region.box, size)
+        for side, box in (region.sides or {}).items():
+            boxes[(f"AU{au}", side)] = _pixel_box(box, size)
+    return boxes
 
 
 def _au_slots(aus: Mapping[str, dict]) -> list[Slot]:

@@ -8,12 +8,20 @@ SFT training, a trace whose boxes lie in its image. Every exclusion is counted b
 and summarised in the log. Images are never annotated here: the AU cache holds the detector
 settings the user chose.
 
+AU detector settings. A run reads the AU records of one settings key of the cache (`au_settings`,
+or the only one the cache holds), and keeps it: a training checkpoint records it (`state_dict`)
+and a run resumed or evaluated from it with other records is refused. Every trace line records
+the settings and the activation threshold it was grounded on: traces grounded on other records
+are refused, and another threshold is told (SFT targets and the rewards would disagree on which
+AUs are active).
+
 Items (one dict per sample; `collate` turns them into a batch of the same keys):
 
 - every item: ``image`` (uint8 HWC RGB, `image_size` square, augmented in training),
   ``image_name``, ``prompt`` (`prompts.user_prompt` with its dataset's labels), ``label`` (None:
   unlabeled, predict split only), ``labels`` (its dataset's labels: the answers allowed),
-  ``original_size`` (the image's (width, height): `augment.Letterbox` maps boxes back to it);
+  ``original_size`` (the image's (width, height): `augment.Letterbox` maps boxes back to it),
+  ``counted`` (False: a repeat that only pads an evaluation rank's slice, see `sampling.py`);
 - ``"sft"`` items (training in stage sft) add ``trace`` (the target `Trace`) and ``target``
   (its rendered text);
 - ``"rl"`` items (training in stage rl; validation and test in both stages, as evaluation is
@@ -28,7 +36,8 @@ the text in ``target`` is for models that see the delivered image as it is.
 
 Training batches come from a `ResumableSampler`: shuffled per (seed, epoch), sharded over DDP
 ranks, and resumable mid-epoch: the datamodule's state in a checkpoint says how many samples of
-which epoch were trained on, and a resumed run skips exactly those.
+which epoch were trained on, and a resumed run skips exactly those. Validation, test and predict
+batches come from an `EvaluationSampler`: each image is counted once over all ranks.
 """
 
 from __future__ import annotations
@@ -44,7 +53,7 @@ import cv2
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from tag_lightning.au.cache import AUCache
@@ -52,9 +61,9 @@ from tag_lightning.au.record import STATUSES, AURecord
 from tag_lightning.data.augment import AugmentOptions, FaceAugment
 from tag_lightning.data.datasets import FERDataset, PhotoFolder, parse_data_spec
 from tag_lightning.data.prompts import user_prompt
-from tag_lightning.data.sampling import ResumableSampler
+from tag_lightning.data.sampling import EvaluationSampler, Key, ResumableSampler
 from tag_lightning.data.traces import Trace, render_trace
-from tag_lightning.errors import BadValue
+from tag_lightning.errors import BadValue, UserError
 from tag_lightning.images import ImageRef, content_hash, decode_image
 
 SPLITS = ("train", "val", "test", "predict")
@@ -108,9 +117,9 @@ class FERItems(Dataset):
     def __len__(self) -> int:
         return len(self.entries)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> dict:
-        """The item at `key`: an index, or ``(epoch, index)`` from the training sampler."""
-        epoch, index = key if isinstance(key, tuple) else (0, key)
+    def __getitem__(self, key: int | Key) -> dict:
+        """The item at `key`: an index, or a sampler's `Key`."""
+        epoch, index, repeat = key if isinstance(key, Key) else Key(0, key)
         entry = self.entries[index]
         sample = self.datasets[entry.dataset][entry.index]
         data = sample.image.read_bytes()
@@ -123,13 +132,13 @@ class FERItems(Dataset):
         # A function of (seed, epoch, sample): the same whatever the worker, prefetching or resumption.
         rng = np.random.default_rng([self.seed, epoch, index])
         item = {"image_name": sample.image.name, "prompt": self.prompts[entry.dataset], "label": sample.label,
-                "labels": self.datasets[entry.dataset].classes, "original_size": entry.size}
+                "labels": self.datasets[entry.dataset].classes, "original_size": entry.size, "counted": not repeat}
         if self.kind == "sft":
             out = self.augment(image, size, rng, trace=entry.trace)
             item.update(trace=out.trace, target=render_trace(out.trace))
         else:
             record = self.cache.get(entry.content_hash)
-            out = self.augment(image, size, rng, aus=record.aus)
+            out = self.augment(image, size, rng, aus=record.aus, landmarks=record.landmarks)
             activated = [key for key, _ in record.activated(self.activation_threshold) if key in out.aus]
             item.update(detector_aus=out.aus, activated_aus=activated)
         return {"image": out.image, **item}
@@ -162,8 +171,11 @@ class FERDataModule(LightningDataModule):
             boxes for the rewards. Validation and test items always carry the detector's AU boxes.
         image_size: side of the square images delivered (letterboxed).
         augment: random training augmentation (None: training images are only letterboxed).
+        au_settings: the AU cache's settings key whose records this run reads (`tag prepare au-cache`
+            prints it); None: the only settings the cache holds.
         exclude_statuses: AU record statuses whose images are left out (``unreadable`` must be one).
-        activation_threshold: AU intensity at which an AU counts as activated (rl items).
+        activation_threshold: AU intensity at which an AU counts as activated (rl items); the traces'
+            ``--min-intensity`` should be the same.
         batch_size: samples per batch.
         num_workers: dataloader worker processes (0: load in the main process).
         seed: base of the augmentation randomness (combined with torch's per-worker seed).
@@ -184,6 +196,7 @@ class FERDataModule(LightningDataModule):
         stage: Literal["sft", "rl"] = "sft",
         image_size: int = 448,
         augment: AugmentOptions | None = DEFAULT_AUGMENT,
+        au_settings: str | None = None,
         exclude_statuses: tuple[str, ...] = ("no_face", "low_quality", "unreadable"),
         activation_threshold: float = 1.0,
         batch_size: int = 8,
@@ -208,6 +221,7 @@ class FERDataModule(LightningDataModule):
         self.stage = stage
         self.image_size = image_size
         self.augment = augment
+        self.au_settings = au_settings  # resolved at setup: the key read
         self.exclude_statuses = tuple(exclude_statuses)
         self.activation_threshold = activation_threshold
         self.batch_size = batch_size
@@ -240,6 +254,7 @@ class FERDataModule(LightningDataModule):
         # and a worker that resizes OpenCV's thread pool inherited over fork can deadlock.
         cv2.setNumThreads(1)
         cache = AUCache(self.au_cache)
+        self.au_settings = cache.use_settings(self.au_settings)
         for split in wanted:
             self.items[split], self.counts[split], self.exclusions[split] = self._build(split, cache)
             rank_zero_info(f"FERDataModule {split}: {_describe(self.counts[split])}"
@@ -269,7 +284,8 @@ class FERDataModule(LightningDataModule):
         if kind == "sft":
             if self.train_traces is None:
                 raise BadValue("stage sft trains on traces: set train_traces (a `tag prepare traces` JSONL)")
-            traces = load_traces(self.train_traces)
+            traces = load_traces(self.train_traces)  # first: it names a damaged line
+            check_trace_grounding(self.train_traces, self.au_settings, self.activation_threshold)
         datasets = [self._read(spec, split) for spec in self.specs[split]]
         entries, counts, exclusions = [], Counter(), []
         for dataset in datasets:  # rows the reader left out (lenient reading, files that are not images)
@@ -324,29 +340,35 @@ class FERDataModule(LightningDataModule):
         return batch
 
     def train_dataloader(self) -> DataLoader:
-        trainer = self.trainer
-        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        sampler = ResumableSampler(self._items("train"), replicas, rank, shuffle=True, seed=self.seed)
+        sampler = ResumableSampler(self._items("train"), *self._ranks(), shuffle=True, seed=self.seed)
         if self._resume is not None:
             sampler.resume(*self._resume)
             self._resume = None
-        return self._loader("train", sampler=sampler)
+        return self._loader("train", sampler)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
+        return self._evaluation_loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
+        return self._evaluation_loader("test")
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.predict_split)
+        return self._evaluation_loader(self.predict_split)
+
+    def _ranks(self) -> tuple[int, int]:
+        """(processes, this one's rank)."""
+        trainer = self.trainer
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
+    def _evaluation_loader(self, split: str) -> DataLoader:
+        return self._loader(split, EvaluationSampler(self._items(split), *self._ranks()))
 
     def _items(self, split: str) -> FERItems:
         if split not in self.items:
             raise RuntimeError(f"no {split} data: set {split}_data and call setup() first")
         return self.items[split]
 
-    def _loader(self, split: str, sampler: ResumableSampler | None = None) -> DataLoader:
+    def _loader(self, split: str, sampler: ResumableSampler | EvaluationSampler) -> DataLoader:
         return DataLoader(
             self._items(split),
             batch_size=self.batch_size,
@@ -367,10 +389,17 @@ class FERDataModule(LightningDataModule):
         return batch
 
     def state_dict(self) -> dict:
-        """Saved in training checkpoints: how far into which epoch training got (on this rank)."""
-        return {"epoch": self._consumed[0], "samples_done": self._consumed[1]}
+        """Saved in training checkpoints: how far into which epoch training got (on this rank), and the
+        AU settings trained on."""
+        return {"epoch": self._consumed[0], "samples_done": self._consumed[1], "au_settings": self.au_settings}
 
     def load_state_dict(self, state: dict) -> None:
+        """Refuses a checkpoint trained on other AU records than this run reads (restored after `setup`)."""
+        recorded = state.get("au_settings")
+        if recorded is not None and self.au_settings is not None and recorded != self.au_settings:
+            raise UserError(f"the checkpoint was trained on AU settings {recorded}, but this run reads {self.au_settings} "
+                            f"from the AU cache {self.au_cache}: set --data.au_settings {recorded}, or rebuild the AU "
+                            "cache with the checkpoint's detector settings")
         self._consumed = (state["epoch"], state["samples_done"])
         self._resume = self._consumed
 
@@ -390,6 +419,25 @@ def load_traces(path: str | Path) -> dict[str, list[Trace]]:
             except (ValueError, KeyError, TypeError, AttributeError) as err:
                 raise BadValue(f"{path}:{number}: not a trace line ({type(err).__name__}: {err})") from err
     return traces
+
+
+def check_trace_grounding(path: str | Path, au_settings: str | None, activation_threshold: float) -> None:
+    """Refuse traces grounded on other AU records than the run reads; tell another activation threshold."""
+    thresholds = set()
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            row = json.loads(line) if line.strip() else {}
+            if row.get("trace_struct") is None:
+                continue
+            if row.get("au_settings") != au_settings:
+                grounded = row.get("au_settings") or "settings it does not record"
+                raise UserError(f"{path}:{number} was grounded on AU settings {grounded}, but this run reads "
+                                f"{au_settings} from the AU cache: rebuild the traces (`tag prepare traces --cache ... "
+                                f"--au-settings {au_settings}`), or set --data.au_settings to theirs")
+            thresholds.add(row.get("min_intensity"))
+    if thresholds - {activation_threshold}:
+        rank_zero_warn(f"{path} was built with --min-intensity {sorted(thresholds, key=str)}, but activation_threshold "
+                       f"is {activation_threshold}: SFT targets and the rewards and metrics call different AUs active")
 
 
 def trace_fits(trace: Trace, size: tuple[int, int] | None) -> bool:

@@ -31,7 +31,7 @@ from typing import Any, Protocol
 from tqdm import tqdm
 
 from tag_lightning.au.record import AURecord
-from tag_lightning.boxes import box_iou
+from tag_lightning.claims import HALLUCINATION, MISS, SUPPORTED, trace_claims
 from tag_lightning.data.datasets import FERSample
 from tag_lightning.data.teachers import (
     NEUTRAL,
@@ -118,25 +118,36 @@ def check_answer(text: str, record: AURecord, candidates: Sequence[str], config:
 def grounding_errors(trace: Trace, record: AURecord, min_intensity: float, min_box_iou: float) -> list[str]:
     """Claims the AU detector does not back.
 
-    Every AU a trace names must be measured on this face and, unless the answer is neutral,
-    activated (a neutral trace may inspect AUs and report them relaxed). Every step's box must
-    overlap the region box of each of its AUs by at least `min_box_iou`.
+    Every step's claims are judged by the claim rule the rewards and the metrics use
+    (`claims.py`, AUs activated at `min_intensity`): each must be supported, so a neutral trace
+    may inspect AUs only to report them relaxed, and one that calls an activated AU relaxed is a
+    miss. Every step's box must overlap the region box of each of its AUs by at least
+    `min_box_iou`. AUs the global analysis and the conclusion name must be measured on this face
+    and, unless the answer is neutral (which may say what little is active), activated.
     """
     errors: list[str] = []
+    activated = {key for key, _ in record.activated(min_intensity)}
+    for claim in trace_claims(trace, record.aus, activated):
+        where, au = f"step {claim.step}", f"AU{claim.au}"
+        intensity = record.intensity(au)
+        if claim.verdict == HALLUCINATION and intensity is not None:
+            errors.append(f"{where}: {au} is not activated (intensity {intensity:.2f} < {min_intensity})")
+        elif claim.verdict == MISS:
+            errors.append(f"{where}: a neutral answer calls {au} relaxed, but it is activated "
+                          f"(intensity {intensity:.2f} >= {min_intensity})")
+        elif claim.verdict != SUPPORTED:
+            errors.append(f"{where}: {au} was not measured on this face")
+        if claim.box is not None and claim.detector_box is not None and claim.iou < min_box_iou:
+            errors.append(f"{where}: box {list(claim.box)} misses the {au} region {claim.detector_box} "
+                          f"(IoU below {min_box_iou})")
     neutral = (trace.answer or "").strip().casefold() == NEUTRAL
-    mentioned = [(f"step {number}", au, step.box) for number, step in enumerate(trace.steps, 1) for au in step.aus]
     for where, text in (("global analysis", trace.global_analysis), ("conclusion", trace.conclusion)):
-        mentioned += [(where, int(au), None) for au in _AU_MENTION_RE.findall(text)]
-    for where, au, box in mentioned:
-        entry = record.aus.get(f"AU{au}")
-        intensity = None if entry is None else entry.get("intensity")
-        if intensity is None:
-            errors.append(f"{where}: AU{au} was not measured on this face")
-            continue
-        if not neutral and intensity < min_intensity:
-            errors.append(f"{where}: AU{au} is not activated (intensity {intensity:.2f} < {min_intensity})")
-        if box is not None and box_iou(box, entry["box"]) < min_box_iou:
-            errors.append(f"{where}: box {list(box)} misses the AU{au} region {entry['box']} (IoU below {min_box_iou})")
+        for au in (f"AU{number}" for number in _AU_MENTION_RE.findall(text)):
+            intensity = record.intensity(au)
+            if intensity is None:
+                errors.append(f"{where}: {au} was not measured on this face")
+            elif not neutral and intensity < min_intensity:
+                errors.append(f"{where}: {au} is not activated (intensity {intensity:.2f} < {min_intensity})")
     return errors
 
 
@@ -311,7 +322,8 @@ def build_traces(
     `retry_rejected`). Failed traces (the teacher could not be reached) are logged but asked for
     again on the next run; `max_failures_in_a_row` of them in a row stop the job with
     `TeacherSetupError`. Only the first `limit` samples are considered, so a limited run covers the
-    same images each time. The statistics are returned and written to ``<out>.stats.json``.
+    same images each time. Every line records the AU cache's settings key and the minimum intensity
+    it was grounded on. The statistics are returned and written to ``<out>.stats.json``.
     """
     out = Path(out)
     rejected_path, stats_path = sidecar_paths(out)
@@ -319,6 +331,8 @@ def build_traces(
     given_up = {_key(line) for line in read_jsonl(rejected_path) if line["status"] == "rejected"} - done
     if retry_rejected:
         given_up.clear()
+    # What the claims were checked against: the datamodule refuses traces of other AU records.
+    grounded_on = {"au_settings": getattr(records, "settings_key", None), "min_intensity": config.min_intensity}
     failures_in_a_row = 0
     stats = TraceStats(settings={"filter": config.filter, "traces_per_image": config.traces_per_image,
                                  "min_intensity": config.min_intensity, "min_box_iou": config.min_box_iou,
@@ -343,7 +357,7 @@ def build_traces(
             for index in wanted:
                 outcome = sample_trace(teacher, record, sample.image, sample.label, candidates, config, index)
                 stats.add(outcome)
-                line = _line(sample, record, digest, index, teacher.name, outcome)
+                line = _line(sample, record, digest, index, teacher.name, outcome) | grounded_on
                 (kept_log if outcome.status == "kept" else rejected_log).append(line)
                 if outcome.status == "kept":  # the same content under another name is not asked about again
                     done.add((digest, index))

@@ -6,7 +6,9 @@
   and the detector (`claims.py`, `metrics.py`); `tag test` writes its figures, every answer and
   the confusion matrix to a new folder (`reports.py`), with the evidence-necessity test
   (`occlusion.py`) and k sampled answers per image (the model's distribution, not only its
-  greedy answer) when asked; `tag predict` writes the same scores per image;
+  greedy answer) when asked; `tag predict` writes the same scores per image; on several
+  processes every rank answers its padded slice in step, and only the images counted there
+  (``batch["counted"]``, `data/sampling.py`) are scored and written: each image once;
 - checkpoints hold only the trainable weights, the VLM config and the random states, and a
   checkpoint built for another model set-up is refused before anything loads (`checkpoints.py`).
 """
@@ -143,11 +145,10 @@ class VLMModule(LightningModule):
         return answered
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self.val_metrics.update([score for _, _, score in self._answer(batch)])
+        self.val_metrics.update([score for _, _, score in counted(batch, self._answer(batch))])
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         answered = self._answer(batch)
-        self.test_metrics.update([score for _, _, score in answered])
         rows = [{"image": name, "text": text, "trace": completion.trace.to_dict(), "format_errors": list(completion.errors),
                  **score.to_dict()} for name, (text, completion, score) in zip(batch["image_name"], answered)]
         if self.occlusion_test:
@@ -156,15 +157,16 @@ class VLMModule(LightningModule):
         if self.sampled_answers:
             for row, samples in zip(rows, self._sample_answers(batch)):
                 row["samples"] = samples
-        self._test_rows.extend(rows)
+        self.test_metrics.update([score for _, _, score in counted(batch, answered)])
+        self._test_rows.extend(counted(batch, rows))
 
     @torch.no_grad()
     def _sample_answers(self, batch: dict) -> list[list[dict]]:
         """`sampled_answers` sampled answers per image (seeded by `sampled_seed` and the image's name),
         each scored like a greedy answer and by every GRPO reward; one list of rows per image."""
         per_image = []
-        for image, prompt, name, references in zip(batch["image"].cpu(), batch["prompt"], batch["image_name"],
-                                                   self.references(batch)):
+        for image, prompt, name, references, scored in zip(batch["image"].cpu(), batch["prompt"], batch["image_name"],
+                                                           self.references(batch), batch["counted"]):
             with seeded(f"sampled:{self.sampled_seed}:{name}", self.device):
                 output = self.network.generate([image.numpy()], [prompt], max_new_tokens=self.max_new_tokens,
                                                do_sample=True, temperature=self.sampled_temperature,
@@ -173,7 +175,8 @@ class VLMModule(LightningModule):
             for text in output.texts:
                 completion = self.read(text, references)
                 answer, rewards = score_answer(completion, references), reward_values(completion, references)
-                self.sampled_metrics.update([answer], [rewards])
+                if scored:  # not an evaluation rank's padding
+                    self.sampled_metrics.update([answer], [rewards])
                 rows.append({"text": text, "answer": answer.answer, "format_valid": answer.valid,
                              "box_iou": answer.box_iou, "hallucination": answer.hallucinates,
                              "claims": [claim.to_dict() for claim in answer.claims], "rewards": rewards})
@@ -206,18 +209,19 @@ class VLMModule(LightningModule):
                                  "random_boxes": [[round(v, 1) for v in box] for box in boxes],
                                  "answer_cited_blurred": a_cited.answer, "answer_random_blurred": a_random.answer}
         answers = [score.answer for _, _, score in answered]
-        self.occlusion.update(batch["label"], answers, cited_answers, random_answers, [bool(boxes) for boxes in cited])
+        self.occlusion.update(*(counted(batch, values) for values in (
+            batch["label"], answers, cited_answers, random_answers, [bool(boxes) for boxes in cited])))
         return occluded
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
-        """One JSON-ready row per image: the generated text, its reasoning and what it is worth, boxes in
-        pixels of the delivered image (`original_size` maps them back, `augment.Letterbox`)."""
-        return [
+        """One JSON-ready row per counted image: the generated text, its reasoning and what it is worth, boxes
+        in pixels of the delivered image (`original_size` maps them back, `augment.Letterbox`)."""
+        return counted(batch, [
             {"image": name, "original_size": list(size), "text": text, "trace": completion.trace.to_dict(),
              "format_errors": list(completion.errors), **score.to_dict()}
             for name, size, (text, completion, score) in zip(batch["image_name"], batch["original_size"],
                                                              self._answer(batch))
-        ]
+        ])
 
     def on_validation_epoch_end(self) -> None:
         self._log_figures("val", self.val_metrics.compute())
@@ -236,8 +240,9 @@ class VLMModule(LightningModule):
                                 "seed": self.sampled_seed, **self.sampled_metrics.compute()}
             self.log_dict({f"test/sampled/{name}": value for name, value in about["sampled"]["figures"].items()})
         rows = self._gathered_rows()
+        log_dir = self.trainer.log_dir  # on every rank: a collective (the loggers' folder is broadcast)
         if self.global_rank == 0:
-            folder = new_run_folder(self.trainer.log_dir or ".")
+            folder = new_run_folder(log_dir or ".")
             write_evaluation(folder, figures, rows, about, self._excluded())
             rank_zero_info(f"evaluation of {len(rows)} images: {folder}")
         self.test_metrics.reset()
@@ -248,6 +253,7 @@ class VLMModule(LightningModule):
     def _log_figures(self, stage: str, figures: dict) -> None:
         shown = ("acc", "format_valid", "box_iou")  # on the progress bar too
         scalars = {name: value for name, value in figures.items() if isinstance(value, float)}
+        scalars["images"] = figures["counts"]["answers"]  # how many the figures are over
         self.log_dict({f"{stage}/{name}": scalars[name] for name in shown}, prog_bar=True)
         self.log_dict({f"{stage}/{name}": value for name, value in scalars.items() if name not in shown})
 
@@ -318,3 +324,8 @@ def _check_master_weights(parameters: list[torch.Tensor], precision: str) -> Non
                         "optimizer step smaller than half the dtype's spacing is rounded away (lr 1e-4 moves almost "
                         "nothing); use precision bf16-mixed: the frozen base keeps the model's dtype and the trained "
                         "weights stay float32")
+
+
+def counted(batch: dict, values: list) -> list:
+    """The `values` (one per item of `batch`) of the items counted: not an evaluation rank's padding."""
+    return [value for value, keep in zip(values, batch["counted"]) if keep]

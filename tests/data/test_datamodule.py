@@ -22,6 +22,7 @@ from tag_lightning.data.augment import AugmentOptions
 from tag_lightning.data.datamodule import FERDataModule, load_traces
 from tag_lightning.data.prompts import user_prompt
 from tag_lightning.data.samples import ANGER, DISGUST, MULTI_FACE, NO_FACE, SAMPLE_LABELS, SINGLE_FACE
+from tag_lightning.data.sampling import EvaluationSampler
 from tag_lightning.data.traces import Step, Trace, parse_trace, render_trace
 from tag_lightning.images import ImageRef
 
@@ -46,12 +47,13 @@ def face_trace(record: AURecord, label: str) -> Trace:
     return Trace("A frontal face.", steps, f"This indicates {label}.", label)
 
 
-def trace_line(record: AURecord, label: str, trace: Trace | None) -> str:
-    """One line as `tag prepare traces` writes it (trace text and structure)."""
+def trace_line(record: AURecord, label: str, trace: Trace | None, au_settings: str) -> str:
+    """One line as `tag prepare traces` writes it (trace text and structure, grounded on `au_settings`)."""
     return json.dumps({
         "image": record.image, "label": label, "trace": None if trace is None else render_trace(trace),
         "trace_struct": None if trace is None else trace.to_dict(), "teacher": "test", "attempts": {},
         "content_hash": record.content_hash, "dataset": "manifest", "split": "train",
+        "au_settings": au_settings, "min_intensity": 1.0,
     })
 
 
@@ -76,11 +78,11 @@ def workspace(tmp_path_factory, samples_dir) -> Workspace:
         name, label = Path(path).name, labels[path]
         if name == ANGER:
             bad = Trace("A face.", (Step("chin", (17,), "raised", (0, 0, 600, 600)),), "Anger.", label)
-            lines.append(trace_line(record, label, bad))
+            lines.append(trace_line(record, label, bad, cache.settings_key))
         elif name == SINGLE_FACE:
-            lines.append(trace_line(record, label, None))
+            lines.append(trace_line(record, label, None, cache.settings_key))
         elif record.status == "ok" and label:
-            lines.append(trace_line(record, label, face_trace(record, label)))
+            lines.append(trace_line(record, label, face_trace(record, label), cache.settings_key))
     traces = root / "traces.jsonl"
     traces.write_text("\n".join(lines) + "\n\n")
     classes = ("neutral", "happiness", "surprise", "disgust", "anger")
@@ -163,12 +165,13 @@ def test_evaluation_items_carry_detector_boxes_in_the_image_frame(workspace):
 def test_batches_are_tensors_and_lists_for_the_model_wrapper(workspace):
     dm = datamodule(workspace, batch_size=3)
     train = next(iter(dm.train_dataloader()))
-    assert set(train) == {"image", "image_name", "prompt", "label", "labels", "original_size", "trace", "target"}
+    assert set(train) == {"image", "image_name", "prompt", "label", "labels", "original_size", "counted", "trace",
+                          "target"}
     assert train["image"].dtype == torch.uint8 and train["image"].shape == (3, SIZE, SIZE, 3)
     assert all(len(train[key]) == 3 for key in train)
     assert all(isinstance(trace, Trace) for trace in train["trace"])
     val = next(iter(dm.val_dataloader()))
-    assert set(val) == {"image", "image_name", "prompt", "label", "labels", "original_size", "detector_aus",
+    assert set(val) == {"image", "image_name", "prompt", "label", "labels", "original_size", "counted", "detector_aus",
                         "activated_aus"}
     assert dm.transfer_batch_to_device(val, torch.device("cpu"), 0) is val
 
@@ -297,3 +300,10 @@ def test_yaml_pieces_configure_the_datamodule_through_lightning_cli(piece, monke
     dm = cli.datamodule
     assert isinstance(dm, FERDataModule) and dm.specs["train"] and dm.train_traces
     assert dm.augment == AugmentOptions(rotate=5.0)
+
+
+@pytest.mark.parametrize("size, ranks", [(3, 2), (5, 4), (4, 2), (1, 3)])
+def test_evaluation_ranks_take_equal_slices_that_count_each_sample_once_in_order(size, ranks):
+    slices = [list(EvaluationSampler(range(size), ranks, rank)) for rank in range(ranks)]
+    assert len({len(keys) for keys in slices}) == 1  # every rank runs as many batches
+    assert [key.index for keys in slices for key in keys if not key.repeat] == list(range(size))

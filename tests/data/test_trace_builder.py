@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tag_lightning.au.build import build_au_cache
+from tag_lightning.claims import MISS, SUPPORTED, trace_claims
 from tag_lightning.cli import image_refs, main
 from tag_lightning.data.datasets import FERSample
 from tag_lightning.data.samples import ANGER, HAPPINESS, MANIFEST_NAME, SAMPLE_LABELS, SINGLE_FACE, SURPRISE
@@ -73,6 +74,27 @@ def test_a_neutral_answer_may_report_inactive_aus_as_relaxed(sample_records):
     trace = TemplateTeacher().write(record, "happiness")
     relaxed = replace(trace, steps=(Step("lip corner", (15,), "relaxed", tuple(au15["box"])),), answer="neutral")
     assert grounding_errors(relaxed, record, 1.0, 0.5) == []
+
+
+def test_a_neutral_step_calling_an_activated_au_relaxed_is_rejected_as_the_claim_rule_scores_it_a_miss(
+        sample_records):
+    """What a VLM teacher writes and the template teacher avoids: the filter keeps exactly what the
+    claim rule of the rewards and metrics supports, and rejects the trace until the teacher gives up."""
+    record = sample_records[HAPPINESS]
+    activated = {key for key, _ in record.activated(1.0)}
+    au12 = record.aus["AU12"]
+    assert "AU12" in activated
+    trace = TemplateTeacher().write(record, "happiness")
+    miss = replace(trace, steps=(Step("lip corner", (12,), "relaxed", tuple(au12["box"])),), answer="neutral")
+    assert [claim.verdict for claim in trace_claims(miss, record.aus, activated)] == [MISS]
+    assert any("calls AU12 relaxed, but it is activated" in error for error in grounding_errors(miss, record, 1.0, 0.5))
+    for honest in (trace, TemplateTeacher().write(record, "neutral")):
+        assert {claim.verdict for claim in trace_claims(honest, record.aus, activated)} == {SUPPORTED}
+        assert grounding_errors(honest, record, 1.0, 0.5) == []
+
+    outcome = sample_trace(ScriptedTeacher([render_trace(miss)] * 4), record, ImageRef.from_path(record.image),
+                           "neutral", CANDIDATES, RejectionConfig(max_format_retries=3))
+    assert (outcome.status, outcome.reason, outcome.attempts.proposals) == ("rejected", "format", 4)
 
 
 # -- rejection sampling --------------------------------------------------------------------------

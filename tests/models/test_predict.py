@@ -113,7 +113,7 @@ def test_reports_tell_boxes_in_original_pixels(tmp_path):
     answered = SimpleNamespace(_answer=lambda batch: [(completion.text, completion,
                                                        score_answer(completion, references))])
     batch = {"image": torch.zeros((1, 224, 224, 3), dtype=torch.uint8), "image_name": ["photos/a.jpg"],
-             "original_size": [(572, 562)]}
+             "original_size": [(572, 562)], "counted": [True]}
     rows = VLMModule.predict_step(answered, batch, 0)
     writer = JSONLPredictionWriter(str(tmp_path))
     writer.write_on_batch_end(SimpleNamespace(global_rank=0), None, rows, [0], batch, 0, 0)
