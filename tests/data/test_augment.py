@@ -31,6 +31,16 @@ def canvas(width: int, height: int, box: tuple[int, int, int, int]) -> np.ndarra
     return image
 
 
+def ellipse_canvas(width: int, height: int, box: tuple[int, int, int, int]) -> np.ndarray:
+    """The ellipse `box` encloses, drawn white: what a step's box is taken to be under rotation."""
+    import cv2
+
+    image = np.zeros((height, width, 3), dtype=np.uint8)
+    centre = ((box[0] + box[2] - 1) / 2, (box[1] + box[3] - 1) / 2)
+    cv2.ellipse(image, (centre, (box[2] - box[0], box[3] - box[1]), 0.0), (255, 255, 255), thickness=-1)
+    return image
+
+
 def side_trace(left_box, right_box) -> Trace:
     steps = (
         Step("left lip corner", (12,), "the left corner rises more than the Right", tuple(left_box)),
@@ -47,9 +57,10 @@ def side_trace(left_box, right_box) -> Trace:
     ids=["wide", "tall-near-corner", "small-at-corner"],
 )
 def test_box_covers_the_drawn_region(options, width, height, box):
+    """A box follows the ellipse it encloses (a face region's shape) through flips, scaling and rotation."""
     augment = FaceAugment(SIZE, options)
     for seed in range(40):
-        image, (moved,), _ = augment.transform(canvas(width, height, box), [box], (width, height),
+        image, (moved,), _ = augment.transform(ellipse_canvas(width, height, box), [box], (width, height),
                                                np.random.default_rng(seed))
         assert image.shape == (SIZE, SIZE, 3) and image.dtype == np.uint8
         assert moved is not None and 0 <= moved[0] < moved[2] <= SIZE and 0 <= moved[1] < moved[3] <= SIZE

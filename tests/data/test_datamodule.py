@@ -133,8 +133,9 @@ def test_each_trace_of_an_image_is_a_training_item_of_its_own(workspace, tmp_pat
     other = replace(face_trace(record, "surprise"), global_analysis="Another reading of the face.")
     outside = Trace("A face.", (Step("chin", (17,), "raised", (0, 0, 600, 600)),), "Surprise.", "surprise")
     several = tmp_path / "several.jsonl"
-    several.write_text("\n".join([*lines, trace_line(record, "surprise", other),
-                                   trace_line(record, "surprise", outside)]) + "\n")
+    settings = surprise["au_settings"]
+    several.write_text("\n".join([*lines, trace_line(record, "surprise", other, settings),
+                                   trace_line(record, "surprise", outside, settings)]) + "\n")
     dm = datamodule(workspace, train_traces=str(several))
     assert dm.counts["train"]["kept"] == 4 and dm.counts["train"]["traces"] == 5
     items = dm.items["train"]
