@@ -108,8 +108,8 @@ class FaithfulnessSums(Metric):
     COUNTS = ("answers", "valid", "claims", "iou_sum", "box_hits", "claimed_active", "activated", "agreed",
               "hallucinating", "non_neutral", "consistent")
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
         for name in self.COUNTS:
             self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
@@ -149,18 +149,21 @@ def faithfulness_figures(counts: dict[str, float]) -> dict[str, float]:
 
 
 class AnswerMetrics(nn.Module):
-    """A stage's classification and faithfulness metrics over its answers; `compute` gives every figure."""
+    """A stage's classification and faithfulness metrics over its answers; `compute` gives every figure.
 
-    def __init__(self) -> None:
+    `sync`: False computes over this process's answers only, with no collective: for answers already
+    gathered onto one process (the per-dataset table of `results.py`)."""
+
+    def __init__(self, sync: bool = True) -> None:
         super().__init__()
-        options = {"num_classes": len(CLASSES), "average": None}
+        options = {"num_classes": len(CLASSES), "sync_on_compute": sync}
         self.classification = MetricCollection({
-            "accuracy": MulticlassAccuracy(num_classes=len(CLASSES), average="micro"),
-            "recall": MulticlassRecall(**options),
-            "f1": MulticlassF1Score(**options),
-            "confusion": MulticlassConfusionMatrix(num_classes=len(CLASSES)),
+            "accuracy": MulticlassAccuracy(**options, average="micro"),
+            "recall": MulticlassRecall(**options, average=None),
+            "f1": MulticlassF1Score(**options, average=None),
+            "confusion": MulticlassConfusionMatrix(**options),
         })
-        self.faithfulness = FaithfulnessSums()
+        self.faithfulness = FaithfulnessSums(sync_on_compute=sync)
 
     def update(self, scores: Sequence[AnswerScore]) -> None:
         if not scores:

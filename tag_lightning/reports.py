@@ -9,6 +9,8 @@
 - ``excluded.jsonl``: each test image or row left out, with why (not in the AU cache, no face, a
   row lenient reading skipped, ...); ``metrics.json`` counts them by reason under ``data.counts``,
   so an evaluation that shrank says so.
+
+`results.py` adds the table of the figures per test dataset (``results.csv``, ``results.md``).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ AUs are active).
 Items (one dict per sample; `collate` turns them into a batch of the same keys):
 
 - every item: ``image`` (uint8 HWC RGB, `image_size` square, augmented in training),
-  ``image_name``, ``prompt`` (`prompts.user_prompt` with its dataset's labels), ``label`` (None:
+  ``image_name``, ``dataset`` (the name of its dataset in the split, `dataset_names`), ``prompt`` (`prompts.user_prompt` with its dataset's labels), ``label`` (None:
   unlabeled, predict split only), ``labels`` (its dataset's labels: the answers allowed),
   ``original_size`` (the image's (width, height): `augment.Letterbox` maps boxes back to it),
   ``counted`` (False: a repeat that only pads an evaluation rank's slice, see `sampling.py`);
@@ -60,6 +60,7 @@ from tag_lightning.au.cache import AUCache
 from tag_lightning.au.record import STATUSES, AURecord
 from tag_lightning.data.augment import AugmentOptions, FaceAugment
 from tag_lightning.data.datasets import FERDataset, PhotoFolder, parse_data_spec
+from tag_lightning.data.labels import DATASET_CLASSES
 from tag_lightning.data.prompts import user_prompt
 from tag_lightning.data.sampling import EvaluationSampler, Key, ResumableSampler
 from tag_lightning.data.traces import Trace, render_trace
@@ -98,6 +99,7 @@ class FERItems(Dataset):
     def __init__(
         self,
         datasets: Sequence[FERDataset],
+        names: Sequence[str],
         entries: Sequence[_Entry],
         cache: AUCache,
         kind: Literal["sft", "rl"],
@@ -106,6 +108,7 @@ class FERItems(Dataset):
         activation_threshold: float = 1.0,
     ) -> None:
         self.datasets = list(datasets)
+        self.names = list(names)
         self.entries = list(entries)
         self.cache = cache
         self.kind = kind
@@ -131,7 +134,7 @@ class FERItems(Dataset):
         image, size = _decode(data, sample.image.name, max(entry.size), self.augment.image_size)
         # A function of (seed, epoch, sample): the same whatever the worker, prefetching or resumption.
         rng = np.random.default_rng([self.seed, epoch, index])
-        item = {"image_name": sample.image.name, "prompt": self.prompts[entry.dataset], "label": sample.label,
+        item = {"image_name": sample.image.name, "dataset": self.names[entry.dataset], "prompt": self.prompts[entry.dataset], "label": sample.label,
                 "labels": self.datasets[entry.dataset].classes, "original_size": entry.size, "counted": not repeat}
         if self.kind == "sft":
             out = self.augment(image, size, rng, trace=entry.trace)
@@ -314,7 +317,7 @@ class FERDataModule(LightningDataModule):
         if not entries and split != "predict":  # a wholly rejected predict split is still told image by image
             raise BadValue(f"FERDataModule {split}: no usable sample, {_describe(counts)}{self._how_to_cache(split, counts)}")
         augment = FaceAugment(self.image_size, self.augment if split == "train" else None)
-        items = FERItems(datasets, entries, cache, kind, augment, self.seed, self.activation_threshold)
+        items = FERItems(datasets, dataset_names(self.specs[split], datasets), entries, cache, kind, augment, self.seed, self.activation_threshold)
         return items, counts, exclusions
 
     def _exclusion(
@@ -354,6 +357,12 @@ class FERDataModule(LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._evaluation_loader(self.predict_split)
+
+    def dataset_adapters(self, split: str) -> dict[str, str]:
+        """The datasets of a split in spec order, by name (items' ``dataset``), each with its adapter's
+        name (``affectnet``, ``manifest``, ...): what the per-dataset results table reports on."""
+        items = self._items(split)
+        return {name: dataset.name for name, dataset in zip(items.names, items.datasets)}
 
     def _ranks(self) -> tuple[int, int]:
         """(processes, this one's rank)."""
@@ -470,6 +479,15 @@ def _find_record(cache: AUCache, image: ImageRef) -> AURecord | None:
     except OSError:
         return None
     return cache.get(content_hash(data))
+
+
+def dataset_names(specs: Sequence[str], datasets: Sequence[FERDataset]) -> list[str]:
+    """What each spec's dataset is called in items, predictions and the results table: its adapter's name
+    (``rafdb``, ``ferplus``, ``affectnet``) for the only native dataset of its kind in the split, else the
+    spec as written (two manifests, or two AffectNet copies, stay apart)."""
+    kinds = Counter(dataset.name for dataset in datasets)
+    return [dataset.name if dataset.name in DATASET_CLASSES and kinds[dataset.name] == 1 else spec
+            for spec, dataset in zip(specs, datasets)]
 
 
 def _as_list(specs: str | list[str] | None) -> list[str]:

@@ -4,7 +4,8 @@
 - the optimizer is built on the trainable parameters of `self.trainer.model` (so FSDP works);
 - validation and test generate greedily, parse each answer once and score it against the label
   and the detector (`claims.py`, `metrics.py`); `tag test` writes its figures, every answer and
-  the confusion matrix to a new folder (`reports.py`), with the evidence-necessity test
+  the confusion matrix to a new folder (`reports.py`), a table of the figures per test dataset
+  (`results.py`, computed on rank 0 from every rank's scores), with the evidence-necessity test
   (`occlusion.py`) and k sampled answers per image (the model's distribution, not only its
   greedy answer) when asked; `tag predict` writes the same scores per image; on several
   processes every rank answers its padded slice in step, and only the images counted there
@@ -32,6 +33,7 @@ from tag_lightning.models.sampling import seeded
 from tag_lightning.models.vlm import VLMWrapper
 from tag_lightning.occlusion import OcclusionFlips, blur_boxes, face_area, random_boxes_like
 from tag_lightning.reports import new_run_folder, write_evaluation
+from tag_lightning.results import results_table, write_results
 from tag_lightning.rewards import reward_values
 
 
@@ -85,6 +87,7 @@ class VLMModule(LightningModule):
         self.sampled_metrics = SampledAnswerMetrics()
         self.occlusion = OcclusionFlips()
         self._test_rows: list[dict] = []  # this rank's per-image rows of the running test
+        self._test_scores: list[tuple[str, AnswerScore]] = []  # and their (dataset, score), for the results table
         self.started_from: str | None = None  # a checkpoint whose weights were loaded at construction (init_from)
         self.strict_loading = False  # checkpoints hold only the trainable weights (see on_save_checkpoint)
 
@@ -149,8 +152,9 @@ class VLMModule(LightningModule):
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         answered = self._answer(batch)
-        rows = [{"image": name, "text": text, "trace": completion.trace.to_dict(), "format_errors": list(completion.errors),
-                 **score.to_dict()} for name, (text, completion, score) in zip(batch["image_name"], answered)]
+        rows = [{"image": name, "dataset": dataset, "text": text, "trace": completion.trace.to_dict(), "format_errors": list(completion.errors),
+                 **score.to_dict()} for name, dataset, (text, completion, score) in zip(batch["image_name"], batch["dataset"],
+                                                                             answered)]
         if self.occlusion_test:
             for row, occlusion in zip(rows, self._ask_occluded(batch, answered)):
                 row["occlusion"] = occlusion
@@ -159,6 +163,8 @@ class VLMModule(LightningModule):
                 row["samples"] = samples
         self.test_metrics.update([score for _, _, score in counted(batch, answered)])
         self._test_rows.extend(counted(batch, rows))
+        self._test_scores.extend(counted(batch, [(dataset, score) for dataset, (_, _, score)
+                                                 in zip(batch["dataset"], answered)]))
 
     @torch.no_grad()
     def _sample_answers(self, batch: dict) -> list[list[dict]]:
@@ -239,16 +245,18 @@ class VLMModule(LightningModule):
             about["sampled"] = {"answers_per_image": self.sampled_answers, "temperature": self.sampled_temperature,
                                 "seed": self.sampled_seed, **self.sampled_metrics.compute()}
             self.log_dict({f"test/sampled/{name}": value for name, value in about["sampled"]["figures"].items()})
-        rows = self._gathered_rows()
+        rows, scores = self._gathered(self._test_rows), self._gathered(self._test_scores)
         log_dir = self.trainer.log_dir  # on every rank: a collective (the loggers' folder is broadcast)
         if self.global_rank == 0:
             folder = new_run_folder(log_dir or ".")
             write_evaluation(folder, figures, rows, about, self._excluded())
+            write_results(folder, results_table(scores, figures, self.trainer.datamodule.dataset_adapters("test")),
+                          about)
             rank_zero_info(f"evaluation of {len(rows)} images: {folder}")
         self.test_metrics.reset()
         self.occlusion.reset()
         self.sampled_metrics.reset()
-        self._test_rows = []
+        self._test_rows, self._test_scores = [], []
 
     def _log_figures(self, stage: str, figures: dict) -> None:
         shown = ("acc", "format_valid", "box_iou")  # on the progress bar too
@@ -282,13 +290,13 @@ class VLMModule(LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         return [asdict(exclusion) for exclusion in getattr(datamodule, "exclusions", {}).get("test", [])]
 
-    def _gathered_rows(self) -> list[dict]:
-        """Every rank's per-image rows (in rank order) on every rank."""
+    def _gathered(self, values: list) -> list:
+        """Every rank's per-image `values` (in rank order) on every rank."""
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return self._test_rows
-        everyone: list[list[dict]] = [[] for _ in range(torch.distributed.get_world_size())]
-        torch.distributed.all_gather_object(everyone, self._test_rows)
-        return [row for rows in everyone for row in rows]
+            return values
+        everyone: list[list] = [[] for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather_object(everyone, values)
+        return [value for rank_values in everyone for value in rank_values]
 
     # -- checkpoints -----------------------------------------------------------------------------
 

@@ -166,13 +166,13 @@ def test_evaluation_items_carry_detector_boxes_in_the_image_frame(workspace):
 def test_batches_are_tensors_and_lists_for_the_model_wrapper(workspace):
     dm = datamodule(workspace, batch_size=3)
     train = next(iter(dm.train_dataloader()))
-    assert set(train) == {"image", "image_name", "prompt", "label", "labels", "original_size", "counted", "trace",
+    assert set(train) == {"image", "image_name", "dataset", "prompt", "label", "labels", "original_size", "counted", "trace",
                           "target"}
     assert train["image"].dtype == torch.uint8 and train["image"].shape == (3, SIZE, SIZE, 3)
     assert all(len(train[key]) == 3 for key in train)
     assert all(isinstance(trace, Trace) for trace in train["trace"])
     val = next(iter(dm.val_dataloader()))
-    assert set(val) == {"image", "image_name", "prompt", "label", "labels", "original_size", "counted", "detector_aus",
+    assert set(val) == {"image", "image_name", "dataset", "prompt", "label", "labels", "original_size", "counted", "detector_aus",
                         "activated_aus"}
     assert dm.transfer_batch_to_device(val, torch.device("cpu"), 0) is val
 
