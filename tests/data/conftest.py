@@ -1,7 +1,8 @@
 """Builders of tiny FER datasets in their exact native formats, shared by the data tests.
 
 Each fixture returns a function that writes a dataset under a root folder and returns that root,
-so a test states only the rows it cares about.
+so a test states only the rows it cares about. AffectNet's builder lives in `helpers.py`: the model
+tests evaluate on AffectNet too.
 """
 
 from __future__ import annotations
@@ -12,25 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from helpers import build_affectnet, write_face
 
-AFFECTNET_HEADER = (
-    "subDirectory_filePath,face_x,face_y,face_width,face_height,facial_landmarks,expression,valence,arousal"
-)
 FERPLUS_VOTES_HEADER = (
     "Usage", "Image name", "neutral", "happiness", "surprise", "sadness", "anger", "disgust", "fear",
     "contempt", "unknown", "NF",
 )
 HAPPY_VOTES = (0, 10, 0, 0, 0, 0, 0, 0, 0, 0)
-
-
-def write_face(path: Path, size: tuple[int, int] = (100, 100), seed: int = 0) -> Path:
-    """A small real image file; the format follows the suffix (.jpg, .png, ...)."""
-    rng = np.random.default_rng(seed)
-    pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels).save(path)
-    return path
 
 
 def build_rafdb(
@@ -71,37 +60,6 @@ def build_ferplus(root: Path, rows: Sequence[dict]) -> Path:
             usage = row.get("usage", "Training")
             pixels_writer.writerow((3, row.get("pixels", ferplus_pixels(index)), usage))
             votes_writer.writerow((usage, row.get("name", f"fer{index:07d}.png"), *row.get("votes", HAPPY_VOTES)))
-    return root
-
-
-def build_affectnet(
-    root: Path,
-    rows: Sequence[tuple[str, int | str]],
-    *,
-    split: str = "train",
-    layout: str = "csv",
-    header: bool = True,
-    without_image: Sequence[str] = (),
-) -> Path:
-    """AffectNet with `rows` (image path, expression code) for one split.
-
-    ``layout="csv"``: ``training.csv``/``validation.csv`` (official header unless `header` is
-    False) and images under ``Manually_Annotated_Images/``. ``layout="folders"``:
-    ``<split>/<code>/<file name>``. Images named in `without_image` are not written."""
-    for seed, (image_path, code) in enumerate(rows):
-        target = (
-            root / "Manually_Annotated_Images" / image_path
-            if layout == "csv"
-            else root / split / str(code) / Path(image_path).name
-        )
-        if image_path not in without_image:
-            write_face(target, size=(64, 64), seed=seed)
-    if layout == "csv":
-        lines = [AFFECTNET_HEADER] if header else []
-        landmarks = ";".join(["10.5"] * 136)
-        lines += [f"{image_path},4,5,56,56,{landmarks},{code},0.25,-0.5" for image_path, code in rows]
-        csv_name = "training.csv" if split == "train" else "validation.csv"
-        (root / csv_name).write_text("\n".join(lines) + "\n")
     return root
 
 

@@ -1,15 +1,18 @@
-"""`tag test` writes what it measured, for an SFT checkpoint, a GRPO checkpoint and a bare model folder."""
+"""`tag test` writes what it measured, for an SFT checkpoint, a GRPO checkpoint and a bare model folder, and a
+table of it per test dataset."""
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
 import pytest
-from helpers import newest_last_checkpoint
+from helpers import build_affectnet, newest_last_checkpoint
 from PIL import Image
 
 from tag_lightning.cli import main
+from tag_lightning.data.samples import ANGER, DISGUST, HAPPINESS, SURPRISE
 from tag_lightning.metrics import CLASSIFICATION, FAITHFULNESS
 
 LABELS = {"surprise", "happiness", "anger", "disgust"}
@@ -111,3 +114,61 @@ def test_sampled_answers_of_trained_weights_are_scored_and_reported(tag_args, sf
     assert main(tag_args("grpo", tmp_path / "b", *options, command="test")) == 0
     again = [json.loads(line) for line in (evaluation_of(tmp_path / "b") / "predictions.jsonl").read_text().splitlines()]
     assert [row["samples"] for row in again] == [row["samples"] for row in rows]  # seeded
+
+
+@pytest.fixture(scope="module")
+def affectnet(demo_dir, tmp_path_factory) -> Path:
+    """AffectNet's validation split in its native layout: the four posed sample photos with their expression codes,
+    and two more faces labelled contempt (copies: the demo's AU cache knows their content)."""
+    photos = demo_dir / "samples"
+    faces = ((SURPRISE, 3), (HAPPINESS, 1), (ANGER, 6), (DISGUST, 5), (HAPPINESS, 7), (ANGER, 7))
+    rows = [(f"{code}/face{number}.jpg", code) for number, (_, code) in enumerate(faces)]
+    return build_affectnet(tmp_path_factory.mktemp("affectnet"), rows, split="val",
+                           photos=[photos / name for name, _ in faces])
+
+
+@pytest.fixture(scope="module")
+def tables(tag_args, demo_dir, affectnet, tmp_path_factory) -> dict[str, Path]:
+    """The evaluation folders of the bare model's `tag test` over the samples' manifest and AffectNet together
+    (``both``), and over each alone."""
+    specs = {"manifest": f"manifest:{demo_dir / 'samples' / 'manifest.csv'}", "affectnet": f"affectnet:{affectnet}"}
+    runs = {"both": list(specs.values()), "manifest": [specs["manifest"]], "affectnet": [specs["affectnet"]]}
+    root = tmp_path_factory.mktemp("tables")
+    for run, given in runs.items():
+        assert main(tag_args("sft", root / run, f"--data.test_data={json.dumps(given)}", "--data.test_split=val",
+                             "--model.init_args.max_new_tokens=4", command="test")) == 0
+    return {run: evaluation_of(root / run) for run in runs}
+
+
+def table(folder: Path) -> dict[str, dict]:
+    return {row.pop("dataset"): row for row in csv.DictReader(open(folder / "results.csv", newline=""))}
+
+
+def test_two_test_sets_give_one_row_each_and_the_pooled_row_with_the_figures_of_separate_runs(tables, demo_dir):
+    both, manifest, affectnet = (table(tables[run]) for run in ("both", "manifest", "affectnet"))
+    name = f"manifest:{demo_dir / 'samples' / 'manifest.csv'}"
+    assert list(both) == [name, "affectnet (8 classes)", "affectnet (7 classes, no contempt)", "pooled"]
+    assert list(manifest) == [name, "pooled"] and manifest[name] == manifest["pooled"]
+    pooled = manifest.pop("pooled"), affectnet.pop("pooled"), both.pop("pooled")
+    assert both == {**manifest, **affectnet}  # each dataset's figures, as if evaluated alone
+    report = json.loads((tables["both"] / "metrics.json").read_text())
+    assert int(pooled[2]["images"]) == report["counts"]["answers"] == 4 + 6
+    assert int(pooled[2]["unparsed"]) == report["counts"]["no_answer"]
+    for column in ("acc", "uar", "macro_f1", "format_valid", "box_iou", "hallucination_rate", "au_precision"):
+        assert float(pooled[2][column]) == report["figures"][column]
+    rows = [json.loads(line) for line in (tables["both"] / "predictions.jsonl").read_text().splitlines()]
+    assert [row["dataset"] for row in rows] == [name] * 4 + ["affectnet"] * 6
+    markdown = (tables["both"] / "results.md").read_text()
+    assert markdown.startswith(f"# Results: bare model {demo_dir / 'tiny-qwen2.5-vl'} (zero-shot)\n")
+
+
+def test_affectnet_is_scored_with_8_classes_and_with_7_without_its_contempt_faces(tables):
+    rows = table(tables["affectnet"])
+    assert list(rows) == ["affectnet (8 classes)", "affectnet (7 classes, no contempt)", "pooled"]
+    assert (rows["affectnet (8 classes)"]["images"], rows["affectnet (7 classes, no contempt)"]["images"]) == ("6", "4")
+    assert rows["affectnet (8 classes)"] == rows["pooled"]
+    answers = [json.loads(line) for line in (tables["affectnet"] / "predictions.jsonl").read_text().splitlines()]
+    kept = [row for row in answers if row["label"] != "contempt"]
+    assert int(rows["affectnet (7 classes, no contempt)"]["unparsed"]) == sum(row["answer"] is None for row in kept)
+    assert float(rows["affectnet (7 classes, no contempt)"]["acc"]) == sum(row["correct"] for row in kept) / 4
+    assert "leaves out the images labelled contempt" in (tables["affectnet"] / "results.md").read_text()
