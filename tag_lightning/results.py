@@ -97,7 +97,7 @@ def results_markdown(rows: Sequence[dict], about: Mapping) -> str:
     lines += ["", "Shares in percent; box_iou from 0 to 1. One row per test dataset, then all of them pooled."]
     if any(row["dataset"].endswith("(7 classes, no contempt)") for row in rows):
         lines.append("The 7-class AffectNet row leaves out the images labelled contempt (as the literature "
-                     "reports AffectNet); the question still offers contempt, and answering it counts as wrong.")
+                     "reports AffectNet); its questions still offer contempt, and a contempt answer counts as wrong.")
     lines += ["", *(f"- {column}: {meaning}" for column, meaning in MEANING.items())]
     return "\n".join(lines) + "\n"
 

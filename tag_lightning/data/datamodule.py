@@ -18,9 +18,10 @@ AUs are active).
 Items (one dict per sample; `collate` turns them into a batch of the same keys):
 
 - every item: ``image`` (uint8 HWC RGB, `image_size` square, augmented in training),
-  ``image_name``, ``dataset`` (the name of its dataset in the split, `dataset_names`), ``prompt`` (`prompts.user_prompt` with its dataset's labels), ``label`` (None:
-  unlabeled, predict split only), ``labels`` (its dataset's labels: the answers allowed),
-  ``original_size`` (the image's (width, height): `augment.Letterbox` maps boxes back to it),
+  ``image_name``, ``dataset`` (its dataset's name in the split, `dataset_names`), ``prompt``
+  (`prompts.user_prompt` with its dataset's labels), ``label`` (None: unlabeled, predict split
+  only), ``labels`` (its dataset's labels: the answers allowed), ``original_size`` (the
+  image's (width, height): `augment.Letterbox` maps boxes back to it),
   ``counted`` (False: a repeat that only pads an evaluation rank's slice, see `sampling.py`);
 - ``"sft"`` items (training in stage sft) add ``trace`` (the target `Trace`) and ``target``
   (its rendered text);
@@ -134,7 +135,8 @@ class FERItems(Dataset):
         image, size = _decode(data, sample.image.name, max(entry.size), self.augment.image_size)
         # A function of (seed, epoch, sample): the same whatever the worker, prefetching or resumption.
         rng = np.random.default_rng([self.seed, epoch, index])
-        item = {"image_name": sample.image.name, "dataset": self.names[entry.dataset], "prompt": self.prompts[entry.dataset], "label": sample.label,
+        item = {"image_name": sample.image.name, "dataset": self.names[entry.dataset],
+                "prompt": self.prompts[entry.dataset], "label": sample.label,
                 "labels": self.datasets[entry.dataset].classes, "original_size": entry.size, "counted": not repeat}
         if self.kind == "sft":
             out = self.augment(image, size, rng, trace=entry.trace)
@@ -317,7 +319,8 @@ class FERDataModule(LightningDataModule):
         if not entries and split != "predict":  # a wholly rejected predict split is still told image by image
             raise BadValue(f"FERDataModule {split}: no usable sample, {_describe(counts)}{self._how_to_cache(split, counts)}")
         augment = FaceAugment(self.image_size, self.augment if split == "train" else None)
-        items = FERItems(datasets, dataset_names(self.specs[split], datasets), entries, cache, kind, augment, self.seed, self.activation_threshold)
+        items = FERItems(datasets, dataset_names(self.specs[split], datasets), entries, cache, kind, augment,
+                         self.seed, self.activation_threshold)
         return items, counts, exclusions
 
     def _exclusion(

@@ -152,9 +152,9 @@ class VLMModule(LightningModule):
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         answered = self._answer(batch)
-        rows = [{"image": name, "dataset": dataset, "text": text, "trace": completion.trace.to_dict(), "format_errors": list(completion.errors),
-                 **score.to_dict()} for name, dataset, (text, completion, score) in zip(batch["image_name"], batch["dataset"],
-                                                                             answered)]
+        rows = [{"image": name, "dataset": dataset, "text": text, "trace": completion.trace.to_dict(),
+                 "format_errors": list(completion.errors), **score.to_dict()}
+                for name, dataset, (text, completion, score) in zip(batch["image_name"], batch["dataset"], answered)]
         if self.occlusion_test:
             for row, occlusion in zip(rows, self._ask_occluded(batch, answered)):
                 row["occlusion"] = occlusion

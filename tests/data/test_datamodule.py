@@ -19,7 +19,8 @@ from tag_lightning.au.build import build_au_cache
 from tag_lightning.au.cache import AUCache
 from tag_lightning.au.record import AURecord
 from tag_lightning.data.augment import AugmentOptions
-from tag_lightning.data.datamodule import FERDataModule, load_traces
+from tag_lightning.data.datamodule import FERDataModule, dataset_names, load_traces
+from tag_lightning.data.datasets import parse_data_spec
 from tag_lightning.data.prompts import user_prompt
 from tag_lightning.data.samples import ANGER, DISGUST, MULTI_FACE, NO_FACE, SAMPLE_LABELS, SINGLE_FACE
 from tag_lightning.data.sampling import EvaluationSampler
@@ -166,15 +167,25 @@ def test_evaluation_items_carry_detector_boxes_in_the_image_frame(workspace):
 def test_batches_are_tensors_and_lists_for_the_model_wrapper(workspace):
     dm = datamodule(workspace, batch_size=3)
     train = next(iter(dm.train_dataloader()))
-    assert set(train) == {"image", "image_name", "dataset", "prompt", "label", "labels", "original_size", "counted", "trace",
-                          "target"}
+    assert set(train) == {"image", "image_name", "dataset", "prompt", "label", "labels", "original_size", "counted",
+                          "trace", "target"}
     assert train["image"].dtype == torch.uint8 and train["image"].shape == (3, SIZE, SIZE, 3)
     assert all(len(train[key]) == 3 for key in train)
     assert all(isinstance(trace, Trace) for trace in train["trace"])
     val = next(iter(dm.val_dataloader()))
-    assert set(val) == {"image", "image_name", "dataset", "prompt", "label", "labels", "original_size", "counted", "detector_aus",
-                        "activated_aus"}
+    assert set(val) == {"image", "image_name", "dataset", "prompt", "label", "labels", "original_size", "counted",
+                        "detector_aus", "activated_aus"}
     assert dm.transfer_batch_to_device(val, torch.device("cpu"), 0) is val
+
+
+def test_a_dataset_is_named_by_its_kind_unless_two_specs_would_share_the_name(workspace, tmp_path, make_affectnet):
+    """The results table's rows: ``rafdb``, ``affectnet``; manifests and a second AffectNet copy by their spec."""
+    copies = [f"affectnet:{make_affectnet(tmp_path / name, [('1/a.jpg', 1)], split='val')}" for name in "ab"]
+    manifest = f"manifest:{workspace.manifest}"
+    read = [parse_data_spec(spec, "val") for spec in (copies[0], manifest)]
+    assert dataset_names([copies[0], manifest], read) == ["affectnet", manifest]
+    both = [parse_data_spec(spec, "val") for spec in copies]
+    assert dataset_names(copies, both) == copies
 
 
 def test_the_predict_split_answers_unlabeled_faces_and_lists_every_image_it_leaves_out(workspace, tmp_path):

@@ -1,6 +1,6 @@
 """Evaluation on 2 processes (DDP, gloo) through the real `tag` command: it finishes, scores each of
 3 images once (2 do not split evenly: one rank's slice is padded with a repeat) and gives the
-figures of 1 process, in `tag test`'s files and in the validation `tag fit` logs."""
+figures of 1 process, in `tag test`'s files (its per-dataset table included) and in the validation `tag fit` logs."""
 
 from __future__ import annotations
 
@@ -35,10 +35,12 @@ def tag(args: list[str], processes: int) -> None:
         assert result.returncode == 0, result.stderr[-3000:]
 
 
-def evaluation(root: Path) -> tuple[dict, list[dict]]:
+def evaluation(root: Path) -> tuple[dict, list[dict], str]:
+    """metrics.json, predictions.jsonl's rows and results.csv of the run under `root`."""
     (folder,) = root.rglob("evaluation")
     report = json.loads((folder / "metrics.json").read_text())
-    return report, [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
+    return report, rows, (folder / "results.csv").read_text()
 
 
 @pytest.mark.slow
@@ -46,11 +48,12 @@ def test_tag_test_on_two_processes_scores_and_writes_each_image_once(tag_args, s
     for processes in (1, 2):
         tag(tag_args("sft", tmp_path / str(processes), f"--ckpt_path={sft_checkpoint}", *three_faces,
                      command="test"), processes)
-    (one, one_rows), (two, two_rows) = evaluation(tmp_path / "1"), evaluation(tmp_path / "2")
+    (one, one_rows, one_table), (two, two_rows, two_table) = evaluation(tmp_path / "1"), evaluation(tmp_path / "2")
     assert two["counts"]["answers"] == 3 and [row["image"] for row in two_rows] == [row["image"] for row in one_rows]
     assert len({row["image"] for row in two_rows}) == 3
     assert (two["figures"], two["counts"], two["confusion_matrix"]) == (one["figures"], one["counts"],
                                                                         one["confusion_matrix"])
+    assert two_table == one_table  # the per-dataset table too
 
 
 @pytest.mark.slow
