@@ -43,6 +43,8 @@ POOLED = "pooled"
 SCORED_WITHOUT_CONTEMPT = ("affectnet",)
 """Adapters whose datasets are reported with and without contempt (the literature's 7-class AffectNet)."""
 CONTEMPT = "contempt"
+ALL_CLASSES, NO_CONTEMPT = " (8 classes)", " (7 classes, no contempt)"
+"""What the two rows of such a dataset add to its name."""
 WEIGHTS = {"checkpoint": "checkpoint {checkpoint}", "init_from": "init_from {init_from}",
            "bare model": "bare model {model} (zero-shot)"}
 
@@ -57,8 +59,8 @@ def results_table(scored: Sequence[tuple[str, AnswerScore]], pooled: Mapping, da
     rows = []
     for name, scores in by_dataset.items():
         if datasets[name] in SCORED_WITHOUT_CONTEMPT:
-            rows.append(_row(f"{name} (8 classes)", scores))
-            rows.append(_row(f"{name} (7 classes, no contempt)", [s for s in scores if s.label != CONTEMPT]))
+            rows.append(_row(name + ALL_CLASSES, scores))
+            rows.append(_row(name + NO_CONTEMPT, [score for score in scores if score.label != CONTEMPT]))
         else:
             rows.append(_row(name, scores))
     return [*rows, _table_row(POOLED, pooled)]
@@ -95,7 +97,7 @@ def results_markdown(rows: Sequence[dict], about: Mapping) -> str:
     lines += ["| " + " | ".join([row["dataset"], *(_shown(column, row.get(column)) for column in COLUMNS)]) + " |"
               for row in rows]
     lines += ["", "Shares in percent; box_iou from 0 to 1. One row per test dataset, then all of them pooled."]
-    if any(row["dataset"].endswith("(7 classes, no contempt)") for row in rows):
+    if any(row["dataset"].endswith(NO_CONTEMPT) for row in rows):
         lines.append("The 7-class AffectNet row leaves out the images labelled contempt (as the literature "
                      "reports AffectNet); its questions still offer contempt, and a contempt answer counts as wrong.")
     lines += ["", *(f"- {column}: {meaning}" for column, meaning in MEANING.items())]
