@@ -311,9 +311,12 @@ def test_openai_teacher_does_not_retry_client_errors(sample_records, chat_server
         _openai(chat_server.base_url.removesuffix("/v1")).propose(request)
 
 
-def test_retry_policy_backs_off_exponentially_up_to_a_cap():
-    policy = RetryPolicy(max_retries=6, base_delay=0.5, max_delay=3.0)
-    assert [policy.delay(retry) for retry in range(5)] == [0.5, 1.0, 2.0, 3.0, 3.0]
+def test_retry_policy_backs_off_exponentially_up_to_a_cap_with_jitter_and_never_before_retry_after():
+    policy = RetryPolicy(max_retries=6, base_delay=0.5, max_delay=3.0, jitter=0.5)
+    assert [policy.delay(retry, draw=lambda: 0.0) for retry in range(5)] == [0.5, 1.0, 2.0, 3.0, 3.0]
+    assert [policy.delay(retry, draw=lambda: 1.0) for retry in range(5)] == [0.25, 0.5, 1.0, 1.5, 1.5]
+    assert policy.delay(0, retry_after=7.0) == 7.0 and policy.delay(3, retry_after=0.1, draw=lambda: 0.0) == 3.0
+    assert len({policy.delay(4) for _ in range(20)}) > 1  # many conversations do not retry in the same instant
 
 
 # -- the local Hugging Face teacher --------------------------------------------------------------
