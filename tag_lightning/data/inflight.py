@@ -10,9 +10,10 @@ Rejection sampling lives there once; this module only decides who asks the teach
 - `batched`: up to B conversations in lockstep; each round, every open conversation's next request
   goes to the teacher in one `propose_many` call (a local model generates for the whole batch).
 
-Both take jobs lazily and hand back ``(job, outcome)`` in the order conversations finish, in the
-caller's thread, so one writer appends every result. A new job is taken only after the caller has
-handled the finished one before it, so with one in flight a job runs exactly as a plain loop does.
+Both take jobs lazily and hand back lists of ``(job, outcome)``: the conversations that finished
+since the last list, in the order they finished, in the caller's thread, so one writer appends
+every result (and may commit a list's lines with one fsync). New jobs are taken only after the
+caller has handled the list before, so with one in flight a job runs exactly as a plain loop does.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def converse(dialogue: Dialogue, propose: Callable[[TeacherRequest], Proposal]) 
 
 def threaded(
     jobs: Iterator[Job], start: Callable[[Job], Dialogue], propose: Callable[[TeacherRequest], Proposal], size: int
-) -> Iterator[tuple[Job, Any]]:
+) -> Iterator[list[tuple[Job, Any]]]:
     """Up to `size` conversations at once, each on its own thread (see the module doc)."""
     workers = _Workers(size)
     try:
@@ -61,7 +62,7 @@ def threaded(
                 workers.submit(job, lambda job=job: converse(start(job), propose))
             if not workers.running:
                 return
-            yield workers.next_done()
+            yield workers.finished()
     finally:
         workers.close()
 
@@ -69,7 +70,7 @@ def threaded(
 def batched(
     jobs: Iterator[Job], start: Callable[[Job], Dialogue],
     propose_many: Callable[[list[TeacherRequest]], list[Proposal]], size: int,
-) -> Iterator[tuple[Job, Any]]:
+) -> Iterator[list[tuple[Job, Any]]]:
     """Up to `size` conversations in lockstep, their requests answered by one `propose_many` call per round.
 
     A `TeacherError` of the call is every request's answer (a batch fails as a whole).
@@ -87,9 +88,8 @@ def batched(
             answers = [err] * len(open_)
         stepped = [(job, dialogue, reply(dialogue, answer)) for (job, dialogue, _), answer in zip(open_, answers)]
         open_ = [(job, dialogue, step) for job, dialogue, (finished, step) in stepped if not finished]
-        for job, _, (finished, outcome) in stepped:
-            if finished:
-                yield job, outcome
+        if done := [(job, outcome) for job, _, (finished, outcome) in stepped if finished]:
+            yield done
 
 
 class _Workers:
@@ -113,13 +113,17 @@ class _Workers:
         self._todo.put((job, call))
         self.running += 1
 
-    def next_done(self) -> tuple[Any, Any]:
-        """The next finished ``(job, result)``; a call's exception is raised here, in the caller's thread."""
-        job, result, error = self._done.get()
-        self.running -= 1
-        if error is not None:
-            raise error
-        return job, result
+    def finished(self) -> list[tuple[Any, Any]]:
+        """Every finished ``(job, result)``, waiting for one if none is; a call's exception is raised
+        here, in the caller's thread."""
+        done = [self._done.get()]
+        while not self._done.empty():
+            done.append(self._done.get())
+        self.running -= len(done)
+        for _, _, error in done:
+            if error is not None:
+                raise error
+        return [(job, result) for job, result, _ in done]
 
     def close(self) -> None:
         """Idle threads end now, busy ones after their call (with the process, if it ends first)."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import functools
 import json
 import socket
 import sys
@@ -50,6 +51,7 @@ class TemplateEndpoint(ThreadingHTTPServer):
         self.arrivals: list[float] = []  # time.monotonic() of each chat request, in arrival order
         self.connections = 0
         self.in_flight = self.most_in_flight = 0  # chat requests being answered now, and at most at once
+        self.drop_connections = False  # close each connection after one answer, unannounced (an idle timeout)
         self.lock = threading.Lock()
 
     @property
@@ -63,9 +65,14 @@ class TemplateEndpoint(ThreadingHTTPServer):
         digest = content_hash(base64.b64decode(url.split(",", 1)[1]))
         if digest not in self.records:
             return 400, {}, {"error": f"unknown image {digest}"}
-        text = render_trace(self.teacher.write(self.records[digest], self.labels[digest]))
+        text = self._answer(digest)
         return 200, {}, {"choices": [{"message": {"role": "assistant", "content": text}}],
                          "usage": {"completion_tokens": len(text.split())}}
+
+    @functools.lru_cache(maxsize=None)  # noqa: B019 (the endpoint lives as long as its answers)
+    def _answer(self, digest: str) -> str:
+        """The template trace of an image: written once, so that the endpoint spends its CPU on HTTP only."""
+        return render_trace(self.teacher.write(self.records[digest], self.labels[digest]))
 
     def handle_error(self, request, client_address) -> None:
         """A client that goes away (a killed job, one that ended with connections kept alive) is no error here."""
@@ -109,6 +116,7 @@ class _Handler(BaseHTTPRequestHandler):
             with server.lock:
                 server.in_flight -= 1
         self._send(*answer)
+        self.close_connection = self.close_connection or server.drop_connections
 
     def _send(self, status: int, headers: dict[str, str], payload: dict) -> None:
         data = json.dumps(payload).encode()

@@ -326,18 +326,29 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 class _AppendLog:
-    """A JSONL file opened for appending; each line is on disk before `append` returns."""
+    """A JSONL file opened for appending; lines are on disk once `sync` (or `close`) returns.
+
+    Lines that finish together are committed by one fsync: with many conversations in flight, an
+    fsync per line would hold back the next requests.
+    """
 
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
         self._file = path.open("a", encoding="utf-8")
+        self._unsynced = False
 
     def append(self, line: dict) -> None:
         self._file.write(json.dumps(line, ensure_ascii=False) + "\n")
         self._file.flush()
-        os.fsync(self._file.fileno())
+        self._unsynced = True
+
+    def sync(self) -> None:
+        if self._unsynced:
+            os.fsync(self._file.fileno())
+            self._unsynced = False
 
     def close(self) -> None:
+        self.sync()
         self._file.close()
 
 
@@ -435,29 +446,37 @@ def build_traces(
         finished = inflight.batched(jobs(), start, teacher.propose_many, batch_size)
     else:
         finished = inflight.threaded(jobs(), start, teacher.propose, concurrency)
-    failures_in_a_row = 0
     clock, cpu = time.perf_counter(), time.process_time()
     kept_log, rejected_log = _AppendLog(out), _AppendLog(rejected_path)
+
+    def write(job: _Job, outcome: Outcome) -> None:
+        """One finished conversation: its line, the statistics, what is done, the progress bar."""
+        stats.add(outcome)
+        line = _line(job.sample, job.record, job.digest, job.index, teacher.name, outcome) | grounded_on
+        (kept_log if outcome.status == "kept" else rejected_log).append(line)
+        in_flight.discard(job.key)
+        if outcome.status == "kept":  # the same content under another name is not asked about again
+            done.add(job.key)
+        elif outcome.status == "rejected":
+            given_up.add(job.key)
+        bar.update()
+        bar.set_postfix(kept=stats.kept, rejected=sum(stats.rejected.values()), failed=stats.failed,
+                        requests_per_s=f"{stats.requests / (time.perf_counter() - clock):.1f}")
+
+    failures_in_a_row = 0
     try:
         with closing(finished):
-            for job, outcome in finished:
-                stats.add(outcome)
-                line = _line(job.sample, job.record, job.digest, job.index, teacher.name, outcome) | grounded_on
-                (kept_log if outcome.status == "kept" else rejected_log).append(line)
-                in_flight.discard(job.key)
-                if outcome.status == "kept":  # the same content under another name is not asked about again
-                    done.add(job.key)
-                elif outcome.status == "rejected":
-                    given_up.add(job.key)
-                bar.update()
-                bar.set_postfix(kept=stats.kept, rejected=sum(stats.rejected.values()), failed=stats.failed,
-                                requests_per_s=f"{stats.requests / (time.perf_counter() - clock):.1f}")
-                failures_in_a_row = failures_in_a_row + 1 if outcome.status == "failed" else 0
-                if failures_in_a_row == max_failures_in_a_row:
-                    raise TeacherSetupError(
-                        f"the teacher gave no answer for {failures_in_a_row} traces in a row (last: {outcome.detail}); "
-                        "stopping. Rerun once it answers: the job resumes where it stopped"
-                    )
+            for outcomes in finished:
+                for job, outcome in outcomes:
+                    write(job, outcome)
+                    failures_in_a_row = failures_in_a_row + 1 if outcome.status == "failed" else 0
+                    if failures_in_a_row == max_failures_in_a_row:
+                        raise TeacherSetupError(
+                            f"the teacher gave no answer for {failures_in_a_row} traces in a row (last: "
+                            f"{outcome.detail}); stopping. Rerun once it answers: the job resumes where it stopped"
+                        )
+                kept_log.sync()  # the lines that finished together, committed by one fsync
+                rejected_log.sync()
     finally:
         bar.close()
         kept_log.close()

@@ -85,6 +85,16 @@ def test_a_kill_loses_only_what_was_in_flight_and_a_rerun_writes_every_image_onc
     assert asked_before - written <= 4, "more was asked for than the conversations in flight"
 
 
+def test_a_connection_the_server_closed_while_idle_is_reopened_without_a_retry(replicas, tmp_path):
+    _, _, records, labels = replicas
+    out = tmp_path / "traces.jsonl"
+    with TemplateEndpoint(records, labels) as endpoint:
+        endpoint.drop_connections = True
+        assert main(_command(replicas, out, endpoint, "--concurrency", 1, "--limit", 5)) == 0
+    assert endpoint.connections == 1 + 5  # the probe, then a new connection for each request
+    assert [line["attempts"]["http_retries"] for line in read_jsonl(out)] == [0] * 5
+
+
 class _Throttled(TemplateEndpoint):
     """Answers the first request with HTTP 429 and ``Retry-After: 2``, then as the template endpoint."""
 

@@ -9,6 +9,7 @@ import json
 import re
 import socket
 import threading
+import time
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -167,6 +168,7 @@ class ChatServer(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _ChatHandler)
         self.script: list[tuple[int, str]] = []  # (HTTP status, assistant text or error body)
         self.prompts: list[str] = []
+        self.sampling: list[dict] = []  # each request's temperature, max_tokens and seed
         self.expected_image = expected_image
 
     @property
@@ -201,6 +203,7 @@ class _ChatHandler(BaseHTTPRequestHandler):
         if problem:
             return self._send(400, json.dumps({"error": problem}))
         self.server.prompts.append(body["messages"][0]["content"][1]["text"])
+        self.server.sampling.append({key: body.get(key) for key in ("temperature", "max_tokens", "seed")})
         status, text = self.server.script.pop(0) if self.server.script else (500, "script exhausted")
         if status != 200:
             return self._send(status, json.dumps({"error": text}))
@@ -258,6 +261,31 @@ def test_openai_teacher_retries_format_eliminates_wrong_labels_and_backs_off(sam
     assert len(asked) == 4
     assert asked[0] == asked[1] == list(CANDIDATES)
     assert asked[2] == asked[3] == [label for label in CANDIDATES if label != "fear"]
+    seeds = [sampling.pop("seed") for sampling in chat_server.sampling]
+    assert seeds[2] == seeds[3] and len(set(seeds)) == 3  # a fresh draw per answer; a transport retry resends
+    assert chat_server.sampling == [{"temperature": 0.7, "max_tokens": 1024}] * 4
+
+
+def test_request_seeds_are_reproducible_and_differ_by_image_trace_and_attempt(sample_records, monkeypatch):
+    monkeypatch.setenv("TAG_TEST_KEY", "test-key")
+    request = _request(sample_records[SURPRISE], "surprise")
+    teacher = _openai("http://127.0.0.1:9/v1")
+    seeds = {teacher.request_seed(replace(request, index=index, attempt=attempt))
+             for index in range(3) for attempt in range(3)}
+    seeds.add(teacher.request_seed(_request(sample_records[HAPPINESS], "happiness")))
+    assert len(seeds) == 10 and all(0 <= seed < 2**31 for seed in seeds)
+    assert teacher.request_seed(request) == _openai("http://127.0.0.1:9/v1").request_seed(request)
+    assert OpenAITeacher("http://127.0.0.1:9/v1", "m", seed=None).request_seed(request) is None
+    assert teacher.settings()["seed"] == 0 and "test-key" not in json.dumps(teacher.settings())
+
+
+def test_retry_after_is_read_as_seconds_or_an_http_date():
+    from email.utils import formatdate
+
+    from tag_lightning.data.teachers import _retry_after
+
+    assert _retry_after("2") == 2.0 and _retry_after(None) is None and _retry_after("soon") is None
+    assert 25 < _retry_after(formatdate(time.time() + 30, usegmt=True)) <= 30
 
 
 def test_openai_teacher_gives_up_after_persistent_server_errors(sample_records, chat_server):
@@ -381,6 +409,34 @@ def test_hf_teacher_answers_and_its_garbage_is_rejected_as_format(sample_records
     outcome = sample_trace(teacher, record, ImageRef.from_path(record.image), "surprise", CANDIDATES,
                            RejectionConfig(max_format_retries=1))
     assert (outcome.status, outcome.reason, outcome.attempts.proposals) == ("rejected", "format", 2)
+
+
+@pytest.mark.slow
+def test_hf_teacher_answers_a_left_padded_batch_as_it_answers_one_at_a_time(sample_records, tiny_qwen2_vl):
+    teacher = HFTeacher.from_pretrained(tiny_qwen2_vl, max_new_tokens=8, temperature=0)
+    requests = [_request(sample_records[photo], SAMPLE_LABELS[photo]) for photo in LABELLED[:3]]
+    assert len({request.record.size for request in requests}) > 1, "the batch needs prompts of different lengths"
+    assert [proposal.text for proposal in teacher.propose_many(requests)] == [
+        teacher.propose(request).text for request in requests]
+
+
+@pytest.mark.slow
+def test_prepare_traces_with_a_batched_hf_teacher_writes_what_one_at_a_time_writes(
+        samples_dir, au_cache, tiny_qwen2_vl, tmp_path):
+    from tag_lightning.cli import main
+    from tag_lightning.data.samples import MANIFEST_NAME
+
+    written = {}
+    for batch_size in (1, 3):
+        out = tmp_path / f"traces_{batch_size}.jsonl"
+        assert main(["prepare", "traces", "--data", str(samples_dir / MANIFEST_NAME), "--cache", str(au_cache),
+                     "--out", str(out), "--quiet", "--teacher", "hf", "--hf-model", str(tiny_qwen2_vl),
+                     "--temperature", "0", "--max-new-tokens", "8", "--max-format-retries", "1",
+                     "--batch-size", str(batch_size)]) == 0
+        assert json.loads(sidecar_paths(out)[1].read_text())["settings"]["batch_size"] == batch_size
+        written[batch_size] = [sorted(json.dumps(line, sort_keys=True) for line in read_jsonl(path))
+                               for path in (out, sidecar_paths(out)[0])]
+    assert written[3] == written[1] and len(written[1][1]) == len(LABELLED)  # the tiny model's garbage: rejected
 
 
 # -- the template teacher's controlled experiment (error_rate) -----------------------------------
