@@ -8,13 +8,13 @@ the detector's AUs and boxes. A rejected answer is asked for again, up to `max_f
 times; a wrong label is asked for again with that label removed from the candidates (label
 elimination), up to `max_label_retries` times.
 
-Several conversations with the teacher may be in flight at once (`build_traces`, `inflight.py`);
-each finished one is appended, flushed and fsynced by one writer as it finishes, so a killed job
-loses at most the conversations in flight and the line it was writing; a rerun repairs a torn
-last line and skips the traces already written. Samples given
-up on go to a sidecar file so that a rerun does not ask the teacher about them again. What is
-done is keyed by image content, not by path text, so a teacher is never asked twice about one
-image, however it is named. A teacher that answers nothing for several traces in a row stops the
+Several conversations with the teacher may be in flight at once (`build_traces`, `inflight.py`).
+One writer appends each finished one, flushed, and fsyncs the lines that finished together before
+asking for more, so a killed job loses at most the conversations in flight and the line it was
+writing; a rerun repairs a torn last line and skips the traces already written. Samples given up
+on go to a sidecar file so that a rerun does not ask the teacher about them again. What is done is
+keyed by image content, not by path text, so a teacher is never asked twice about one image,
+however it is named. A teacher that answers nothing for several traces in a row stops the
 job (`TeacherSetupError`) rather than failing every remaining image after its backoff.
 """
 
