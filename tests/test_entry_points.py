@@ -191,7 +191,7 @@ class _DownTeacher(TemplateEndpoint):
     def __init__(self):
         super().__init__(records={}, labels={})
 
-    def respond(self, request):
+    def respond(self, request, headers):
         return 503, {}, {"error": "overloaded"}
 
 

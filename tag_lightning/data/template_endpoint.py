@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -58,8 +59,8 @@ class TemplateEndpoint(ThreadingHTTPServer):
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}/v1"
 
-    def respond(self, request: dict) -> tuple[int, dict[str, str], dict[str, Any]]:
-        """The HTTP status, extra headers and JSON body that answer one chat request."""
+    def respond(self, request: dict, headers: Message) -> tuple[int, dict[str, str], dict[str, Any]]:
+        """The HTTP status, extra headers and JSON body that answer one chat request (and its headers)."""
         time.sleep(self.latency)
         url = request["messages"][0]["content"][0]["image_url"]["url"]
         digest = content_hash(base64.b64decode(url.split(",", 1)[1]))
@@ -105,13 +106,15 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:  # noqa: N802
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if self.path != "/v1/chat/completions":
+            return self._send(404, {}, {"error": f"no route {self.path}"})
         server = self.server
         with server.lock:
             server.arrivals.append(time.monotonic())
             server.in_flight += 1
             server.most_in_flight = max(server.most_in_flight, server.in_flight)
         try:
-            answer = server.respond(body)
+            answer = server.respond(body, self.headers)
         finally:
             with server.lock:
                 server.in_flight -= 1

@@ -98,10 +98,10 @@ def test_a_connection_the_server_closed_while_idle_is_reopened_without_a_retry(r
 class _Throttled(TemplateEndpoint):
     """Answers the first request with HTTP 429 and ``Retry-After: 2``, then as the template endpoint."""
 
-    def respond(self, request):
+    def respond(self, request, headers):
         if len(self.arrivals) == 1:
             return 429, {"Retry-After": "2"}, {"error": "rate limited"}
-        return super().respond(request)
+        return super().respond(request, headers)
 
 
 def test_a_429_with_retry_after_is_waited_for(replicas, tmp_path):
@@ -120,10 +120,10 @@ class _Stopping(TemplateEndpoint):
 
     answered, stopped = 10, True
 
-    def respond(self, request):
+    def respond(self, request, headers):
         with self.lock:
             down = self.stopped and len(self.arrivals) > self.answered
-        return (503, {}, {"error": "stopped"}) if down else super().respond(request)
+        return (503, {}, {"error": "stopped"}) if down else super().respond(request, headers)
 
 
 def test_a_server_that_stops_mid_run_ends_the_job_in_one_line_and_a_rerun_completes_it(replicas, tmp_path, capsys):

@@ -8,10 +8,8 @@ import io
 import json
 import re
 import socket
-import threading
 import time
 from dataclasses import replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -33,6 +31,7 @@ from tag_lightning.data.teachers import (
     image_data_url,
 )
 from tag_lightning.data.datasets import FERSample
+from tag_lightning.data.template_endpoint import TemplateEndpoint
 from tag_lightning.data.trace_builder import RejectionConfig, build_traces, read_jsonl, sample_trace, sidecar_paths
 from tag_lightning.data.traces import parse_trace, render_trace
 from tag_lightning.images import ImageRef
@@ -161,19 +160,26 @@ def test_image_data_url_sends_web_images_as_is_and_rotates_exif_images(tmp_path,
 
 
 # -- the OpenAI-compatible teacher against a real HTTP server -------------------------------------
-class ChatServer(ThreadingHTTPServer):
+class ChatServer(TemplateEndpoint):
     """A scripted OpenAI-compatible endpoint that checks each request before answering it."""
 
     def __init__(self, expected_image: bytes | None = None):
-        super().__init__(("127.0.0.1", 0), _ChatHandler)
+        super().__init__(records={}, labels={})
         self.script: list[tuple[int, str]] = []  # (HTTP status, assistant text or error body)
         self.prompts: list[str] = []
         self.sampling: list[dict] = []  # each request's temperature, max_tokens and seed
         self.expected_image = expected_image
 
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/v1"
+    def respond(self, request, headers):
+        problem = self.problem(headers, request)
+        if problem:
+            return 400, {}, {"error": problem}
+        self.prompts.append(request["messages"][0]["content"][1]["text"])
+        self.sampling.append({key: request.get(key) for key in ("temperature", "max_tokens", "seed")})
+        status, text = self.script.pop(0) if self.script else (500, "script exhausted")
+        if status != 200:
+            return status, {}, {"error": text}
+        return 200, {}, {"choices": [{"message": {"role": "assistant", "content": text}}]}
 
     def problem(self, headers, body: dict) -> str | None:
         """What is wrong with a request, or None."""
@@ -192,44 +198,11 @@ class ChatServer(ThreadingHTTPServer):
         return None
 
 
-class _ChatHandler(BaseHTTPRequestHandler):
-    server: ChatServer
-
-    def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        if self.path != "/v1/chat/completions":
-            return self._send(404, json.dumps({"error": "not found"}))
-        problem = self.server.problem(self.headers, body)
-        if problem:
-            return self._send(400, json.dumps({"error": problem}))
-        self.server.prompts.append(body["messages"][0]["content"][1]["text"])
-        self.server.sampling.append({key: body.get(key) for key in ("temperature", "max_tokens", "seed")})
-        status, text = self.server.script.pop(0) if self.server.script else (500, "script exhausted")
-        if status != 200:
-            return self._send(status, json.dumps({"error": text}))
-        self._send(200, json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}))
-
-    def _send(self, status: int, payload: str) -> None:
-        data = payload.encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args) -> None:  # keep the test output quiet
-        pass
-
-
 @pytest.fixture
 def chat_server(samples_dir, monkeypatch):
     monkeypatch.setenv("TAG_TEST_KEY", "test-key")
-    server = ChatServer(expected_image=(samples_dir / SURPRISE).read_bytes())
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    with ChatServer(expected_image=(samples_dir / SURPRISE).read_bytes()) as server:
+        yield server
 
 
 def _openai(base_url: str, max_retries: int = 3) -> OpenAITeacher:

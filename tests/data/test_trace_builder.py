@@ -270,6 +270,8 @@ def test_prepare_traces_explains_missing_teacher_options(samples_dir, au_cache, 
     assert "--base-url" in capsys.readouterr().err
     assert _prepare_traces(samples_dir, au_cache, tmp_path / "t.jsonl", "--candidates", "anger") == 2
     assert "--candidates" in capsys.readouterr().err
+    assert _prepare_traces(samples_dir, au_cache, tmp_path / "t.jsonl", "--batch-size", "2") == 2
+    assert "the template teacher cannot answer in batches" in capsys.readouterr().err
 
 
 def test_several_traces_per_image_are_written_resumed_and_recorded(samples_dir, au_cache, tmp_path, capsys):
