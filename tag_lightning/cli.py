@@ -484,7 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "counted as they finish; conversations still in flight are abandoned")
     traces.add_argument("--concurrency", type=_positive_int, default=None,
                         help="conversations with the teacher in flight at once, each with its own retries and label "
-                             "elimination. Unset: " + ", ".join(f"{name} {n}" for name, n in DEFAULT_CONCURRENCY.items())
+                             "elimination. Unset: "
+                             + ", ".join(f"{name} {count}" for name, count in DEFAULT_CONCURRENCY.items())
                              + ". A vLLM server batches concurrent requests: give it about as many as it runs at "
                              "once (its --max-num-seqs), divided among the jobs that share it")
     traces.add_argument("--batch-size", type=_positive_int, default=1,

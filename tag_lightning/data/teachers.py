@@ -587,7 +587,7 @@ class OpenAITeacher:
         return payload if seed is None else payload | {"seed": seed}
 
     def _post(self, body: bytes) -> tuple[str, int | None]:
-        """One request: the answer text and its token count, `_Transient` for what a retry may fix, errors for the rest."""
+        """One request: the answer and its token count; `_Transient` for what a retry may fix, errors for the rest."""
         try:
             status, headers, raw = self._exchange(self._path + "/chat/completions", body)
         except (OSError, http.client.HTTPException) as err:
@@ -624,7 +624,8 @@ class OpenAITeacher:
         connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return self._send(connection, path, body)
 
-    def _send(self, connection: http.client.HTTPConnection, path: str, body: bytes):
+    def _send(self, connection: http.client.HTTPConnection, path: str, body: bytes
+              ) -> tuple[int, http.client.HTTPMessage, bytes]:
         try:
             connection.request("POST", path, body=body, headers=self._headers)
             response = connection.getresponse()
