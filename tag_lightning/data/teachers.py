@@ -28,7 +28,6 @@ import io
 import json
 import os
 import random
-import socket
 import threading
 import time
 import urllib.parse
@@ -616,13 +615,8 @@ class OpenAITeacher:
                 return self._send(connection, path, body)
             except _DROPPED:
                 pass
-        connection = self._local.connection = self._connection_class(self._address, timeout=self.timeout)
-        connection.connect()
-        # http.client sends a large body after its headers, in a second write: without this, Nagle's
-        # algorithm holds the body back until the server acknowledges the headers, which servers
-        # delay (~40 ms per request).
-        connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return self._send(connection, path, body)
+        self._local.connection = self._connection_class(self._address, timeout=self.timeout)
+        return self._send(self._local.connection, path, body)
 
     def _send(self, connection: http.client.HTTPConnection, path: str, body: bytes
               ) -> tuple[int, http.client.HTTPMessage, bytes]:
