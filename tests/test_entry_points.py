@@ -15,16 +15,15 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from tag_lightning.data.samples import ANGER, DISGUST, HAPPINESS, MULTI_FACE, SAMPLE_LABELS, SINGLE_FACE, SURPRISE
+from tag_lightning.data.template_endpoint import TemplateEndpoint
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -186,46 +185,20 @@ def test_traces_resume_by_content_whatever_the_path_text(cache, faces, tmp_path)
     assert out.read_bytes() == written and written.count(b"\n") == 4
 
 
-class _DownTeacher(ThreadingHTTPServer):
+class _DownTeacher(TemplateEndpoint):
     """An endpoint that is up (it lists models) but answers every chat request with HTTP 503."""
 
     def __init__(self):
-        super().__init__(("127.0.0.1", 0), _DownHandler)
-        self.chat_requests = 0
+        super().__init__(records={}, labels={})
 
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/v1"
-
-
-class _DownHandler(BaseHTTPRequestHandler):
-    server: _DownTeacher
-
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-        self._send(200, b'{"data": []}')
-
-    def do_POST(self) -> None:  # noqa: N802
-        self.rfile.read(int(self.headers["Content-Length"]))
-        self.server.chat_requests += 1
-        self._send(503, b'{"error": "overloaded"}')
-
-    def _send(self, status: int, body: bytes) -> None:
-        self.send_response(status)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args) -> None:
-        pass
+    def respond(self, request, headers):
+        return 503, {}, {"error": "overloaded"}
 
 
 @pytest.fixture
 def down_teacher():
-    server = _DownTeacher()
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    with _DownTeacher() as server:
+        yield server
 
 
 def test_a_dead_or_failing_teacher_stops_the_job_with_a_non_zero_exit(cache, faces, tmp_path, down_teacher):
@@ -238,9 +211,10 @@ def test_a_dead_or_failing_teacher_stops_the_job_with_a_non_zero_exit(cache, fac
     error_line(tag(*openai, "--base-url", f"http://127.0.0.1:{port}/v1", timeout=30),
                f"http://127.0.0.1:{port}/v1 does not answer", "refused")
     assert not out.exists()
-    stopped = tag(*openai, "--base-url", down_teacher.base_url, "--max-failures-in-a-row", "2", timeout=60)
+    stopped = tag(*openai, "--base-url", down_teacher.base_url, "--max-failures-in-a-row", "2", "--concurrency", "1",
+                  timeout=60)
     error_line(stopped, "no answer for 2 traces in a row", "HTTP 503", "Rerun once it answers")
-    assert down_teacher.chat_requests == 2 and out.read_text() == ""
+    assert len(down_teacher.arrivals) == 2 and out.read_text() == ""  # one at a time: the third is never asked
     one = tag(*openai, "--base-url", down_teacher.base_url, "--limit", "1", timeout=60)
     assert "failed 1" in one.stdout
     error_line(one, "the teacher answered none of the 1 images")

@@ -5,8 +5,13 @@ does not care who wrote it. Three teachers exist:
 
 - `TemplateTeacher`: offline and deterministic, grounded by construction. It writes towards the
   ground-truth label and only ever cites AUs the detector activated, with the detector's boxes.
-- `OpenAITeacher`: any OpenAI-compatible chat endpoint (OpenAI, a vLLM server, ...).
-- `HFTeacher`: a local Hugging Face image-text-to-text model.
+- `OpenAITeacher`: any OpenAI-compatible chat endpoint (OpenAI, a vLLM server, ...). It speaks
+  HTTP with the standard library's `http.client`: the job needs one POST route, a kept-alive
+  connection per thread and retries it controls (backoff with jitter, ``Retry-After``, counted
+  per trace). The `openai` SDK would add httpx and friends as dependencies and retry on its own
+  beneath ours, so failures would be counted and backed off twice.
+- `HFTeacher`: a local Hugging Face image-text-to-text model; it also answers a batch of requests
+  in one `generate` call (`propose_many`).
 
 The two VLM teachers get the image, the candidate labels and the top-K activated AUs with their
 boxes (`build_prompt`), never the ground-truth label: they must find it, which is what the
@@ -16,14 +21,17 @@ rejection sampler checks. Boxes are integer pixels of the original (upright) ima
 from __future__ import annotations
 
 import base64
+import email.utils
+import hashlib
 import http.client
 import io
 import json
 import os
 import random
+import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -89,6 +97,7 @@ class TeacherRequest:
     hints: tuple[AUHint, ...]
     index: int = 0  # which of the image's traces this is (`traces_per_image`)
     count: int = 1  # how many traces the image gets
+    attempt: int = 0  # answers this trace has had already (each retry is asked afresh)
 
 
 @dataclass(frozen=True)
@@ -96,17 +105,24 @@ class Proposal:
     """A teacher's raw answer and the transient transport failures it took to get it.
 
     `flaw` describes a mistake the teacher made on purpose (the template teacher's controlled
-    experiment, `TemplateTeacher.error_rate`); it is recorded with the trace.
+    experiment, `TemplateTeacher.error_rate`); it is recorded with the trace. `tokens`: the
+    answer's length in tokens, when the teacher reports it.
     """
 
     text: str
     retries: int = 0
     errors: tuple[str, ...] = ()
     flaw: dict | None = None
+    tokens: int | None = None
 
 
 class Teacher(Protocol):
-    """Anything that answers a request with trace text; `name` is recorded with each kept trace."""
+    """Anything that answers a request with trace text; `name` is recorded with each kept trace.
+
+    A teacher that answers several requests in one call (a local model generating a batch) also
+    has ``propose_many(requests) -> list[Proposal]``; one that describes its settings for the run's
+    statistics has ``settings() -> dict``.
+    """
 
     name: str
 
@@ -426,19 +442,32 @@ def image_data_url(data: bytes) -> str:
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Exponential backoff for transient failures: timeouts, refused connections, HTTP 429 and 5xx."""
+    """Exponential backoff with jitter for transient failures: timeouts, dropped connections, HTTP 429 and 5xx.
+
+    The jitter spreads the retries of many conversations in flight, which would otherwise all hit a
+    recovering server in the same instant. A server's ``Retry-After`` is a floor on the wait.
+    """
 
     max_retries: int = 5
     base_delay: float = 1.0
     max_delay: float = 60.0
+    jitter: float = 0.5  # the wait is drawn uniformly from [(1 - jitter) * backoff, backoff]
 
-    def delay(self, retry: int) -> float:
-        """Seconds to wait before retry number `retry` (0-based)."""
-        return min(self.max_delay, self.base_delay * 2**retry)
+    def delay(self, retry: int, retry_after: float | None = None, draw: Callable[[], float] = random.random) -> float:
+        """Seconds to wait before retry number `retry` (0-based), at least `retry_after`."""
+        backoff = min(self.max_delay, self.base_delay * 2**retry)
+        return max(backoff * (1.0 - self.jitter * draw()), retry_after or 0.0)
 
 
 class _Transient(Exception):
-    """A failure worth retrying after a pause."""
+    """A failure worth retrying after a pause (`retry_after`: the server's ``Retry-After``, seconds)."""
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+_DROPPED = (ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected)
 
 
 class OpenAITeacher:
@@ -446,7 +475,10 @@ class OpenAITeacher:
 
     The API key is read from the environment variable named `api_key_env` (a key never goes on
     a command line); without it no Authorization header is sent, which local servers such as
-    vLLM accept. Uses only the standard library.
+    vLLM accept. Sends `temperature`, `max_tokens` and a `seed` per request (see `request_seed`).
+    Safe to call from many threads at once: each thread keeps its own connection alive
+    (`http.client`), so N conversations in flight hold N connections, not one per request.
+    Environment proxy variables are not read: point `base_url` at the server itself.
     """
 
     def __init__(
@@ -459,35 +491,62 @@ class OpenAITeacher:
         retry: RetryPolicy = RetryPolicy(),
         temperature: float = 0.7,
         max_tokens: int = 1024,
+        seed: int | None = 0,
     ):
         self.base_url = base_url.rstrip("/")
         self.url = self.base_url + "/chat/completions"
+        parts = urllib.parse.urlsplit(self.base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise BadValue(f"the teacher's base URL must be http(s)://HOST[:PORT]/PATH, got {base_url!r}")
+        self._connection_class = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        self._address = parts.netloc.rpartition("@")[2]
+        self._path = parts.path
         self.model = model
         self.api_key_env = api_key_env
         self.timeout = timeout
         self.retry = retry
         self.temperature = temperature
         self.max_tokens = max_tokens
+        self.seed = seed
         self.name = f"openai:{model}"
         self._headers = {"Content-Type": "application/json"}
         api_key = os.environ.get(api_key_env)
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
+        self._local = threading.local()  # this thread's connection
+
+    def settings(self) -> dict[str, Any]:
+        """What the run's statistics record of this teacher (never the key)."""
+        return {"name": self.name, "base_url": self.base_url, "model": self.model, "temperature": self.temperature,
+                "max_tokens": self.max_tokens, "seed": self.seed, "timeout": self.timeout,
+                "max_retries": self.retry.max_retries}
 
     def propose(self, request: TeacherRequest) -> Proposal:
         body = json.dumps(self._payload(request)).encode("utf-8")
         errors: list[str] = []
         for retry in range(self.retry.max_retries + 1):
-            if retry:
-                time.sleep(self.retry.delay(retry - 1))
             try:
-                return Proposal(self._post(body), retries=retry, errors=tuple(errors))
+                text, tokens = self._post(body)
+                return Proposal(text, retries=retry, errors=tuple(errors), tokens=tokens)
             except _Transient as err:
                 errors.append(str(err))
+                if retry < self.retry.max_retries:
+                    time.sleep(self.retry.delay(retry, err.retry_after))
         raise TeacherError(
             f"{self.url}: no answer after {len(errors)} tries; last error: {errors[-1]}",
             retries=len(errors) - 1, errors=tuple(errors),
         )
+
+    def request_seed(self, request: TeacherRequest) -> int | None:
+        """The sampling seed of one request, drawn from `seed`, the image, the trace and the attempt.
+
+        A server that honours seeds (vLLM) then samples reproducibly, while a retry or another trace
+        of the same image is a fresh draw rather than the same answer again.
+        """
+        if self.seed is None:
+            return None
+        key = f"{self.seed}:{request.record.content_hash}:{request.index}:{request.attempt}".encode()
+        return int.from_bytes(hashlib.blake2b(key, digest_size=4).digest(), "big") >> 1  # 31 bits: any server's int
 
     def probe(self, timeout: float = 10.0) -> None:
         """Raise `TeacherSetupError` unless the endpoint answers a cheap ``GET {base_url}/models``.
@@ -496,16 +555,17 @@ class OpenAITeacher:
         after every image's retries. Any HTTP answer but a refused key counts as alive (not every
         OpenAI-compatible server serves ``/models``).
         """
-        request = urllib.request.Request(self.base_url + "/models", headers=self._headers, method="GET")
+        connection = self._connection_class(self._address, timeout=min(timeout, self.timeout))
         try:
-            with urllib.request.urlopen(request, timeout=min(timeout, self.timeout)):
-                return
-        except urllib.error.HTTPError as err:
-            if err.code in (401, 403):
-                raise self._key_refused(f"HTTP {err.code}") from err
-        except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
-            raise TeacherSetupError(f"{self.base_url} does not answer ({getattr(err, 'reason', err)}); is the server "
-                                    "running, and is the base URL right?") from err
+            connection.request("GET", self._path + "/models", headers=self._headers)
+            status = connection.getresponse().status
+        except (OSError, http.client.HTTPException) as err:
+            raise TeacherSetupError(f"{self.base_url} does not answer ({err}); is the server running, and is the "
+                                    "base URL right?") from err
+        finally:
+            connection.close()
+        if status in (401, 403):
+            raise self._key_refused(f"HTTP {status}")
 
     def _key_refused(self, detail: str) -> TeacherSetupError:
         return TeacherSetupError(f"{self.url} refused the API key ({detail}); "
@@ -516,41 +576,83 @@ class OpenAITeacher:
             {"type": "image_url", "image_url": {"url": image_data_url(request.image.read_bytes())}},
             {"type": "text", "text": build_prompt(request)},
         ]
-        return {
+        payload = {
             "model": self.model,
             "messages": [{"role": "user", "content": content}],
             "temperature": self.temperature,
             "max_tokens": self.max_tokens,
         }
+        seed = self.request_seed(request)
+        return payload if seed is None else payload | {"seed": seed}
 
-    def _post(self, body: bytes) -> str:
-        """One request: the answer text, `_Transient` for what a retry may fix, errors for the rest."""
-        request = urllib.request.Request(self.url, data=body, headers=self._headers, method="POST")
+    def _post(self, body: bytes) -> tuple[str, int | None]:
+        """One request: the answer and its token count; `_Transient` for what a retry may fix, errors for the rest."""
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                raw = response.read()
-        except urllib.error.HTTPError as err:
-            detail = f"HTTP {err.code}: {err.read()[:300].decode('utf-8', errors='replace').strip()}"
-            if err.code == 429 or err.code >= 500:
-                raise _Transient(detail) from err
-            if err.code in (401, 403):
-                raise self._key_refused(detail) from err
-            if err.code == 404:
-                raise TeacherSetupError(f"{self.url} answered {detail}; check the base URL (OpenAI-compatible "
-                                        f"servers usually end in /v1) and the model name {self.model!r}") from err
-            raise TeacherError(f"{self.url} rejected the request ({detail})") from err
-        except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
-            raise _Transient(f"{type(err).__name__}: {getattr(err, 'reason', err)}") from err
-        return _answer_text(raw, self.url)
+            status, headers, raw = self._exchange(self._path + "/chat/completions", body)
+        except (OSError, http.client.HTTPException) as err:
+            raise _Transient(f"{type(err).__name__}: {err}") from err
+        if 200 <= status < 300:
+            return _answer(raw, self.url)
+        detail = f"HTTP {status}: {raw[:300].decode('utf-8', errors='replace').strip()}"
+        if status == 429 or status >= 500:
+            raise _Transient(detail, _retry_after(headers.get("Retry-After")) if status in (429, 503) else None)
+        if status in (401, 403):
+            raise self._key_refused(detail)
+        if status == 404:
+            raise TeacherSetupError(f"{self.url} answered {detail}; check the base URL (OpenAI-compatible "
+                                    f"servers usually end in /v1) and the model name {self.model!r}")
+        raise TeacherError(f"{self.url} rejected the request ({detail})")
+
+    def _exchange(self, path: str, body: bytes) -> tuple[int, http.client.HTTPMessage, bytes]:
+        """One POST on this thread's kept-alive connection: status, headers, body.
+
+        A server may close an idle kept-alive connection at any time; when a reused one turns out
+        closed, the request goes once more, at once, on a new connection (no failure, no backoff).
+        """
+        connection = getattr(self._local, "connection", None)
+        if connection is not None and connection.sock is not None:
+            try:
+                return self._send(connection, path, body)
+            except _DROPPED:
+                pass
+        self._local.connection = self._connection_class(self._address, timeout=self.timeout)
+        return self._send(self._local.connection, path, body)
+
+    def _send(self, connection: http.client.HTTPConnection, path: str, body: bytes
+              ) -> tuple[int, http.client.HTTPMessage, bytes]:
+        try:
+            connection.request("POST", path, body=body, headers=self._headers)
+            response = connection.getresponse()
+            return response.status, response.headers, response.read()
+        except BaseException:  # a half-done exchange leaves the connection unusable
+            connection.close()
+            raise
 
 
-def _answer_text(raw: bytes, url: str) -> str:
-    """The assistant message of a chat completion; an empty refusal reads as an empty answer."""
+def _retry_after(value: str | None) -> float | None:
+    """Seconds a ``Retry-After`` header asks to wait (delta-seconds or an HTTP date), None if absent or unreadable."""
+    if not value:
+        return None
     try:
-        content = json.loads(raw)["choices"][0]["message"].get("content")
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+def _answer(raw: bytes, url: str) -> tuple[str, int | None]:
+    """The assistant message of a chat completion and its `usage` token count; an empty refusal reads as empty."""
+    try:
+        completion = json.loads(raw)
+        content = completion["choices"][0]["message"].get("content")
     except (ValueError, KeyError, IndexError, TypeError, AttributeError) as err:
         raise TeacherError(f"{url} did not answer with a chat completion: {raw[:200]!r}") from err
-    return content if isinstance(content, str) else ""
+    usage = completion.get("usage")
+    tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
+    return (content if isinstance(content, str) else ""), (tokens if isinstance(tokens, int) else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -563,6 +665,7 @@ class HFTeacher:
     def __init__(self, model: Any, processor: Any, name: str, max_new_tokens: int = 1024, temperature: float = 0.7):
         self.model = model.eval()
         self.processor = processor
+        self.processor.tokenizer.padding_side = "left"  # a batch's answers all start where its prompts end
         self.name = name
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
@@ -588,16 +691,32 @@ class HFTeacher:
             ) from err
         return cls(model, processor, f"hf:{folder.name}", **options)
 
+    def settings(self) -> dict[str, Any]:
+        """What the run's statistics record of this teacher."""
+        return {"name": self.name, "temperature": self.temperature, "max_new_tokens": self.max_new_tokens}
+
     def propose(self, request: TeacherRequest) -> Proposal:
+        return self.propose_many([request])[0]
+
+    def propose_many(self, requests: list[TeacherRequest]) -> list[Proposal]:
+        """Answer several requests with one `generate` call: the same prompts as one at a time,
+        left-padded (the processor's tokenizer pads on the left, so every answer starts at the
+        same position and greedy decoding writes what it writes alone)."""
         import torch
 
-        image = Image.fromarray(decode_image(request.image.read_bytes(), request.image.name)[0])
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": build_prompt(request)}]}]
-        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        inputs = self.processor(text=[text], images=[image], return_tensors="pt").to(self.model.device)
+        images = [Image.fromarray(decode_image(request.image.read_bytes(), request.image.name)[0])
+                  for request in requests]
+        texts = [
+            self.processor.apply_chat_template(
+                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": build_prompt(request)}]}],
+                add_generation_prompt=True, tokenize=False,
+            )
+            for request in requests
+        ]
+        inputs = self.processor(text=texts, images=images, padding=True, return_tensors="pt").to(self.model.device)
         greedy = self.temperature <= 0
         sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": self.temperature}
         with torch.inference_mode():
             output = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, **sampling)
-        answer = output[:, inputs["input_ids"].shape[1]:]
-        return Proposal(self.processor.batch_decode(answer, skip_special_tokens=True)[0])
+        answers = self.processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        return [Proposal(answer) for answer in answers]

@@ -8,11 +8,13 @@ the detector's AUs and boxes. A rejected answer is asked for again, up to `max_f
 times; a wrong label is asked for again with that label removed from the candidates (label
 elimination), up to `max_label_retries` times.
 
-Every kept line is appended, flushed and fsynced, so a killed job loses at most the line it was
-writing; a rerun repairs a torn last line and skips the images already written. Samples given
-up on go to a sidecar file so that a rerun does not ask the teacher about them again. What is
-done is keyed by image content, not by path text, so a teacher is never asked twice about one
-image, however it is named. A teacher that answers nothing for several traces in a row stops the
+Several conversations with the teacher may be in flight at once (`build_traces`, `inflight.py`).
+One writer appends each finished one, flushed, and fsyncs the lines that finished together before
+asking for more, so a killed job loses at most the conversations in flight and the line it was
+writing; a rerun repairs a torn last line and skips the traces already written. Samples given up
+on go to a sidecar file so that a rerun does not ask the teacher about them again. What is done is
+keyed by image content, not by path text, so a teacher is never asked twice about one image,
+however it is named. A teacher that answers nothing for several traces in a row stops the
 job (`TeacherSetupError`) rather than failing every remaining image after its backoff.
 """
 
@@ -23,7 +25,8 @@ import os
 import re
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Generator, Iterator, Sequence
+from contextlib import closing
 from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -32,9 +35,11 @@ from tqdm import tqdm
 
 from tag_lightning.au.record import AURecord
 from tag_lightning.claims import HALLUCINATION, MISS, SUPPORTED, trace_claims
+from tag_lightning.data import inflight
 from tag_lightning.data.datasets import FERSample
 from tag_lightning.data.teachers import (
     NEUTRAL,
+    Proposal,
     Teacher,
     TeacherDeclined,
     TeacherError,
@@ -77,9 +82,12 @@ FILTERS = {
 
 @dataclass
 class Attempts:
-    """What one sample cost: teacher answers, retries of each kind, labels eliminated."""
+    """What one sample cost: teacher answers, requests sent (retries included), tokens received
+    (None: the teacher reported none), retries of each kind, labels eliminated."""
 
     proposals: int = 0
+    requests: int = 0
+    tokens: int | None = None
     format_retries: int = 0
     label_retries: int = 0
     http_retries: int = 0
@@ -155,32 +163,41 @@ def grounding_errors(trace: Trace, record: AURecord, min_intensity: float, min_b
 # Rejection sampling for one sample
 
 
-def sample_trace(
-    teacher: Teacher,
+def conversation(
     record: AURecord,
     image: ImageRef,
     label: str,
     candidates: Sequence[str],
     config: RejectionConfig = RejectionConfig(),
     index: int = 0,
-) -> Outcome:
-    """Ask `teacher` for trace `index` of the image until it writes one the filter keeps, or give up."""
+) -> Generator[TeacherRequest, Proposal, Outcome]:
+    """Rejection sampling of trace `index` of the image, as a dialogue with the teacher.
+
+    Yields each request, is sent the teacher's `Proposal` (or thrown its `TeacherError`) and returns
+    the `Outcome`. Whoever drives it decides how the teacher is asked (`inflight.py`): one request
+    at a time, many conversations on threads, or many in one batch.
+    """
     attempts = Attempts()
     remaining = list(candidates)
     hints = tuple(activated_aus(record, config.min_intensity)[: config.top_k])
     while True:
-        request = TeacherRequest(record, image, label, tuple(remaining), hints, index, config.traces_per_image)
+        request = TeacherRequest(record, image, label, tuple(remaining), hints, index, config.traces_per_image,
+                                 attempt=attempts.proposals)
         try:
-            proposal = teacher.propose(request)
+            proposal = yield request
         except TeacherError as err:
+            declined = isinstance(err, TeacherDeclined)  # asking again would not help
+            attempts.requests += 0 if declined else err.retries + 1
             attempts.http_retries += err.retries
             attempts.transport_errors += err.errors
-            declined = isinstance(err, TeacherDeclined)  # asking again would not help
             return Outcome("rejected" if declined else "failed", attempts,
                            reason="declined" if declined else "teacher error", detail=str(err))
         attempts.proposals += 1
+        attempts.requests += proposal.retries + 1
         attempts.http_retries += proposal.retries
         attempts.transport_errors += proposal.errors
+        if proposal.tokens is not None:
+            attempts.tokens = (attempts.tokens or 0) + proposal.tokens
         parsed = check_answer(proposal.text, record, remaining, config)
         if parsed.errors:
             if attempts.format_retries == config.max_format_retries:
@@ -196,6 +213,19 @@ def sample_trace(
             remaining = [candidate for candidate in remaining if candidate.casefold() != answer]
             continue
         return Outcome("kept", attempts, trace=replace(parsed.trace, answer=label), flaw=proposal.flaw)
+
+
+def sample_trace(
+    teacher: Teacher,
+    record: AURecord,
+    image: ImageRef,
+    label: str,
+    candidates: Sequence[str],
+    config: RejectionConfig = RejectionConfig(),
+    index: int = 0,
+) -> Outcome:
+    """Ask `teacher` for trace `index` of the image until it writes one the filter keeps, or give up."""
+    return inflight.converse(conversation(record, image, label, candidates, config, index), teacher.propose)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,9 +250,12 @@ class TraceStats:
     format_retries: int = 0
     label_retries: int = 0
     http_retries: int = 0
+    requests: int = 0  # sent to the teacher, retries included
+    tokens_received: int | None = None  # answer tokens, as the teacher's `usage` reports them (None: never)
     seconds: float = 0.0
+    cpu_seconds: float = 0.0  # this process's CPU time (all threads) over the run
     flawed: Counter = field(default_factory=Counter)  # flaw kind -> kept traces carrying it
-    settings: dict = field(default_factory=dict)  # the filter, traces per image and the teacher's settings
+    settings: dict = field(default_factory=dict)  # filter, traces per image, concurrency, the teacher's settings
 
     def add(self, outcome: Outcome) -> None:
         if outcome.status == "kept":
@@ -236,6 +269,9 @@ class TraceStats:
         self.format_retries += outcome.attempts.format_retries
         self.label_retries += outcome.attempts.label_retries
         self.http_retries += outcome.attempts.http_retries
+        self.requests += outcome.attempts.requests
+        if outcome.attempts.tokens is not None:
+            self.tokens_received = (self.tokens_received or 0) + outcome.attempts.tokens
 
     @property
     def asked(self) -> int:
@@ -250,12 +286,14 @@ class TraceStats:
         def counts(counter: Counter) -> str:
             return ", ".join(f"{reason} {count}" for reason, count in counter.most_common()) or "none"
 
-        rate = self.asked / self.seconds if self.seconds > 0 else 0.0
+        def rate(count: int) -> float:
+            return count / self.seconds if self.seconds > 0 else 0.0
+
         return (
             f"{self.samples} samples: kept {self.kept}, rejected {sum(self.rejected.values())} "
             f"({counts(self.rejected)}), failed {self.failed} | skipped {sum(self.skipped.values())} "
             f"({counts(self.skipped)}) | retries: format {self.format_retries}, label {self.label_retries}, "
-            f"http {self.http_retries} | {rate:.2f} traces/s"
+            f"http {self.http_retries} | {rate(self.asked):.2f} traces/s, {rate(self.requests):.2f} requests/s"
             + (f" | kept with a deliberate flaw: {counts(self.flawed)}" if self.flawed else "")
         )
 
@@ -288,19 +326,44 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 class _AppendLog:
-    """A JSONL file opened for appending; each line is on disk before `append` returns."""
+    """A JSONL file opened for appending; lines are on disk once `sync` (or `close`) returns.
+
+    Lines that finish together are committed by one fsync: with many conversations in flight, an
+    fsync per line would hold back the next requests.
+    """
 
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
         self._file = path.open("a", encoding="utf-8")
+        self._unsynced = False
 
     def append(self, line: dict) -> None:
         self._file.write(json.dumps(line, ensure_ascii=False) + "\n")
         self._file.flush()
-        os.fsync(self._file.fileno())
+        self._unsynced = True
+
+    def sync(self) -> None:
+        if self._unsynced:
+            os.fsync(self._file.fileno())
+            self._unsynced = False
 
     def close(self) -> None:
+        self.sync()
         self._file.close()
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One trace to ask for: trace `index` of `sample`, whose content hash is `digest`."""
+
+    sample: FERSample
+    record: AURecord
+    digest: str
+    index: int
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.digest, self.index
 
 
 def build_traces(
@@ -314,67 +377,112 @@ def build_traces(
     limit: int | None = None,
     progress: bool = True,
     max_failures_in_a_row: int = 3,
+    concurrency: int = 1,
+    batch_size: int = 1,
 ) -> TraceStats:
     """Write `config.traces_per_image` kept traces per sample to `out`, resuming whatever an earlier run wrote.
 
     Samples without a label or without an `ok` AU record are skipped and counted by reason, and so
     are samples whose traces are all in `out` already or were given up on earlier (unless
     `retry_rejected`). Failed traces (the teacher could not be reached) are logged but asked for
-    again on the next run; `max_failures_in_a_row` of them in a row stop the job with
-    `TeacherSetupError`. Only the first `limit` samples are considered, so a limited run covers the
-    same images each time. Every line records the AU cache's settings key and the minimum intensity
-    it was grounded on. The statistics are returned and written to ``<out>.stats.json``.
+    again on the next run; `max_failures_in_a_row` of them in a row (in the order they finish) stop
+    the job with `TeacherSetupError`, abandoning the conversations still in flight. Only the first
+    `limit` samples are considered, so a limited run covers the same images each time. Every line
+    records the AU cache's settings key and the minimum intensity it was grounded on. The
+    statistics are returned and written to ``<out>.stats.json``.
+
+    `concurrency` conversations run at once on threads (an HTTP teacher mostly waits), or, with
+    `batch_size` > 1, that many in lockstep through the teacher's `propose_many` (a local model
+    generating for a batch). Either way each finished trace is appended from this thread as it
+    finishes, so lines never interleave but their order may differ from the samples'. A trace
+    (content hash, trace index) is asked for by one conversation at a time, so a deterministic
+    teacher yields the same traces at any concurrency.
     """
+    if concurrency < 1 or batch_size < 1:
+        raise BadValue(f"concurrency and batch size must be at least 1, got {concurrency} and {batch_size}")
+    if batch_size > 1 and not hasattr(teacher, "propose_many"):
+        raise BadValue(f"the {teacher.name} teacher cannot answer in batches; use a batch size of 1")
+    if concurrency > 1 and batch_size > 1:
+        raise BadValue("choose either several conversations in flight (concurrency, an HTTP teacher) or batches "
+                       "(batch size, a local model), not both")
     out = Path(out)
     rejected_path, stats_path = sidecar_paths(out)
     done = {_key(line) for line in read_jsonl(out)}  # reading also repairs a torn last line
     given_up = {_key(line) for line in read_jsonl(rejected_path) if line["status"] == "rejected"} - done
     if retry_rejected:
         given_up.clear()
+    in_flight: set[tuple[str, int]] = set()
     # What the claims were checked against: the datamodule refuses traces of other AU records.
     grounded_on = {"au_settings": getattr(records, "settings_key", None), "min_intensity": config.min_intensity}
-    failures_in_a_row = 0
     stats = TraceStats(settings={"filter": config.filter, "traces_per_image": config.traces_per_image,
                                  "min_intensity": config.min_intensity, "min_box_iou": config.min_box_iou,
+                                 "concurrency": concurrency, "batch_size": batch_size,
                                  "teacher": teacher_settings(teacher)})
-    start = time.perf_counter()
-    kept_log, rejected_log = _AppendLog(out), _AppendLog(rejected_path)
     count = len(samples) if limit is None else min(limit, len(samples))
-    bar = tqdm((samples[index] for index in range(count)), total=count, desc="traces", unit="img",
-               disable=not progress, smoothing=0.1)
-    try:
-        for sample in bar:
+    per_image = config.traces_per_image
+    bar = tqdm(total=count * per_image, desc="traces", unit="trace", disable=not progress, smoothing=0.1)
+
+    def jobs() -> Iterator[_Job]:
+        """The traces to ask for, screened lazily: a long dataset starts at once."""
+        for sample in (samples[index] for index in range(count)):
             stats.samples += 1
             skip, record, digest = _screen(sample, records, candidates)
-            wanted = [] if skip else [index for index in range(config.traces_per_image)
-                                      if (digest, index) not in done and (digest, index) not in given_up]
+            keys = [] if skip else [(digest, index) for index in range(per_image)]
+            wanted = [key for key in keys if key not in done and key not in given_up and key not in in_flight]
             if not skip and not wanted:
-                skip = "already written" if all((digest, index) in done for index in range(config.traces_per_image)) \
-                    else "rejected earlier"
+                skip = ("already written" if all(key in done for key in keys) else
+                        "same content in flight" if any(key in in_flight for key in keys) else "rejected earlier")
+            bar.total -= per_image - len(wanted)  # the bar counts what is asked for, so its ETA holds
             if skip is not None:
                 stats.skipped[skip] += 1
-                continue
-            for index in wanted:
-                outcome = sample_trace(teacher, record, sample.image, sample.label, candidates, config, index)
-                stats.add(outcome)
-                line = _line(sample, record, digest, index, teacher.name, outcome) | grounded_on
-                (kept_log if outcome.status == "kept" else rejected_log).append(line)
-                if outcome.status == "kept":  # the same content under another name is not asked about again
-                    done.add((digest, index))
-                elif outcome.status == "rejected":
-                    given_up.add((digest, index))
-                bar.set_postfix(kept=stats.kept, rejected=sum(stats.rejected.values()), failed=stats.failed)
-                failures_in_a_row = failures_in_a_row + 1 if outcome.status == "failed" else 0
-                if failures_in_a_row == max_failures_in_a_row:
-                    raise TeacherSetupError(
-                        f"the teacher gave no answer for {failures_in_a_row} traces in a row (last: {outcome.detail}); "
-                        "stopping. Rerun once it answers: the job resumes where it stopped"
-                    )
+            for _, index in wanted:
+                in_flight.add((digest, index))
+                yield _Job(sample, record, digest, index)
+
+    def start(job: _Job) -> Generator[TeacherRequest, Proposal, Outcome]:
+        return conversation(job.record, job.sample.image, job.sample.label, candidates, config, job.index)
+
+    if batch_size > 1:
+        finished = inflight.batched(jobs(), start, teacher.propose_many, batch_size)
+    else:
+        finished = inflight.threaded(jobs(), start, teacher.propose, concurrency)
+    clock, cpu = time.perf_counter(), time.process_time()
+    kept_log, rejected_log = _AppendLog(out), _AppendLog(rejected_path)
+
+    def write(job: _Job, outcome: Outcome) -> None:
+        """One finished conversation: its line, the statistics, what is done, the progress bar."""
+        stats.add(outcome)
+        line = _line(job.sample, job.record, job.digest, job.index, teacher.name, outcome) | grounded_on
+        (kept_log if outcome.status == "kept" else rejected_log).append(line)
+        in_flight.discard(job.key)
+        if outcome.status == "kept":  # the same content under another name is not asked about again
+            done.add(job.key)
+        elif outcome.status == "rejected":
+            given_up.add(job.key)
+        bar.update()
+        bar.set_postfix(kept=stats.kept, rejected=sum(stats.rejected.values()), failed=stats.failed,
+                        requests_per_s=f"{stats.requests / (time.perf_counter() - clock):.1f}")
+
+    failures_in_a_row = 0
+    try:
+        with closing(finished):
+            for outcomes in finished:
+                for job, outcome in outcomes:
+                    write(job, outcome)
+                    failures_in_a_row = failures_in_a_row + 1 if outcome.status == "failed" else 0
+                    if failures_in_a_row == max_failures_in_a_row:
+                        raise TeacherSetupError(
+                            f"the teacher gave no answer for {failures_in_a_row} traces in a row (last: "
+                            f"{outcome.detail}); stopping. Rerun once it answers: the job resumes where it stopped"
+                        )
+                kept_log.sync()  # the lines that finished together, committed by one fsync
+                rejected_log.sync()
     finally:
         bar.close()
         kept_log.close()
         rejected_log.close()
-        stats.seconds = time.perf_counter() - start
+        stats.seconds = time.perf_counter() - clock
+        stats.cpu_seconds = time.process_time() - cpu
         stats_path.write_text(json.dumps(stats.to_dict(), indent=2) + "\n")
     return stats
 
@@ -385,7 +493,9 @@ def _key(line: dict) -> tuple[str, int]:
 
 
 def teacher_settings(teacher: Teacher) -> dict[str, Any]:
-    """What a teacher was set up with, for the statistics: a dataclass's fields, else its name."""
+    """What a teacher was set up with, for the statistics: its `settings()`, a dataclass's fields, else its name."""
+    if hasattr(teacher, "settings"):
+        return teacher.settings()
     if is_dataclass(teacher):
         return {"name": teacher.name, **{key: value for key, value in asdict(teacher).items()
                                          if not key.startswith("_") and _plain(value)}}

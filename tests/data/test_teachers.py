@@ -8,9 +8,8 @@ import io
 import json
 import re
 import socket
-import threading
+import time
 from dataclasses import replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -32,6 +31,7 @@ from tag_lightning.data.teachers import (
     image_data_url,
 )
 from tag_lightning.data.datasets import FERSample
+from tag_lightning.data.template_endpoint import TemplateEndpoint
 from tag_lightning.data.trace_builder import RejectionConfig, build_traces, read_jsonl, sample_trace, sidecar_paths
 from tag_lightning.data.traces import parse_trace, render_trace
 from tag_lightning.images import ImageRef
@@ -160,18 +160,26 @@ def test_image_data_url_sends_web_images_as_is_and_rotates_exif_images(tmp_path,
 
 
 # -- the OpenAI-compatible teacher against a real HTTP server -------------------------------------
-class ChatServer(ThreadingHTTPServer):
+class ChatServer(TemplateEndpoint):
     """A scripted OpenAI-compatible endpoint that checks each request before answering it."""
 
     def __init__(self, expected_image: bytes | None = None):
-        super().__init__(("127.0.0.1", 0), _ChatHandler)
+        super().__init__(records={}, labels={})
         self.script: list[tuple[int, str]] = []  # (HTTP status, assistant text or error body)
         self.prompts: list[str] = []
+        self.sampling: list[dict] = []  # each request's temperature, max_tokens and seed
         self.expected_image = expected_image
 
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/v1"
+    def respond(self, request, headers):
+        problem = self.problem(headers, request)
+        if problem:
+            return 400, {}, {"error": problem}
+        self.prompts.append(request["messages"][0]["content"][1]["text"])
+        self.sampling.append({key: request.get(key) for key in ("temperature", "max_tokens", "seed")})
+        status, text = self.script.pop(0) if self.script else (500, "script exhausted")
+        if status != 200:
+            return status, {}, {"error": text}
+        return 200, {}, {"choices": [{"message": {"role": "assistant", "content": text}}]}
 
     def problem(self, headers, body: dict) -> str | None:
         """What is wrong with a request, or None."""
@@ -190,43 +198,11 @@ class ChatServer(ThreadingHTTPServer):
         return None
 
 
-class _ChatHandler(BaseHTTPRequestHandler):
-    server: ChatServer
-
-    def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        if self.path != "/v1/chat/completions":
-            return self._send(404, json.dumps({"error": "not found"}))
-        problem = self.server.problem(self.headers, body)
-        if problem:
-            return self._send(400, json.dumps({"error": problem}))
-        self.server.prompts.append(body["messages"][0]["content"][1]["text"])
-        status, text = self.server.script.pop(0) if self.server.script else (500, "script exhausted")
-        if status != 200:
-            return self._send(status, json.dumps({"error": text}))
-        self._send(200, json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}))
-
-    def _send(self, status: int, payload: str) -> None:
-        data = payload.encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args) -> None:  # keep the test output quiet
-        pass
-
-
 @pytest.fixture
 def chat_server(samples_dir, monkeypatch):
     monkeypatch.setenv("TAG_TEST_KEY", "test-key")
-    server = ChatServer(expected_image=(samples_dir / SURPRISE).read_bytes())
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    with ChatServer(expected_image=(samples_dir / SURPRISE).read_bytes()) as server:
+        yield server
 
 
 def _openai(base_url: str, max_retries: int = 3) -> OpenAITeacher:
@@ -258,6 +234,31 @@ def test_openai_teacher_retries_format_eliminates_wrong_labels_and_backs_off(sam
     assert len(asked) == 4
     assert asked[0] == asked[1] == list(CANDIDATES)
     assert asked[2] == asked[3] == [label for label in CANDIDATES if label != "fear"]
+    seeds = [sampling.pop("seed") for sampling in chat_server.sampling]
+    assert seeds[2] == seeds[3] and len(set(seeds)) == 3  # a fresh draw per answer; a transport retry resends
+    assert chat_server.sampling == [{"temperature": 0.7, "max_tokens": 1024}] * 4
+
+
+def test_request_seeds_are_reproducible_and_differ_by_image_trace_and_attempt(sample_records, monkeypatch):
+    monkeypatch.setenv("TAG_TEST_KEY", "test-key")
+    request = _request(sample_records[SURPRISE], "surprise")
+    teacher = _openai("http://127.0.0.1:9/v1")
+    seeds = {teacher.request_seed(replace(request, index=index, attempt=attempt))
+             for index in range(3) for attempt in range(3)}
+    seeds.add(teacher.request_seed(_request(sample_records[HAPPINESS], "happiness")))
+    assert len(seeds) == 10 and all(0 <= seed < 2**31 for seed in seeds)
+    assert teacher.request_seed(request) == _openai("http://127.0.0.1:9/v1").request_seed(request)
+    assert OpenAITeacher("http://127.0.0.1:9/v1", "m", seed=None).request_seed(request) is None
+    assert teacher.settings()["seed"] == 0 and "test-key" not in json.dumps(teacher.settings())
+
+
+def test_retry_after_is_read_as_seconds_or_an_http_date():
+    from email.utils import formatdate
+
+    from tag_lightning.data.teachers import _retry_after
+
+    assert _retry_after("2") == 2.0 and _retry_after(None) is None and _retry_after("soon") is None
+    assert 25 < _retry_after(formatdate(time.time() + 30, usegmt=True)) <= 30
 
 
 def test_openai_teacher_gives_up_after_persistent_server_errors(sample_records, chat_server):
@@ -311,9 +312,12 @@ def test_openai_teacher_does_not_retry_client_errors(sample_records, chat_server
         _openai(chat_server.base_url.removesuffix("/v1")).propose(request)
 
 
-def test_retry_policy_backs_off_exponentially_up_to_a_cap():
-    policy = RetryPolicy(max_retries=6, base_delay=0.5, max_delay=3.0)
-    assert [policy.delay(retry) for retry in range(5)] == [0.5, 1.0, 2.0, 3.0, 3.0]
+def test_retry_policy_backs_off_exponentially_up_to_a_cap_with_jitter_and_never_before_retry_after():
+    policy = RetryPolicy(max_retries=6, base_delay=0.5, max_delay=3.0, jitter=0.5)
+    assert [policy.delay(retry, draw=lambda: 0.0) for retry in range(5)] == [0.5, 1.0, 2.0, 3.0, 3.0]
+    assert [policy.delay(retry, draw=lambda: 1.0) for retry in range(5)] == [0.25, 0.5, 1.0, 1.5, 1.5]
+    assert policy.delay(0, retry_after=7.0) == 7.0 and policy.delay(3, retry_after=0.1, draw=lambda: 0.0) == 3.0
+    assert len({policy.delay(4) for _ in range(20)}) > 1  # many conversations do not retry in the same instant
 
 
 # -- the local Hugging Face teacher --------------------------------------------------------------
@@ -378,6 +382,35 @@ def test_hf_teacher_answers_and_its_garbage_is_rejected_as_format(sample_records
     outcome = sample_trace(teacher, record, ImageRef.from_path(record.image), "surprise", CANDIDATES,
                            RejectionConfig(max_format_retries=1))
     assert (outcome.status, outcome.reason, outcome.attempts.proposals) == ("rejected", "format", 2)
+
+
+@pytest.mark.slow
+def test_hf_teacher_answers_a_left_padded_batch_as_it_answers_one_at_a_time(sample_records, tiny_qwen2_vl):
+    teacher = HFTeacher.from_pretrained(tiny_qwen2_vl, max_new_tokens=8, temperature=0)
+    requests = [_request(sample_records[photo], SAMPLE_LABELS[photo]) for photo in LABELLED[:3]]
+    # the tiny tokenizer has one token per byte: prompts of different lengths get padded
+    assert len({len(build_prompt(request)) for request in requests}) > 1
+    assert [proposal.text for proposal in teacher.propose_many(requests)] == [
+        teacher.propose(request).text for request in requests]
+
+
+@pytest.mark.slow
+def test_prepare_traces_with_a_batched_hf_teacher_writes_what_one_at_a_time_writes(
+        samples_dir, au_cache, tiny_qwen2_vl, tmp_path):
+    from tag_lightning.cli import main
+    from tag_lightning.data.samples import MANIFEST_NAME
+
+    written = {}
+    for batch_size in (1, 3):
+        out = tmp_path / f"traces_{batch_size}.jsonl"
+        assert main(["prepare", "traces", "--data", str(samples_dir / MANIFEST_NAME), "--cache", str(au_cache),
+                     "--out", str(out), "--quiet", "--teacher", "hf", "--hf-model", str(tiny_qwen2_vl),
+                     "--temperature", "0", "--max-new-tokens", "8", "--max-format-retries", "1",
+                     "--batch-size", str(batch_size)]) == 0
+        assert json.loads(sidecar_paths(out)[1].read_text())["settings"]["batch_size"] == batch_size
+        written[batch_size] = [sorted(json.dumps(line, sort_keys=True) for line in read_jsonl(path))
+                               for path in (out, sidecar_paths(out)[0])]
+    assert written[3] == written[1] and len(written[1][1]) == len(LABELLED)  # the tiny model's garbage: rejected
 
 
 # -- the template teacher's controlled experiment (error_rate) -----------------------------------

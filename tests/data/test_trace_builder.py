@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tag_lightning.au.build import build_au_cache
 from tag_lightning.claims import MISS, SUPPORTED, trace_claims
-from tag_lightning.cli import image_refs, main
+from tag_lightning.cli import main
 from tag_lightning.data.datasets import FERSample
 from tag_lightning.data.samples import ANGER, HAPPINESS, MANIFEST_NAME, SAMPLE_LABELS, SINGLE_FACE, SURPRISE
 from tag_lightning.data.teachers import Proposal, TeacherDeclined, TeacherError, TeacherRequest, TemplateTeacher
@@ -211,14 +210,6 @@ def test_a_torn_last_line_is_dropped_and_a_damaged_middle_is_an_error(tmp_path):
 
 
 # -- tag prepare traces, end to end --------------------------------------------------------------
-@pytest.fixture(scope="module")
-def au_cache(samples_dir, tmp_path_factory) -> Path:
-    """The AU cache of the sample photos, built the way `tag prepare au-cache` builds it."""
-    folder = tmp_path_factory.mktemp("au-cache")
-    build_au_cache(image_refs(str(samples_dir)), folder, progress=False)
-    return folder
-
-
 def _prepare_traces(samples_dir: Path, au_cache: Path, out: Path, *options: str) -> int:
     return main(["prepare", "traces", "--data", str(samples_dir / MANIFEST_NAME), "--cache", str(au_cache),
                  "--teacher", "template", "--out", str(out), "--quiet", *options])
@@ -279,6 +270,8 @@ def test_prepare_traces_explains_missing_teacher_options(samples_dir, au_cache, 
     assert "--base-url" in capsys.readouterr().err
     assert _prepare_traces(samples_dir, au_cache, tmp_path / "t.jsonl", "--candidates", "anger") == 2
     assert "--candidates" in capsys.readouterr().err
+    assert _prepare_traces(samples_dir, au_cache, tmp_path / "t.jsonl", "--batch-size", "2") == 2
+    assert "the template teacher cannot answer in batches" in capsys.readouterr().err
 
 
 def test_several_traces_per_image_are_written_resumed_and_recorded(samples_dir, au_cache, tmp_path, capsys):
