@@ -4,7 +4,24 @@ One definition, used by the trace filter (`data/trace_builder.py`), the GRPO rew
 (`rewards.py`) and the evaluation metrics (`metrics.py`), so SFT keeps only traces that GRPO would
 reward and a model is trained on exactly what it is judged by.
 
-A step ``Inspect <region> (AU6, AU12) → … → <bbox>[…]</bbox>`` makes one claim per AU it names.
+What is claimed, and with which box, depends on the trace's format (`data/traces.py`):
+
+- ``per_step``: a step ``Inspect <region> (AU6, AU12) → … → <bbox>[…]</bbox>`` makes one claim per
+  AU it names, with its box.
+- ``paper``: each AU the conclusion names is one claim, with the box of the step it is matched to:
+  among the steps whose region name refers to the AU's region (`au.taxonomy.regions_named`, e.g.
+  "mouth region" for AU14), the one whose box agrees best with the detector's box of the AU (the
+  first on a tie, or when the detector has no box). Several AUs may share a step, as AU9 and AU4
+  share a box in the paper's data figure. An AU no step's region name refers to is a claim without
+  a box (IoU 0), as a per-step AU on a step without a box. Matching by name first keeps a wrong
+  box wrong: a brow box written under "mouth" is not rescued because it fits the brow AU.
+  A step that no claim is matched to is *unverified*: its box backs nothing the answer asserts.
+  Each unverified step counts as one claim worth 0 in the grounding reward (`rewards.py`), as
+  every box of a per-step trace is one more claim in its mean. So padding an answer with steps
+  that back nothing lowers the reward, never raises it (an unverified step changes no claim), and
+  writing several boxes for one region to let the best be picked earns no more than the per-step
+  format's mean over the same boxes.
+
 The polarity of a claim follows from the answer, as the traces are built (`data/teachers.py`):
 in a trace whose answer is not neutral, every named AU is *claimed active* (kept traces cite only
 activated AUs); in a neutral trace every named AU is *claimed inactive* (neutral traces inspect
@@ -26,9 +43,10 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import dataclass
 
+from tag_lightning.au.taxonomy import AU_BY_ID, regions_named
 from tag_lightning.boxes import box_iou
 from tag_lightning.data.labels import find_label
-from tag_lightning.data.traces import Trace, parse_trace
+from tag_lightning.data.traces import PAPER, Step, Trace, conclusion_aus, parse_trace, trace_format
 
 NEUTRAL = "neutral"
 ACTIVE, INACTIVE = "active", "inactive"
@@ -68,6 +86,11 @@ class Completion:
     def valid(self) -> bool:
         return not self.errors
 
+    @property
+    def trace_format(self) -> str:
+        """Which of the two formats the answer was read as (`data/traces.py`)."""
+        return trace_format(self.trace)
+
 
 def read_completion(text: object, to_image_frame: Callable[[Trace], Trace] | None = None) -> Completion:
     """Parse any text (never raises); `to_image_frame` maps the model's boxes to the detector's frame."""
@@ -79,9 +102,9 @@ def read_completion(text: object, to_image_frame: Callable[[Trace], Trace] | Non
 
 @dataclass(frozen=True)
 class Claim:
-    """One AU named by one step, with its box's agreement with the detector and the verdict."""
+    """One claimed AU, with the box of its step, that box's agreement with the detector and the verdict."""
 
-    step: int  # 1-based
+    step: int | None  # 1-based; None for a paper-format AU that no step is matched to
     au: int
     polarity: str  # ACTIVE or INACTIVE
     box: tuple[int, int, int, int] | None  # the step's box (None when it was missing or malformed)
@@ -112,18 +135,47 @@ def claims_of(completion: Completion, references: References) -> list[Claim]:
 
 
 def trace_claims(trace: Trace, detector_aus: Mapping[str, dict], activated: Set[str]) -> list[Claim]:
-    """Every (step, AU) claim of `trace`, judged against the detector's AU entries and `activated` keys
-    (boxes in one frame; see `References`)."""
+    """Every claim of `trace` (per step, or the conclusion's AUs matched to steps: see the module doc),
+    judged against the detector's AU entries and `activated` keys (boxes in one frame; see `References`)."""
     polarity = claim_polarity(None if trace.answer is None else find_label(trace.answer))
-    claims = []
-    for number, step in enumerate(trace.steps, start=1):
-        for au in step.aus:
-            entry = detector_aus.get(f"AU{au}")
-            detector_box = None if entry is None else entry.get("box")
-            iou = box_iou(step.box, detector_box) if step.box is not None and detector_box is not None else 0.0
-            claims.append(Claim(number, au, polarity, step.box, detector_box, iou,
-                                _verdict(polarity, f"AU{au}" in activated, detector_box is not None)))
-    return claims
+
+    def judge(number: int | None, au: int) -> Claim:
+        box = None if number is None else trace.steps[number - 1].box
+        detector_box = _detector_box(detector_aus, au)
+        return Claim(number, au, polarity, box, detector_box, _iou(box, detector_box),
+                     _verdict(polarity, f"AU{au}" in activated, detector_box is not None))
+
+    if trace_format(trace) == PAPER:
+        return [judge(_matching_step(trace.steps, au, _detector_box(detector_aus, au)), au)
+                for au in conclusion_aus(trace)]
+    return [judge(number, au) for number, step in enumerate(trace.steps, start=1) for au in step.aus]
+
+
+def unverified_steps(trace: Trace, claims: Sequence[Claim]) -> tuple[int, ...]:
+    """The steps (1-based) of a paper-format `trace` none of its `claims` is matched to; none for per-step
+    traces, whose every step names its AUs (one that names none is a format error)."""
+    if trace_format(trace) != PAPER:
+        return ()
+    matched = {claim.step for claim in claims}
+    return tuple(number for number in range(1, len(trace.steps) + 1) if number not in matched)
+
+
+def _detector_box(detector_aus: Mapping[str, dict], au: int) -> Sequence[float] | None:
+    entry = detector_aus.get(f"AU{au}")
+    return None if entry is None else entry.get("box")
+
+
+def _iou(box: Sequence[float] | None, detector_box: Sequence[float] | None) -> float:
+    return box_iou(box, detector_box) if box is not None and detector_box is not None else 0.0
+
+
+def _matching_step(steps: Sequence[Step], au: int, detector_box: Sequence[float] | None) -> int | None:
+    """The step (1-based) a conclusion AU is matched to: among those naming the AU's region, the best box."""
+    region = AU_BY_ID[au].region if au in AU_BY_ID else None
+    candidates = [number for number, step in enumerate(steps, start=1) if region in regions_named(step.region)]
+    if not candidates:
+        return None
+    return max(candidates, key=lambda number: _iou(steps[number - 1].box, detector_box))  # the first on a tie
 
 
 def _verdict(polarity: str, activated: bool, measured: bool) -> str:

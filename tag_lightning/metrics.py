@@ -8,7 +8,8 @@ claim rule the GRPO rewards use). `AnswerMetrics` (one object per stage) accumul
   (``uar``, recall averaged over the classes present in the targets), macro-F1 (over the same
   classes) and the confusion matrix;
 - faithfulness, over the claims of `claims.py` (see `FAITHFULNESS`), as sums, so both parts sync
-  across DDP ranks by summing and 2 ranks compute what 1 does.
+  across DDP ranks by summing and 2 ranks compute what 1 does. Answers in either trace format
+  (`data/traces.py`) are scored alike; the counts say how many were read in the paper's format.
 """
 
 from __future__ import annotations
@@ -27,7 +28,17 @@ from torchmetrics.classification import (
 )
 
 from tag_lightning.au.taxonomy import EMOTION_PROTOTYPES
-from tag_lightning.claims import ACTIVE, HALLUCINATION, NEUTRAL, Claim, Completion, References, claims_of
+from tag_lightning.claims import (
+    ACTIVE,
+    HALLUCINATION,
+    NEUTRAL,
+    Claim,
+    Completion,
+    References,
+    claims_of,
+    unverified_steps,
+)
+from tag_lightning.data.traces import PAPER
 from tag_lightning.data.labels import EMOTION_INDEX, EMOTIONS
 from tag_lightning.rewards import REWARDS
 
@@ -62,6 +73,8 @@ class AnswerScore:
     valid: bool  # the grammar holds and the answer is one of the sample's labels
     claims: tuple[Claim, ...]
     activated: frozenset[str]  # the AUs the detector activates on this image
+    trace_format: str  # the format the answer was read as: "per_step" or "paper"
+    unverified_steps: tuple[int, ...]  # paper format: the steps no claim is matched to (1-based)
 
     @property
     def correct(self) -> bool | None:
@@ -91,22 +104,24 @@ class AnswerScore:
     def to_dict(self) -> dict:
         return {"answer": self.answer, "label": self.label, "correct": self.correct, "format_valid": self.valid,
                 "box_iou": self.box_iou, "claims": [claim.to_dict() for claim in self.claims],
-                "hallucination": self.hallucinates, "au_emotion_consistent": self.consistent}
+                "hallucination": self.hallucinates, "au_emotion_consistent": self.consistent,
+                "trace_format": self.trace_format, "unverified_steps": list(self.unverified_steps)}
 
 
 def score_answer(completion: Completion, references: References) -> AnswerScore:
     """Score a parsed answer against its label and the detector (the claim rule of `claims.py`)."""
     valid = completion.valid and completion.answer in references.labels
-    return AnswerScore(completion.answer, references.label, valid, tuple(claims_of(completion, references)),
-                       references.activated)
+    claims = claims_of(completion, references)
+    return AnswerScore(completion.answer, references.label, valid, tuple(claims), references.activated,
+                       completion.trace_format, unverified_steps(completion.trace, claims))
 
 
 class FaithfulnessSums(Metric):
     """The counts behind the faithfulness figures, summed over answers (and over ranks)."""
 
     full_state_update = False
-    COUNTS = ("answers", "valid", "claims", "iou_sum", "box_hits", "claimed_active", "activated", "agreed",
-              "hallucinating", "non_neutral", "consistent")
+    COUNTS = ("answers", "paper_format", "valid", "claims", "iou_sum", "box_hits", "claimed_active", "activated",
+              "agreed", "hallucinating", "non_neutral", "consistent")
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -116,6 +131,7 @@ class FaithfulnessSums(Metric):
     def update(self, scores: Sequence[AnswerScore]) -> None:  # type: ignore[override]
         for score in scores:
             self.answers += 1
+            self.paper_format += score.trace_format == PAPER
             self.valid += score.valid
             self.claims += len(score.claims)
             self.iou_sum += sum(claim.iou for claim in score.claims)
@@ -176,7 +192,8 @@ class AnswerMetrics(nn.Module):
 
     def compute(self) -> dict:
         """Every figure (floats), ``confusion_matrix`` (rows: labels, columns: answers, over `CLASSES`) and
-        ``counts`` (what the faithfulness figures are shares of)."""
+        ``counts`` (what the faithfulness figures are shares of, and ``paper_format``: the answers read in
+        the paper's trace format)."""
         classes = self.classification.compute()
         confusion = classes["confusion"].long()
         present = confusion.sum(dim=1) > 0  # the emotions the targets hold

@@ -3,7 +3,8 @@
 A reward takes a `Completion` (parsed once, boxes in the detector's frame, see `claims.py`) and
 the sample's `References`, and returns a `RewardResult`: its value and named parts, which the
 GRPO module logs as ``train/rewards/<name>/<part>``. No reward ever raises: the parser is total
-and every check below is defined for any parse, garbage included.
+and every check below is defined for any parse, garbage included. Both trace formats
+(`data/traces.py`) are scored by the same rules, through the claims of `claims.py`.
 
 Adding a reward is one function here, one entry in `REWARDS`, and one line under ``rewards:`` in
 the GRPO config (its weight).
@@ -15,7 +16,7 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from tag_lightning.claims import HALLUCINATION, MISS, Completion, References, claims_of
+from tag_lightning.claims import HALLUCINATION, MISS, Completion, References, claims_of, unverified_steps
 from tag_lightning.errors import BadValue
 
 
@@ -33,15 +34,16 @@ Reward = Callable[[Completion, References], RewardResult]
 def format_reward(completion: Completion, references: References) -> RewardResult:
     """0..1: the mean of four checks, so a partly well-formed answer earns partial credit.
 
-    ``grammar``: the TAG grammar holds (no parse error); ``grounded_step``: at least one step
-    names an AU and has a box; ``boxes_in_image``: there are steps and every one has a
+    ``grammar``: the TAG grammar holds, in either format (no parse error); ``grounded_step``: at
+    least one claimed AU has a box (a step names it, or, in the paper's format, the step it is
+    matched to has one); ``boxes_in_image``: there are steps and every one has a
     well-formed box inside the image; ``answer_in_labels``: the answer is one of the dataset's labels.
     """
     width, height = references.image_size
     steps = completion.trace.steps
     checks = {
         "grammar": completion.valid,
-        "grounded_step": any(step.aus and step.box is not None for step in steps),
+        "grounded_step": any(claim.box is not None for claim in claims_of(completion, references)),
         "boxes_in_image": bool(steps) and all(
             step.box is not None and step.box[2] <= width and step.box[3] <= height for step in steps
         ),
@@ -59,19 +61,20 @@ def answer_reward(completion: Completion, references: References) -> RewardResul
 
 def grounding_reward(completion: Completion, references: References) -> RewardResult:
     """0..1: the mean over claims of the box IoU with the detector's box, hallucinated and missed
-    claims scoring 0 (`claims.py`); an answer that claims nothing scores 0."""
+    claims scoring 0, and each unverified step of a paper-format answer counting as a claim worth 0
+    (`claims.py`); an answer that claims nothing scores 0."""
     claims = claims_of(completion, references)
+    unverified = len(unverified_steps(completion.trace, claims))
+    parts = {
+        "mean_iou": sum(claim.iou for claim in claims) / len(claims) if claims else 0.0,
+        "hallucinations": float(sum(claim.verdict == HALLUCINATION for claim in claims)),
+        "misses": float(sum(claim.verdict == MISS for claim in claims)),
+        "claims": float(len(claims)),
+        "unverified_steps": float(unverified),
+    }
     if not claims:
-        return RewardResult(0.0, {"mean_iou": 0.0, "hallucinations": 0.0, "misses": 0.0, "claims": 0.0})
-    return RewardResult(
-        sum(claim.score for claim in claims) / len(claims),
-        {
-            "mean_iou": sum(claim.iou for claim in claims) / len(claims),
-            "hallucinations": float(sum(claim.verdict == HALLUCINATION for claim in claims)),
-            "misses": float(sum(claim.verdict == MISS for claim in claims)),
-            "claims": float(len(claims)),
-        },
-    )
+        return RewardResult(0.0, parts)
+    return RewardResult(sum(claim.score for claim in claims) / (len(claims) + unverified), parts)
 
 
 REWARDS: dict[str, Reward] = {

@@ -113,3 +113,20 @@ def test_sampled_answers_are_counted_as_answers_and_each_reward_is_averaged():
     # format: perfect, hallucinated and off-the-face pass all four checks; the missing answer fails grammar and
     # answer (2/4); garbage passes none
     assert figures["reward/format"] == pytest.approx((1 + 1 + 1 + 0.5 + 0) / 5)
+
+
+def test_an_answer_in_the_papers_format_scores_as_the_same_answer_per_step():
+    """The perfect answer, its AUs listed in the conclusion instead of on the steps; the counts say how many
+    answers were read in the paper's format."""
+    paper = "\n".join(["Global analysis: The cheeks are raised.", "Verification loop:",
+                       f"Inspect cheeks → raised → <bbox>[{','.join(map(str, CHEEK))}]</bbox>",
+                       f"Inspect lip corners → raised → <bbox>[{','.join(map(str, LIP_CORNER))}]</bbox>",
+                       "Final conclusion: Combined AU6 + AU12 indicate happiness.", "<answer> happiness </answer>"])
+    per_step, in_paper = (score_answer(read_completion(text), HAPPY_FACE) for text in (HAND_MADE["perfect"], paper))
+    assert (per_step.trace_format, in_paper.trace_format) == ("per_step", "paper")
+    assert {**in_paper.to_dict(), "trace_format": "per_step"} == per_step.to_dict()
+    metrics = AnswerMetrics(sync=False)
+    metrics.update([per_step, in_paper])
+    figures = metrics.compute()
+    assert figures["counts"]["paper_format"] == 1 and figures["counts"]["answers"] == 2
+    assert figures["format_valid"] == figures["box_iou"] == figures["au_recall"] == 1.0

@@ -97,6 +97,12 @@ def test_a_neutral_trace_inspecting_an_activated_au_is_a_miss(samples):
     ("<answer> Happy </answer>", {"format": 0.25, "answer": 1.0, "grounding": 0.0}),  # a synonym; no steps
     (f"{STEP_VERB} mouth (AU12) {ARROW} up {ARROW} {BBOX_OPEN}[10,10,5000,20]{BBOX_CLOSE}\n{ANSWER_OPEN} anger {ANSWER_CLOSE}",
      {"format": 0.5, "answer": 0.0, "grounding": 40 / 4990}),  # a grounded step whose box leaves the image
+    # the paper's format: the lip corner step grounds AU12 (IoU 400/800), the face step is unverified and counts 0
+    ("\n".join([f"{GLOBAL_HEADER} x", LOOP_HEADER,
+                f"{STEP_VERB} lip corners {ARROW} up {ARROW} {BBOX_OPEN}[10,10,90,20]{BBOX_CLOSE}",
+                f"{STEP_VERB} face {ARROW} calm {ARROW} {BBOX_OPEN}[0,0,9,9]{BBOX_CLOSE}",
+                f"{CONCLUSION_HEADER} Combined AU12 indicate joy", f"{ANSWER_OPEN} happiness {ANSWER_CLOSE}"]),
+     {"format": 1.0, "answer": 1.0, "grounding": 0.5 / 2}),
 ])
 def test_hand_made_answers(text, expected):
     references = References("happiness", LABELS, {"AU12": {"box": [10, 10, 50, 20]}}, frozenset({"AU12"}), (100, 100))
@@ -122,8 +128,8 @@ def test_reward_weights_are_checked_and_a_new_reward_is_one_function_and_one_ent
 # -- totality: any string in, a finite result out ---------------------------------------------
 
 _GRAMMAR = [GLOBAL_HEADER, LOOP_HEADER, STEP_VERB, CONCLUSION_HEADER, ARROW, "->", "(AU6, AU12)", "(AU99)", "(AU",
-            BBOX_OPEN, BBOX_CLOSE, "[", "]", ",", ANSWER_OPEN, ANSWER_CLOSE, "happiness", "neutral", "Angry", "\n",
-            " ", "eye region", "-1", "0", "99999999999999999999", "1e9"]
+            "Combined AU12 + AU6 indicate", "lip corners", BBOX_OPEN, BBOX_CLOSE, "[", "]", ",", ANSWER_OPEN,
+            ANSWER_CLOSE, "happiness", "neutral", "Angry", "\n", " ", "eye region", "-1", "0", "99999999999999999999", "1e9"]
 _numbers = st.integers(min_value=-10**30, max_value=10**30).map(str)
 _soup = st.lists(st.one_of(st.sampled_from(_GRAMMAR), _numbers, st.text(max_size=5)), max_size=60).map("".join)
 _box = st.tuples(*[st.integers(min_value=-10**12, max_value=10**12)] * 4).map(
@@ -133,6 +139,14 @@ _step = st.tuples(st.text(max_size=8), st.lists(st.integers(-5, 120), max_size=4
 _near_valid = st.tuples(st.lists(_step, max_size=4), st.sampled_from(LABELS + ("", "joy", "Happy"))).map(
     lambda t: "\n".join([f"{GLOBAL_HEADER} x", LOOP_HEADER, *t[0], f"{CONCLUSION_HEADER} y",
                          f"{ANSWER_OPEN} {t[1]} {ANSWER_CLOSE}"]))
+# The paper's format: steps without AU ids naming regions (known, synonyms, unknown), the AUs in the conclusion.
+_paper_step = st.tuples(st.sampled_from(["lip corners", "cheeks", "eye region", "mouth", "face", ""]), _box).map(
+    lambda s: f"{STEP_VERB} {s[0]} {ARROW} seen {ARROW} {s[1]}")
+_near_valid_paper = st.tuples(st.lists(_paper_step, max_size=4), st.lists(st.integers(-5, 120), max_size=4),
+                              st.sampled_from(LABELS + ("", "Happy"))).map(
+    lambda t: "\n".join([f"{GLOBAL_HEADER} x", LOOP_HEADER, *t[0],
+                         f"{CONCLUSION_HEADER} Combined {' + '.join(f'AU{a}' for a in t[1])} indicate y",
+                         f"{ANSWER_OPEN} {t[2]} {ANSWER_CLOSE}"]))
 _REFERENCES = [
     References("happiness", LABELS, {"AU12": {"box": [10, 10, 50, 20]}, "AU6": {"box": [0, 0, 1, 1]}},
                frozenset({"AU12"}), (100, 100)),
@@ -167,8 +181,9 @@ def test_rewards_never_raise_on_grammar_soup_and_absurd_numbers(text):
 
 @pytest.mark.slow
 @settings(max_examples=3000, deadline=None)
-@given(_near_valid)
+@given(st.one_of(_near_valid, _near_valid_paper))
 def test_rewards_never_raise_on_near_valid_traces(text):
+    """Both trace formats."""
     _check_total(text)
 
 

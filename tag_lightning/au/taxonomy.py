@@ -6,6 +6,7 @@ Pure data, no models: the region each AU lives in decides which landmark box gro
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 
@@ -36,6 +37,33 @@ REGIONS: dict[str, dict] = {
     "lips": {"label": "lips", "bilateral": False},
     "chin": {"label": "chin", "bilateral": False},
     "jaw": {"label": "jaw and mouth opening", "bilateral": False},
+}
+
+# The words a trace may name a region with, besides each region's label (singular, lower case:
+# `regions_named` reads names the same way). VLMs name regions loosely, so a word may cover several
+# regions; "mouth" covers the chin because the chin raiser (AU17) moves the lower lip, and the
+# paper's figure grounds it in the mouth region.
+REGION_SYNONYMS: dict[str, tuple[str, ...]] = {
+    "brow": ("inner_brow", "outer_brow"),
+    "eyebrow": ("inner_brow", "outer_brow"),
+    "forehead": ("inner_brow", "outer_brow"),
+    "inner eyebrow": ("inner_brow",),
+    "glabella": ("inner_brow",),
+    "outer eyebrow": ("outer_brow",),
+    "eye": ("upper_eyelid", "lower_eyelid"),
+    "eyelid": ("upper_eyelid", "lower_eyelid"),
+    "lid": ("upper_eyelid", "lower_eyelid"),
+    "upper lid": ("upper_eyelid",),
+    "lower lid": ("lower_eyelid",),
+    "cheekbone": ("cheek",),
+    "crow": ("cheek",),  # crow's feet: the cheek raiser's wrinkles beside the eye
+    "nostril": ("nose",),
+    "nasal": ("nose",),
+    "nasolabial": ("upper_lip",),
+    "mouth corner": ("lip_corner",),
+    "dimple": ("lip_corner",),
+    "lip": ("lips",),
+    "mouth": ("upper_lip", "lip_corner", "lips", "jaw", "chin"),
 }
 
 ACTION_UNITS: tuple[ActionUnit, ...] = (
@@ -81,3 +109,31 @@ def parse_au_key(key: str) -> int:
     if not text.startswith("AU") or not text[2:].isdigit() or int(text[2:]) not in AU_BY_ID:
         raise ValueError(f"unknown action unit {key!r}; known: {', '.join(a.key for a in ACTION_UNITS)}")
     return int(text[2:])
+
+
+_REGION_VOCABULARY: dict[str, frozenset[str]] = {
+    **{region["label"]: frozenset({key}) for key, region in REGIONS.items()},
+    **{word: frozenset(regions) for word, regions in REGION_SYNONYMS.items()},
+}
+_WORD_RE = re.compile(r"[a-z]+")
+
+
+def _words(name: str) -> str:
+    """Lower-case words, plurals made singular ("Lip corners" -> "lip corner"), one space apart."""
+    words = (word[:-1] if len(word) > 3 and word.endswith("s") and not word.endswith("ss") else word
+             for word in _WORD_RE.findall(name.casefold()))
+    return " ".join(words)
+
+
+def regions_named(name: str) -> frozenset[str]:
+    """The keys of `REGIONS` a free-text region name refers to ("inner brows", "eye region", "mouth").
+
+    Each phrase of the vocabulary (region labels and `REGION_SYNONYMS`) found as whole words counts,
+    the longest first, so "upper lip" names the upper lip and not also the lips.
+    """
+    text, found = f" {_words(name)} ", set()
+    for phrase in sorted(_REGION_VOCABULARY, key=len, reverse=True):
+        if f" {_words(phrase)} " in text:
+            found |= _REGION_VOCABULARY[phrase]
+            text = text.replace(f" {_words(phrase)} ", "  ")
+    return frozenset(found)

@@ -1,6 +1,7 @@
 """The grammar of an AU-grounded reasoning trace: one definition, rendered and parsed.
 
-A trace is what the model writes (TAG's output format, plus the AU ids of each step)::
+A trace is what the model writes: TAG's output format, in one of two forms. Ours (``per_step``)
+names the AU ids of each step, so every box is matched to a detector AU by the text itself::
 
     Global analysis: <one or two sentences about the whole face>
     Verification loop:
@@ -8,6 +9,12 @@ A trace is what the model writes (TAG's output format, plus the AU ids of each s
     ...
     Final conclusion: <text>
     <answer> <label> </answer>
+
+The paper's (``paper``) writes the steps without AU ids and lists the AUs once, in the
+conclusion (``Final conclusion: Combined AU14 + AU4 + AU17 indicate …``); `claims.py` matches
+them to the steps. A trace is read as the paper's when it has steps, none names an AU and the
+conclusion names at least one; otherwise every step must name its AUs, so mixing the two forms
+is an error on each step that names none.
 
 The renderer and the parser are built from the same tokens below, so what the model is
 trained on is exactly what it is rewarded for. The parser is strict (every deviation is an
@@ -35,6 +42,9 @@ AU_SEPARATOR = ", "
 BBOX_OPEN, BBOX_CLOSE = "<bbox>", "</bbox>"
 COORDINATE_SEPARATOR = ","
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
+PER_STEP, PAPER = "per_step", "paper"
+TRACE_FORMATS = (PER_STEP, PAPER)
+PAPER_CONCLUSION = "Combined {aus} indicate: {conclusion}"  # the paper's words, for a conclusion naming too few AUs
 MAX_COORDINATE = 100_000  # no face image is this large: a bigger coordinate is garbage
 
 Box = tuple[int, int, int, int]
@@ -42,6 +52,7 @@ Box = tuple[int, int, int, int]
 _ARROW_RE = re.compile("|".join(map(re.escape, ARROWS_ACCEPTED)))  # no \s* around it: stays linear
 _AU_GROUP_RE = re.compile(r"\(([^()]*)\)$")  # the parenthesised AU list closing a step's region
 _AU_ID_RE = re.compile(re.escape(AU_PREFIX) + r"([1-9][0-9]?)")
+_AU_MENTION_RE = re.compile(r"(?<![A-Za-z0-9])" + _AU_ID_RE.pattern + r"(?![0-9])")  # an AU named in prose
 _BBOX_TAG_RE = re.compile(re.escape(BBOX_OPEN) + "|" + re.escape(BBOX_CLOSE))
 _BBOX_RE = re.compile(re.escape(BBOX_OPEN) + r"(.*?)" + re.escape(BBOX_CLOSE))
 _BOX_LIST_RE = re.compile(r"\[(.*)\]")
@@ -113,6 +124,10 @@ class ParsedTrace:
     def valid(self) -> bool:
         return not self.errors
 
+    @property
+    def trace_format(self) -> str:
+        return trace_format(self.trace)
+
     def to_dict(self) -> dict[str, Any]:
         return {"trace": self.trace.to_dict(), "errors": list(self.errors)}
 
@@ -130,8 +145,23 @@ def _as_box(values: Iterable[Any]) -> Box:
 # Rendering
 
 
-def render_trace(trace: Trace) -> str:
-    """The exact text the model should produce for `trace` (no trailing newline)."""
+def render_trace(trace: Trace, trace_format: str = PER_STEP) -> str:
+    """The exact text the model should produce for `trace` (no trailing newline), in either format.
+
+    ``paper`` writes the steps without their AU ids and keeps a conclusion that names every AU of
+    the steps (the teachers' conclusions do); any other conclusion is prefixed with the paper's
+    words listing the steps' AUs in order of first mention: ``Combined AU14 + AU4 indicate: <conclusion>``.
+    """
+    if trace_format not in TRACE_FORMATS:
+        raise ValueError(f"unknown trace format {trace_format!r}; known: {', '.join(TRACE_FORMATS)}")
+    conclusion = trace.conclusion
+    if trace_format == PAPER:
+        step_aus = list(dict.fromkeys(au for step in trace.steps for au in step.aus))
+        if not set(step_aus) <= set(conclusion_aus(trace)):
+            aus = " + ".join(f"{AU_PREFIX}{au}" for au in step_aus)
+            conclusion = PAPER_CONCLUSION.format(aus=aus, conclusion=conclusion)
+        trace = Trace(trace.global_analysis, tuple(_without_aus(step) for step in trace.steps), conclusion,
+                      trace.answer)
     lines = [
         f"{GLOBAL_HEADER} {trace.global_analysis}",
         LOOP_HEADER,
@@ -141,6 +171,10 @@ def render_trace(trace: Trace) -> str:
     if trace.answer is not None:
         lines.append(f"{ANSWER_OPEN} {trace.answer} {ANSWER_CLOSE}")
     return "\n".join(lines)
+
+
+def _without_aus(step: Step) -> Step:
+    return Step(step.region, (), step.observation, step.box)
 
 
 def _render_step(step: Step) -> str:
@@ -206,7 +240,28 @@ def extract_answer(text: object) -> str | None:
 
 def trace_aus(trace: Trace) -> set[int]:
     """Every AU the trace claims to have inspected, whether or not its box was valid."""
+    if trace_format(trace) == PAPER:
+        return set(conclusion_aus(trace))
     return {au for step in trace.steps for au in step.aus}
+
+
+def conclusion_aus(trace: Trace) -> tuple[int, ...]:
+    """The AUs the conclusion names, once each, in order (the claims of a paper-format trace)."""
+    return _named_aus(trace.conclusion)
+
+
+def trace_format(trace: Trace) -> str:
+    """PAPER when the trace has steps, none names an AU and the conclusion names some; else PER_STEP."""
+    return _format_of(trace.steps, trace.conclusion)
+
+
+def _named_aus(text: str) -> tuple[int, ...]:
+    return tuple(dict.fromkeys(int(number) for number in _AU_MENTION_RE.findall(text)))
+
+
+def _format_of(steps: tuple[Step, ...], conclusion: str) -> str:
+    paper = steps and not any(step.aus for step in steps) and _named_aus(conclusion)
+    return PAPER if paper else PER_STEP
 
 
 def _as_text(value: object, errors: list[str]) -> str:
@@ -229,6 +284,7 @@ def _parse_body(
     """Walk the lines before the answer: headers once each, steps in between, all in order."""
     headers: dict[_Section, str] = {}
     steps: list[Step] = []
+    ungrouped: list[str] = []  # where the steps that name no AU group are
     furthest = _Section.GLOBAL
     for number, raw_line in enumerate(body.split("\n"), start=1):
         line = raw_line.strip()
@@ -246,7 +302,10 @@ def _parse_body(
         furthest = max(furthest, section)
         rest = line[len(token) :].strip()
         if section is _Section.STEP:
-            steps.append(_parse_step(rest, where, image_size, errors))
+            step, grouped = _parse_step(rest, where, image_size, errors)
+            steps.append(step)
+            if not grouped:
+                ungrouped.append(where)
             continue
         if _BBOX_TAG_RE.search(rest):
             errors.append(f"{where}: {BBOX_OPEN} outside a verification step")
@@ -263,15 +322,24 @@ def _parse_body(
             errors.append(f"missing '{_SECTION_TOKENS[section]}' line")
     if not steps:
         errors.append(f"the verification loop has no '{STEP_VERB} …' steps")
-    return headers.get(_Section.GLOBAL, ""), tuple(steps), headers.get(_Section.CONCLUSION, "")
+    conclusion = headers.get(_Section.CONCLUSION, "")
+    if _format_of(tuple(steps), conclusion) == PER_STEP:
+        errors.extend(f"{where}: the step names no AU ids (expected e.g. '({AU_PREFIX}4)' after the region, "
+                      f"or, in the paper's format, no step naming any and the conclusion listing them)"
+                      for where in ungrouped)
+    return headers.get(_Section.GLOBAL, ""), tuple(steps), conclusion
 
 
 def _section_of(line: str) -> _Section | None:
     return next((section for section, pattern in _SECTION_RES.items() if pattern.match(line)), None)
 
 
-def _parse_step(rest: str, where: str, image_size: tuple[int, int] | None, errors: list[str]) -> Step:
-    """Parse '<region> (AU..) → <observation> → <bbox>[x1,y1,x2,y2]</bbox>' (what follows 'Inspect')."""
+def _parse_step(
+    rest: str, where: str, image_size: tuple[int, int] | None, errors: list[str]
+) -> tuple[Step, bool]:
+    """Parse '<region> (AU..) → <observation> → <bbox>[x1,y1,x2,y2]</bbox>' (what follows 'Inspect'),
+    the AU group being optional here (whether it may be missing depends on the whole trace); the
+    bool says whether the step has one."""
     first_tag = _BBOX_TAG_RE.search(rest)
     box = _parse_step_box(rest, where, image_size, errors)
     claim = (rest[: first_tag.start()] if first_tag else rest).rstrip()
@@ -288,17 +356,21 @@ def _parse_step(rest: str, where: str, image_size: tuple[int, int] | None, error
         errors.append(f"{where}: too many '{ARROW}' in the step (expected two)")
     elif not observation:
         errors.append(f"{where}: the step has no observation")
-    region, aus = _parse_region(head.strip(), where, errors)
-    return Step(region=region, aus=aus, observation=observation, box=box)
+    head = head.strip()
+    grouped = _AU_GROUP_RE.search(head) is not None
+    region, aus = _parse_region(head, where, errors)
+    return Step(region=region, aus=aus, observation=observation, box=box), grouped
 
 
 def _parse_region(head: str, where: str, errors: list[str]) -> tuple[str, tuple[int, ...]]:
-    """Split '<region> (AU6, AU7)' into the region name and its AU ids."""
+    """Split '<region> (AU6, AU7)' into the region name and its AU ids (none when there is no group)."""
     group = _AU_GROUP_RE.search(head)
     region = (head[: group.start()] if group else head).strip()
     if not region:
         errors.append(f"{where}: the step names no region")
-    if group is None or not group.group(1).strip():
+    if group is None:
+        return region, ()
+    if not group.group(1).strip():
         errors.append(f"{where}: the step names no AU ids (expected e.g. '({AU_PREFIX}4)' after the region)")
         return region, ()
     aus: list[int] = []

@@ -20,10 +20,13 @@ from tag_lightning.data.traces import (
     GLOBAL_HEADER,
     LOOP_HEADER,
     MAX_COORDINATE,
+    PAPER,
+    PER_STEP,
     STEP_VERB,
     ParsedTrace,
     Step,
     Trace,
+    conclusion_aus,
     extract_answer,
     parse_trace,
     render_trace,
@@ -50,6 +53,18 @@ KNOWN_LINES = [
     "<answer> sadness </answer>",
 ]
 KNOWN_TEXT = "\n".join(KNOWN_LINES)
+# The same trace in the paper's format: no AU ids on the steps; the conclusion lacks AU6 and AU7, so the
+# renderer lists the steps' AUs before it.
+PAPER_LINES = [
+    KNOWN_LINES[0],
+    LOOP_HEADER,
+    "Inspect eye region → heavy eyelids and drooping lower lid → <bbox>[80,323,416,407]</bbox>",
+    "Inspect inner brow → subtle lift and tension → <bbox>[235,119,345,188]</bbox>",
+    "Inspect mouth region → slight downturn and skin tension → <bbox>[181,410,334,511]</bbox>",
+    "Final conclusion: Combined AU6 + AU7 + AU4 + AU15 indicate: Combined AU15 + AU4 indicate a dominant emotion"
+    " of sadness.",
+    "<answer> sadness </answer>",
+]
 SETTINGS = settings(max_examples=200, deadline=None)
 
 
@@ -78,7 +93,32 @@ def test_render_known_trace_exactly() -> None:
 
 def test_parse_known_text() -> None:
     assert parse_trace(KNOWN_TEXT) == ParsedTrace(KNOWN_TRACE, ())
-    assert parse_trace(KNOWN_TEXT).valid
+    assert parse_trace(KNOWN_TEXT).valid and parse_trace(KNOWN_TEXT).trace_format == PER_STEP
+
+
+def test_render_and_parse_the_papers_format() -> None:
+    text = render_trace(KNOWN_TRACE, PAPER)
+    assert text == "\n".join(PAPER_LINES)
+    parsed = parse_trace(text, image_size=(640, 640), labels=["sadness"])
+    assert parsed.valid and parsed.trace_format == PAPER
+    assert [step.aus for step in parsed.trace.steps] == [(), (), ()]
+    assert conclusion_aus(parsed.trace) == (6, 7, 4, 15) and trace_aus(parsed.trace) == {4, 6, 7, 15}
+    naming_all = Trace("Sad.", KNOWN_TRACE.steps, "AU4, AU6, AU7 and AU15: sadness.", "sadness")
+    assert render_trace(naming_all, PAPER).split("\n")[-2] == "Final conclusion: AU4, AU6, AU7 and AU15: sadness."
+    with pytest.raises(ValueError, match="unknown trace format 'xml'"):
+        render_trace(KNOWN_TRACE, "xml")
+
+
+@pytest.mark.parametrize("conclusion, trace_format, errors", [
+    ("Combined AU14 + AU4 + AU17 indicate sadness.", PAPER, 0),
+    ("AU4 indicates sadness (cf. AU17).", PAPER, 0),
+    ("The face is sad.", PER_STEP, 3),  # no AUs anywhere: every step lacks its ids
+    ("Combined XAU4 + AU100 indicate sadness.", PER_STEP, 3),  # not AU ids in prose
+])
+def test_the_format_is_read_from_the_steps_and_the_conclusion(conclusion, trace_format, errors) -> None:
+    text = "\n".join(PAPER_LINES[:5] + [f"{CONCLUSION_HEADER} {conclusion}", PAPER_LINES[6]])
+    parsed = parse_trace(text)
+    assert parsed.trace_format == trace_format and len(parsed.errors) == errors, parsed.errors
 
 
 def test_accepted_variants() -> None:
@@ -134,7 +174,8 @@ ERROR_CASES = {
     "missing loop header": (_lines(0, 2, 3, 4, 5, 6), {}, "missing 'Verification loop:'", None),
     "text after loop header": (_edit(LOOP_HEADER, LOOP_HEADER + " go"), {}, "after 'Verification loop:'", 2),
     "zero steps": (_lines(0, 1, 5, 6), {}, "no 'Inspect", None),
-    "step without AU ids": (_edit(" (AU4)", ""), {}, "no AU ids", 4),
+    "step without AU ids": (_edit(" (AU4)", ""), {}, "no AU ids", 4),  # the other steps name theirs: mixed
+    "empty AU group": (_edit("(AU4)", "()"), {}, "no AU ids", 4),
     "malformed AU id": (_edit("(AU4)", "(au4)"), {}, "malformed AU id", 4),
     "repeated AU id": (_edit("(AU4)", "(AU4, AU4)"), {}, "listed twice", 4),
     "step without region": (_edit("Inspect inner brow", STEP_VERB), {}, "no region", 4),
@@ -216,7 +257,7 @@ TRACES = st.builds(
 GRAMMAR_TOKENS = [
     GLOBAL_HEADER, LOOP_HEADER, STEP_VERB, CONCLUSION_HEADER, ARROW, "->", BBOX_OPEN, BBOX_CLOSE,
     ANSWER_OPEN, ANSWER_CLOSE, "[1,2,3,4]", "[", "]", ",", "-5", "4.5", "9" * 30, "\n", "\r\n", " ",
-    "(AU", "(AU6, AU7)", "AU4", ")", "sadness",
+    "(AU", "(AU6, AU7)", "AU4", ")", "sadness", "Combined AU14 + AU4 indicate", "eye region", "()",
 ]  # fmt: skip
 GRAMMAR_SOUP = st.lists(
     st.one_of(st.sampled_from(GRAMMAR_TOKENS), st.text(max_size=6)), max_size=60
@@ -231,6 +272,17 @@ def test_render_then_parse_round_trips(trace: Trace) -> None:
     assert Trace.from_dict(json.loads(json.dumps(trace.to_dict()))) == trace
 
 
+@SETTINGS
+@given(TRACES)
+def test_render_then_parse_round_trips_in_the_papers_format(trace: Trace) -> None:
+    """The steps come back without AU ids and the conclusion names every AU they had (`claims.py` matches
+    them back to the steps; tests/test_claims.py)."""
+    parsed = parse_trace(render_trace(trace, PAPER), image_size=(4000, 4000), labels=[trace.answer])
+    assert parsed.valid and parsed.trace_format == PAPER, parsed.errors
+    assert parsed.trace.steps == tuple(Step(s.region, (), s.observation, s.box) for s in trace.steps)
+    assert {au for step in trace.steps for au in step.aus} <= set(conclusion_aus(parsed.trace))
+
+
 def _check_total(text: object) -> None:
     """Never raises; a valid parse renders back to the same trace; answers agree with extract_answer."""
     parsed = parse_trace(text, image_size=(100, 100), labels=["sadness"])
@@ -238,7 +290,7 @@ def _check_total(text: object) -> None:
     assert all(isinstance(error, str) and error for error in parsed.errors)
     assert parsed.trace.answer == extract_answer(text)
     if parsed.valid:
-        assert parse_trace(render_trace(parsed.trace)) == parsed
+        assert parse_trace(render_trace(parsed.trace, parsed.trace_format)) == parsed
 
 
 @SETTINGS
@@ -254,10 +306,10 @@ def test_parse_never_raises_on_grammar_soup(text: str) -> None:
 
 
 @SETTINGS
-@given(TRACES, st.data())
-def test_parse_never_raises_on_damaged_traces(trace: Trace, data: st.DataObject) -> None:
-    """Cut, duplicate and splice real renderings: near-misses are where parsers break."""
-    text = render_trace(trace)
+@given(TRACES, st.sampled_from([PER_STEP, PAPER]), st.data())
+def test_parse_never_raises_on_damaged_traces(trace: Trace, trace_format: str, data: st.DataObject) -> None:
+    """Cut, duplicate and splice real renderings of both formats: near-misses are where parsers break."""
+    text = render_trace(trace, trace_format)
     start = data.draw(st.integers(0, len(text)))
     end = data.draw(st.integers(start, len(text)))
     _check_total(text[:start] + data.draw(GRAMMAR_SOUP) + text[end:])
