@@ -16,11 +16,15 @@ What is claimed, and with which box, depends on the trace's format (`data/traces
   a box (IoU 0), as a per-step AU on a step without a box. Matching by name first keeps a wrong
   box wrong: a brow box written under "mouth" is not rescued because it fits the brow AU.
   A step that no claim is matched to is *unverified*: its box backs nothing the answer asserts.
-  Each unverified step counts as one claim worth 0 in the grounding reward (`rewards.py`), as
-  every box of a per-step trace is one more claim in its mean. So padding an answer with steps
-  that back nothing lowers the reward, never raises it (an unverified step changes no claim), and
-  writing several boxes for one region to let the best be picked earns no more than the per-step
-  format's mean over the same boxes.
+  Two kinds, counted differently by the grounding reward (`rewards.py`):
+  - a *passed-over* step names the region of a concluded AU but lost the match to a better box:
+    it counts as one claim worth 0, as every box of a per-step trace is one more claim in its
+    mean. Otherwise writing several boxes for one region, to let the best be picked, would pay;
+  - any other unverified step (a region no concluded AU lives in, as the eye step of the paper's
+    figure, whose conclusion names AU14, AU4 and AU17) is left out: it asserts nothing to check,
+    so the figure's reward is the mean IoU of its matched boxes.
+  So padding an answer with steps that win no claim never raises its reward: a passed-over step
+  lowers it, any other leaves it as it was.
 
 The polarity of a claim follows from the answer, as the traces are built (`data/teachers.py`):
 in a trace whose answer is not neutral, every named AU is *claimed active* (kept traces cite only
@@ -158,6 +162,14 @@ def unverified_steps(trace: Trace, claims: Sequence[Claim]) -> tuple[int, ...]:
         return ()
     matched = {claim.step for claim in claims}
     return tuple(number for number in range(1, len(trace.steps) + 1) if number not in matched)
+
+
+def passed_over_steps(trace: Trace, claims: Sequence[Claim]) -> tuple[int, ...]:
+    """The unverified steps (1-based) whose region name refers to the region of a claimed AU: rival
+    boxes for evidence another step gives (see the module doc)."""
+    claimed_regions = {AU_BY_ID[claim.au].region for claim in claims if claim.au in AU_BY_ID}
+    return tuple(number for number in unverified_steps(trace, claims)
+                 if claimed_regions & set(regions_named(trace.steps[number - 1].region)))
 
 
 def _detector_box(detector_aus: Mapping[str, dict], au: int) -> Sequence[float] | None:

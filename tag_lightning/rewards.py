@@ -16,7 +16,15 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from tag_lightning.claims import HALLUCINATION, MISS, Completion, References, claims_of, unverified_steps
+from tag_lightning.claims import (
+    HALLUCINATION,
+    MISS,
+    Completion,
+    References,
+    claims_of,
+    passed_over_steps,
+    unverified_steps,
+)
 from tag_lightning.errors import BadValue
 
 
@@ -61,20 +69,22 @@ def answer_reward(completion: Completion, references: References) -> RewardResul
 
 def grounding_reward(completion: Completion, references: References) -> RewardResult:
     """0..1: the mean over claims of the box IoU with the detector's box, hallucinated and missed
-    claims scoring 0, and each unverified step of a paper-format answer counting as a claim worth 0
-    (`claims.py`); an answer that claims nothing scores 0."""
+    claims scoring 0, and each passed-over step of a paper-format answer (a rival box for a region
+    another step grounds) counting as a claim worth 0 (`claims.py`); an answer that claims nothing
+    scores 0."""
     claims = claims_of(completion, references)
-    unverified = len(unverified_steps(completion.trace, claims))
+    passed_over = len(passed_over_steps(completion.trace, claims))
     parts = {
         "mean_iou": sum(claim.iou for claim in claims) / len(claims) if claims else 0.0,
         "hallucinations": float(sum(claim.verdict == HALLUCINATION for claim in claims)),
         "misses": float(sum(claim.verdict == MISS for claim in claims)),
         "claims": float(len(claims)),
-        "unverified_steps": float(unverified),
+        "unverified_steps": float(len(unverified_steps(completion.trace, claims))),
+        "passed_over_steps": float(passed_over),
     }
     if not claims:
         return RewardResult(0.0, parts)
-    return RewardResult(sum(claim.score for claim in claims) / (len(claims) + unverified), parts)
+    return RewardResult(sum(claim.score for claim in claims) / (len(claims) + passed_over), parts)
 
 
 REWARDS: dict[str, Reward] = {

@@ -8,7 +8,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tag_lightning.au.taxonomy import ACTION_UNITS, REGIONS
-from tag_lightning.claims import SUPPORTED, References, claims_of, read_completion, trace_claims, unverified_steps
+from tag_lightning.claims import (
+    SUPPORTED,
+    References,
+    claims_of,
+    passed_over_steps,
+    read_completion,
+    trace_claims,
+    unverified_steps,
+)
 from tag_lightning.data.traces import PAPER, PER_STEP, Step, Trace, parse_trace, render_trace
 from tag_lightning.metrics import score_answer
 from tag_lightning.rewards import REWARDS, grounding_reward
@@ -64,15 +72,18 @@ def test_the_figure_parses_in_the_papers_format_and_its_aus_are_matched_by_regio
 @pytest.mark.parametrize("text, grounding, unverified", [
     # every step verified: the mean IoU of the matched boxes, (1/2 + 50/101 + 1 + 51/101) / 4
     (VERIFIED, 2.5 / 4, 0),
-    # the figure verbatim: no conclusion AU lives around the eyes, so that step is unverified and counts 0
-    (FIGURE, 2 / 4, 1),
+    # the figure verbatim: no conclusion AU lives around the eyes, so that step is unverified and left
+    # out: the mean IoU of the matched boxes, (1 + 50/101 + 51/101) / 3
+    (FIGURE, 2 / 3, 1),
     # boxes of the brow and mouth swapped: matched by region name, the wrong boxes miss; only AU7's half counts
     (paper_trace(EYE_STEP, BROW_STEP.replace(box(BROW), box(MOUTH)), MOUTH_STEP.replace(box(MOUTH), box(BROW))),
      0.5 / 4, 0),
     # AU9 (nose) is concluded, but no step inspects the nose: a claim without a box
     (paper_trace(EYE_STEP, BROW_STEP, MOUTH_STEP, aus="AU7 + AU14 + AU4 + AU17 + AU9"), 2.5 / 5, 0),
-    # a step no AU claims: it counts 0
-    (paper_trace(EYE_STEP, BROW_STEP, MOUTH_STEP, f"Inspect face → calm skin → {box([0, 0, 512, 512])}"), 2.5 / 5, 1),
+    # a step on a region no concluded AU lives in: unverified, left out
+    (paper_trace(EYE_STEP, BROW_STEP, MOUTH_STEP, f"Inspect face → calm skin → {box([0, 0, 512, 512])}"), 2.5 / 4, 1),
+    # a second, worse mouth box: passed over for the better one, it counts as a claim worth 0
+    (paper_trace(EYE_STEP, BROW_STEP, MOUTH_STEP, f"Inspect mouth → pressed → {box([0, 0, 100, 100])}"), 2.5 / 5, 1),
 ])
 def test_hand_made_paper_traces_score_the_hand_computed_values(text, grounding, unverified):
     completion = read_completion(text)
@@ -135,7 +146,8 @@ _NAMES = st.sampled_from(["face", "skin", "inner brow", "eyes", "mouth", "nose",
 @given(st.sampled_from([FIGURE, VERIFIED]), _NAMES, st.lists(st.integers(0, 512), min_size=4, max_size=4),
        st.integers(0, 3))
 def test_adding_an_unverified_step_never_raises_a_reward(text, region, corners, position):
-    """A step inserted anywhere that ends up unverified (it wins no claim) raises no reward."""
+    """A step inserted anywhere that ends up unverified (it wins no claim) raises no reward; one passed
+    over for a better box of its region lowers the grounding reward."""
     x1, x2 = sorted(corners[:2])
     y1, y2 = sorted(corners[2:])
     lines = text.split("\n")
@@ -146,4 +158,6 @@ def test_adding_an_unverified_step_never_raises_a_reward(text, region, corners, 
         return  # the step won a claim: it is evidence, not padding
     before, after = rewards_of(text), rewards_of(padded)
     assert all(after[name] <= before[name] for name in REWARDS), (before, after)
-    assert after["grounding"] < before["grounding"]
+    assert after["grounding"] <= before["grounding"]
+    if 1 + position in passed_over_steps(completion.trace, claims_of(completion, SAD_FACE)):
+        assert after["grounding"] < before["grounding"]

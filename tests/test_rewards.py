@@ -97,12 +97,12 @@ def test_a_neutral_trace_inspecting_an_activated_au_is_a_miss(samples):
     ("<answer> Happy </answer>", {"format": 0.25, "answer": 1.0, "grounding": 0.0}),  # a synonym; no steps
     (f"{STEP_VERB} mouth (AU12) {ARROW} up {ARROW} {BBOX_OPEN}[10,10,5000,20]{BBOX_CLOSE}\n{ANSWER_OPEN} anger {ANSWER_CLOSE}",
      {"format": 0.5, "answer": 0.0, "grounding": 40 / 4990}),  # a grounded step whose box leaves the image
-    # the paper's format: the lip corner step grounds AU12 (IoU 400/800), the face step is unverified and counts 0
+    # the paper's format: the lip corner step grounds AU12 (IoU 400/800); the face step is unverified, left out
     ("\n".join([f"{GLOBAL_HEADER} x", LOOP_HEADER,
                 f"{STEP_VERB} lip corners {ARROW} up {ARROW} {BBOX_OPEN}[10,10,90,20]{BBOX_CLOSE}",
                 f"{STEP_VERB} face {ARROW} calm {ARROW} {BBOX_OPEN}[0,0,9,9]{BBOX_CLOSE}",
                 f"{CONCLUSION_HEADER} Combined AU12 indicate joy", f"{ANSWER_OPEN} happiness {ANSWER_CLOSE}"]),
-     {"format": 1.0, "answer": 1.0, "grounding": 0.5 / 2}),
+     {"format": 1.0, "answer": 1.0, "grounding": 0.5}),
 ])
 def test_hand_made_answers(text, expected):
     references = References("happiness", LABELS, {"AU12": {"box": [10, 10, 50, 20]}}, frozenset({"AU12"}), (100, 100))
