@@ -29,6 +29,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_info
 
+from tag_lightning.allocator import keep_freed_memory
 from tag_lightning.callbacks import StepProgressBar
 from tag_lightning.data.datamodule import FERDataModule
 from tag_lightning.errors import UserError, describe
@@ -189,6 +190,7 @@ class TagCLI(LightningCLI):
 def lightning_main(argv: list[str]) -> int:
     """Run LightningCLI on `argv` (its first word is the subcommand), without the libraries' noise
     (`quiet.py`) while it runs."""
+    keep_freed_memory()
     with warnings.catch_warnings():
         quiet_library_noise(argv[0])
         try:

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from tag_lightning.allocator import keep_freed_memory
 from tag_lightning.data.samples import SAMPLE_LABELS, fetch_samples
 
-
+keep_freed_memory()  # the tests that train without `tag` get the allocator `tag` runs with
 
 @pytest.fixture(scope="session")
 def samples_dir(tmp_path_factory) -> Path:
