@@ -32,6 +32,7 @@ from tag_lightning.claims import (
     ACTIVE,
     HALLUCINATION,
     NEUTRAL,
+    SUPPORTED,
     Claim,
     Completion,
     References,
@@ -48,8 +49,8 @@ CLASSES = (*EMOTIONS, NO_ANSWER)
 
 FAITHFULNESS = {
     "format_valid": "answers that follow the TAG grammar and name one of the dataset's labels",
-    "box_iou": "mean IoU of the claims' boxes with the detector's boxes of the same AUs",
-    "box_hit": "share of claims whose box overlaps the detector's box with IoU >= 0.5",
+    "box_iou": "mean IoU of the boxes of the claims the detector backs (TAG's matched AU boxes) with its boxes",
+    "box_hit": "share of the claims the detector backs whose box overlaps its box with IoU >= 0.5",
     "au_precision": "share of the AUs answers claim active that the detector activates",
     "au_recall": "share of the AUs the detector activates that the answers claim active",
     "hallucination_rate": "share of answers with at least one claimed-active AU the detector does not activate",
@@ -82,9 +83,20 @@ class AnswerScore:
         return None if self.label is None else self.answer == self.label
 
     @property
+    def matched(self) -> tuple[Claim, ...]:
+        """The claims the detector backs (verdict ``supported``): TAG's matched AU boxes.
+
+        Box agreement is measured on these alone. A hallucinated claim's box can sit exactly on its
+        AU's region; counted here, it would raise `box_iou`, so citing every region would pay and
+        removing a hallucination would look like a loss of localisation. Hallucinations are
+        `hallucination_rate`'s to count.
+        """
+        return tuple(claim for claim in self.claims if claim.verdict == SUPPORTED)
+
+    @property
     def box_iou(self) -> float | None:
-        """Mean IoU of its claims' boxes with the detector's; None when it claims nothing."""
-        return sum(claim.iou for claim in self.claims) / len(self.claims) if self.claims else None
+        """Mean IoU of its matched claims' boxes with the detector's; None when none is matched."""
+        return sum(claim.iou for claim in self.matched) / len(self.matched) if self.matched else None
 
     @property
     def claimed_active(self) -> frozenset[str]:
@@ -120,7 +132,7 @@ class FaithfulnessSums(Metric):
     """The counts behind the faithfulness figures, summed over answers (and over ranks)."""
 
     full_state_update = False
-    COUNTS = ("answers", "paper_format", "valid", "claims", "iou_sum", "box_hits", "claimed_active", "activated",
+    COUNTS = ("answers", "paper_format", "valid", "claims", "matched", "iou_sum", "box_hits", "claimed_active", "activated",
               "agreed", "hallucinating", "non_neutral", "consistent")
 
     def __init__(self, **kwargs) -> None:
@@ -134,8 +146,9 @@ class FaithfulnessSums(Metric):
             self.paper_format += score.trace_format == PAPER
             self.valid += score.valid
             self.claims += len(score.claims)
-            self.iou_sum += sum(claim.iou for claim in score.claims)
-            self.box_hits += sum(claim.iou >= 0.5 for claim in score.claims)
+            self.matched += len(score.matched)
+            self.iou_sum += sum(claim.iou for claim in score.matched)
+            self.box_hits += sum(claim.iou >= 0.5 for claim in score.matched)
             self.claimed_active += len(score.claimed_active)
             self.activated += len(score.activated)
             self.agreed += len(score.claimed_active & score.activated)
@@ -155,8 +168,8 @@ def faithfulness_figures(counts: dict[str, float]) -> dict[str, float]:
 
     return {
         "format_valid": share("valid", "answers"),
-        "box_iou": share("iou_sum", "claims"),
-        "box_hit": share("box_hits", "claims"),
+        "box_iou": share("iou_sum", "matched"),
+        "box_hit": share("box_hits", "matched"),
         "au_precision": share("agreed", "claimed_active"),
         "au_recall": share("agreed", "activated"),
         "hallucination_rate": share("hallucinating", "answers"),

@@ -47,8 +47,8 @@ def test_hand_made_answers_give_the_hand_counted_figures():
     assert figures["acc"] == pytest.approx(3 / 5) and figures["format_valid"] == pytest.approx(3 / 5)
     assert figures["uar"] == pytest.approx(3 / 5)  # one class present: its recall
     assert figures["macro_f1"] == pytest.approx(2 * 1.0 * 0.6 / 1.6)  # precision 3/3, recall 3/5
-    # claims: 2 + 2 + 1 + 1 + 0 = 6, IoU 1 except the box off the face (0)
-    assert figures["box_iou"] == pytest.approx(5 / 6) and figures["box_hit"] == pytest.approx(5 / 6)
+    # claims the detector backs: 2 + 1 (not the hallucinated AU4) + 1 + 1 + 0 = 5, IoU 1 but the box off the face (0)
+    assert figures["box_iou"] == pytest.approx(4 / 5) and figures["box_hit"] == pytest.approx(4 / 5)
     # claimed active: {6,12}, {4,12}, {12}, {6} (the missing answer is not neutral) -> 6, of which 5 activated
     assert figures["au_precision"] == pytest.approx(5 / 6)
     assert figures["au_recall"] == pytest.approx(5 / 10)  # 2 activated AUs per answer, 5 answers
@@ -65,6 +65,7 @@ def test_per_answer_verdicts():
     assert off_face.claims[0].iou == 0.0 and off_face.claims[0].verdict == "supported"
     assert missing.answer is None and missing.consistent is None and not missing.valid
     assert garbage.claims == () and garbage.box_iou is None
+    assert hallucinated.box_iou == 1.0  # its hallucinated AU4 box is left to hallucination_rate
     assert perfect.to_dict()["claims"][0] == {"step": 1, "au": "AU6", "polarity": "active", "box": CHEEK,
                                               "detector_box": CHEEK, "iou": 1.0, "verdict": "supported"}
 
@@ -106,7 +107,7 @@ def test_sampled_answers_are_counted_as_answers_and_each_reward_is_averaged():
     result = sampled.compute()
     figures = result["figures"]
     assert figures["hallucination_rate"] == pytest.approx(1 / 5) and figures["format_valid"] == pytest.approx(3 / 5)
-    assert figures["box_iou"] == pytest.approx(5 / 6) and result["counts"]["answers"] == 5
+    assert figures["box_iou"] == pytest.approx(4 / 5) and result["counts"]["answers"] == 5
     # grounding: perfect 1, AU4 hallucinated 1/2, box off the face 0, missing answer (its AU6 claim) 1, garbage 0
     assert figures["reward/grounding"] == pytest.approx(2.5 / 5)
     assert figures["reward/answer"] == pytest.approx(3 / 5)
