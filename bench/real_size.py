@@ -14,8 +14,12 @@ process, so its peak RSS is its own, and composes what a 3B user composes:
 with one face a step (no gradient accumulation), and for GRPO G=2 completions of at most 16 tokens,
 starting from the SFT step's checkpoint. The TAG rewards are 0 for a random model's text, so GRPO
 adds the tests' completion-length reward (through `REWARDS`, the documented extension point) to give
-its group a spread. On a CUDA device the stages run there; otherwise on the CPU, in the configs'
-precision (bf16-mixed: bfloat16 frozen base and compute, float32 trained weights) either way.
+its group a spread. On a CUDA device the stages run there, in the configs' precision (bf16-mixed:
+bfloat16 frozen base and compute, float32 trained weights). On a CPU they run in that precision too
+where the CPU computes bfloat16 natively (AVX512-BF16 or AMX); on one without (AVX2 only, like the
+2-core machine this was written on, where a bf16 matmul runs 9x slower than fp32 and one SFT step
+did not finish in 91 minutes), `--dtype auto` runs the same recipe with the frozen base and the
+compute in float32 (`--dtype bfloat16` forces the recipe's precision anyway).
 
 Prints per stage: parameters (total and by part), trainable parameters, image tokens per face,
 seconds per step, peak RSS (on a GPU also peak GPU memory and rollout tokens/s), and how many
@@ -82,7 +86,23 @@ def build_model(out: Path) -> None:
     processor.save_pretrained(out)
 
 
-def stage_args(stage: str, out: Path, demo: Path, accelerator: str) -> list[str]:
+def native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 matmuls natively (Linux's CPU flags; elsewhere: assume not)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def compute_dtype(requested: str, cuda: bool) -> str:
+    """The dtype of the frozen base and the compute: the recipe's bfloat16 unless `auto` finds a CPU without it."""
+    if requested != "auto":
+        return requested
+    return "bfloat16" if cuda or native_bf16() else "float32"
+
+
+def stage_args(stage: str, out: Path, demo: Path, accelerator: str, dtype: str) -> list[str]:
     """The configuration of one stage: the recipe's files, then this machine's and this benchmark's overrides."""
     stage_config, gpu_config = STAGE_CONFIGS[stage]
     manifest = f"manifest:{demo / 'samples' / 'manifest.csv'}"
@@ -96,6 +116,8 @@ def stage_args(stage: str, out: Path, demo: Path, accelerator: str) -> list[str]
             "--trainer.accumulate_grad_batches=1", "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0",
             "--trainer.enable_progress_bar=false", "--trainer.callbacks.init_args.every_n_train_steps=1",
             f"--trainer.default_root_dir={out / stage}"]
+    if dtype == "float32":  # the recipe but for the dtype: float32 base and compute, trained weights as before
+        args += ["--model.init_args.network.init_args.config.dtype=float32", "--trainer.precision=32-true"]
     if stage == "grpo":
         sft = max((out / "sft").rglob("last.ckpt"), key=lambda path: path.stat().st_mtime_ns)
         args += [f"--model.init_args.init_from={sft}", '--model.init_args.rewards={"format": 0.5, "answer": 1.0, '
@@ -104,7 +126,7 @@ def stage_args(stage: str, out: Path, demo: Path, accelerator: str) -> list[str]
     return args
 
 
-def run_stage(stage: str, out: Path, demo: Path) -> dict:
+def run_stage(stage: str, out: Path, demo: Path, requested_dtype: str) -> dict:
     """One optimizer step of `stage` through the recipe, measured; returns the figures."""
     import torch
     from lightning.pytorch import Callback, LightningModule
@@ -115,8 +137,10 @@ def run_stage(stage: str, out: Path, demo: Path) -> dict:
 
     REWARDS["length"] = lambda completion, references: RewardResult(len(completion.text) / 100.0, {})
     cuda = torch.cuda.is_available()
+    dtype = compute_dtype(requested_dtype, cuda)
     cli = TagCLI(LightningModule, FERDataModule, subclass_mode_model=True, run=False, parser_class=TagArgumentParser,
-                 args=stage_args(stage, out, demo, "gpu" if cuda else "cpu"), save_config_kwargs={"overwrite": True})
+                 args=stage_args(stage, out, demo, "gpu" if cuda else "cpu", dtype),
+                 save_config_kwargs={"overwrite": True})
     module, network = cli.model, cli.model.network
     parts = {"vision": 0, "projector": 0, "language": 0}
     for name, parameter in network.model.named_parameters():
@@ -165,7 +189,8 @@ def run_stage(stage: str, out: Path, demo: Path) -> dict:
         if not changed:
             unchanged.append(name)
     figures = {
-        "stage": stage, "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "stage": stage, "device": torch.cuda.get_device_name() if cuda else "cpu", "compute_dtype": dtype,
+        "precision": cli.trainer.precision,
         "parameters": sum(parts.values()), "by_part": parts, "trainable": sum(v.numel() for v in trainable.values()),
         "image_tokens_per_face": image_tokens, "seconds_per_step": round(timings["step_s"], 1),
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 2),
@@ -182,13 +207,16 @@ def run_stage(stage: str, out: Path, demo: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "real_size")
+    parser.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
+                        help="frozen base and compute: the recipe's bfloat16, or float32 on a CPU without native bf16 "
+                             "(auto, the default, chooses; trained weights are float32 either way)")
     parser.add_argument("--stage", choices=[*STAGE_CONFIGS, "build"], help=argparse.SUPPRESS)  # one child process
     args = parser.parse_args()
     out, demo = args.out.resolve(), args.out.resolve() / "demo"
     if args.stage == "build":
         return build_model(out / "model")
     if args.stage:
-        print("FIGURES " + json.dumps(run_stage(args.stage, out, demo)), flush=True)
+        print("FIGURES " + json.dumps(run_stage(args.stage, out, demo, args.dtype)), flush=True)
         return
 
     from tag_lightning.demo import prepare_demo_data
@@ -199,7 +227,8 @@ def main() -> None:
         if step == "build" and (out / "model" / "config.json").is_file():
             continue
         start = time.perf_counter()
-        result = subprocess.run([sys.executable, __file__, "--out", str(out), "--stage", step], capture_output=True,
+        result = subprocess.run([sys.executable, __file__, "--out", str(out), "--dtype", args.dtype, "--stage", step],
+                                capture_output=True,
                                 text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
         if result.returncode != 0:
             sys.exit(f"{step} failed:\n{result.stderr[-4000:]}")

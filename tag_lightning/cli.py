@@ -154,7 +154,7 @@ def _demo(args: argparse.Namespace) -> int:
                           sft_steps=args.sft_steps, grpo_steps=args.grpo_steps, workers=args.workers,
                           libreface_weights=args.libreface_weights, experiment=args.experiment,
                           error_kinds=tuple(args.error_kinds.split(",")), sampled_answers=args.sampled_answers,
-                          ablation=args.ablation, **{**experiment, **chosen}))
+                          ablation=args.ablation, rollout_seed=args.rollout_seed, **{**experiment, **chosen}))
     return 0
 
 
@@ -358,10 +358,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--grpo-steps", type=_positive_int, default=None,
                       help="GRPO optimizer steps (unset: the configs' max_steps, 30 for the tiny model)")
     demo.add_argument("--workers", type=_positive_int, default=2, help="worker processes for the AU cache build")
-    demo.add_argument("--experiment", action="store_true",
+    demo.add_argument("--experiment", action=argparse.BooleanOptionalAction, default=True,
                       help="the controlled experiment (see above): flawed traces kept by TAG's filter, and for the "
-                           "tiny model the settings measured for it (configs/tiny/experiment_*.yaml: 300 SFT steps, "
-                           "GRPO at temperature 0.5, lr 3e-5)")
+                           "tiny model the settings measured for it (configs/tiny/experiment_*.yaml); "
+                           "--no-experiment: one grounded trace per face, kept by our grounding filter, which "
+                           "shows the machinery but leaves GRPO nothing to choose between")
     demo.add_argument("--traces-per-image", type=_positive_int, default=None,
                       help="template-teacher traces per face (unset: 4 with --experiment, else 1)")
     demo.add_argument("--error-rate", type=_unit_float, default=None,
@@ -374,6 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--sampled-answers", type=int, default=8,
                       help="answers sampled per face (at GRPO's temperature) in the evaluations after SFT and GRPO, "
                            "besides the greedy one: the share of flawed evidence in what the model tends to say")
+    demo.add_argument("--rollout-seed", type=int, default=0,
+                      help="GRPO's rollout seed (its samples are a function of this seed, the step and the face); "
+                           "the experiment's figures in the README are those of seeds 0, 1 and 2")
     demo.add_argument("--ablation", action="store_true",
                       help="also run GRPO without the grounding reward (configs/ablation/no_grounding.yaml), same "
                            "SFT start, steps and seeds, and evaluate it: is the effect the grounding reward's?")

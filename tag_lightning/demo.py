@@ -59,6 +59,7 @@ class DemoSettings:
         error_kinds: the flaw kinds drawn from (`teachers.FLAW_KINDS`).
         sampled_answers: sampled answers per face scored after each training stage (0: greedy only).
         ablation: also run GRPO without the grounding reward, from the same SFT checkpoint.
+        rollout_seed: GRPO's rollout seed, the same for both GRPO runs.
     """
 
     out: Path
@@ -75,6 +76,7 @@ class DemoSettings:
     error_kinds: tuple[str, ...] = ("hallucination",)
     sampled_answers: int = 8
     ablation: bool = False
+    rollout_seed: int = 0
 
     def to_json(self) -> dict:
         return {**asdict(self), "out": str(self.out), "configs": list(self.configs),
@@ -249,7 +251,8 @@ class Demo:
                 f"--trainer.default_root_dir={self.out / stage}",
                 f"--trainer.callbacks.init_args.dirpath={self.checkpoints(stage)}"]
         if stage != "sft":  # both GRPO runs start from the same SFT checkpoint, with the same seeds
-            argv.append(f"--model.init_args.init_from={self.checkpoints('sft') / 'last.ckpt'}")
+            argv += [f"--model.init_args.init_from={self.checkpoints('sft') / 'last.ckpt'}",
+                     f"--model.init_args.rollout_seed={self.settings.rollout_seed}"]
         last = self.checkpoints(stage) / "last.ckpt"
         if last.is_file():  # a killed run: go on from its last checkpoint, not from the start
             argv.append(f"--ckpt_path={last}")
