@@ -71,7 +71,14 @@ def grounding_reward(completion: Completion, references: References) -> RewardRe
     """0..1: the mean over claims of the box IoU with the detector's box, hallucinated and missed
     claims scoring 0, and each passed-over step of a paper-format answer (a rival box for a region
     another step grounds) counting as a claim worth 0 (`claims.py`); an answer that claims nothing
-    scores 0."""
+    scores 0, and so does one the grammar rejects.
+
+    Only an answer the grammar reads whole has evidence that can all be checked. Scoring the
+    readable part of a broken one pays for hiding a claim where the claim rule cannot see it:
+    in the demo's experiment GRPO learned to write a hallucinated step's words into the
+    conclusion, breaking the grammar (format reward 0.75 of 1) and lifting the grounding reward from
+    0.75 to 1.0 with the hallucination still in the text.
+    """
     claims = claims_of(completion, references)
     passed_over = len(passed_over_steps(completion.trace, claims))
     parts = {
@@ -81,8 +88,9 @@ def grounding_reward(completion: Completion, references: References) -> RewardRe
         "claims": float(len(claims)),
         "unverified_steps": float(len(unverified_steps(completion.trace, claims))),
         "passed_over_steps": float(passed_over),
+        "readable": float(completion.valid),
     }
-    if not claims:
+    if not claims or not completion.valid:
         return RewardResult(0.0, parts)
     return RewardResult(sum(claim.score for claim in claims) / (len(claims) + passed_over), parts)
 

@@ -108,8 +108,9 @@ def test_sampled_answers_are_counted_as_answers_and_each_reward_is_averaged():
     figures = result["figures"]
     assert figures["hallucination_rate"] == pytest.approx(1 / 5) and figures["format_valid"] == pytest.approx(3 / 5)
     assert figures["box_iou"] == pytest.approx(4 / 5) and result["counts"]["answers"] == 5
-    # grounding: perfect 1, AU4 hallucinated 1/2, box off the face 0, missing answer (its AU6 claim) 1, garbage 0
-    assert figures["reward/grounding"] == pytest.approx(2.5 / 5)
+    # grounding: perfect 1, AU4 hallucinated 1/2, box off the face 0, missing answer 0 (the grammar rejects it,
+    # whatever its AU6 claim), garbage 0
+    assert figures["reward/grounding"] == pytest.approx(1.5 / 5)
     assert figures["reward/answer"] == pytest.approx(3 / 5)
     # format: perfect, hallucinated and off-the-face pass all four checks; the missing answer fails grammar and
     # answer (2/4); garbage passes none

@@ -96,7 +96,7 @@ def test_a_neutral_trace_inspecting_an_activated_au_is_a_miss(samples):
     ("I think this person is happy.", {"format": 0.0, "answer": 0.0, "grounding": 0.0}),
     ("<answer> Happy </answer>", {"format": 0.25, "answer": 1.0, "grounding": 0.0}),  # a synonym; no steps
     (f"{STEP_VERB} mouth (AU12) {ARROW} up {ARROW} {BBOX_OPEN}[10,10,5000,20]{BBOX_CLOSE}\n{ANSWER_OPEN} anger {ANSWER_CLOSE}",
-     {"format": 0.5, "answer": 0.0, "grounding": 40 / 4990}),  # a grounded step whose box leaves the image
+     {"format": 0.5, "answer": 0.0, "grounding": 0.0}),  # a step whose box leaves the image, in a broken answer
     # the paper's format: the lip corner step grounds AU12 (IoU 400/800); the face step is unverified, left out
     ("\n".join([f"{GLOBAL_HEADER} x", LOOP_HEADER,
                 f"{STEP_VERB} lip corners {ARROW} up {ARROW} {BBOX_OPEN}[10,10,90,20]{BBOX_CLOSE}",
@@ -190,3 +190,18 @@ def test_rewards_never_raise_on_near_valid_traces(text):
 @pytest.mark.parametrize("value", [None, 3, b"\xff<answer> anger </answer>", ["a"]])
 def test_rewards_take_values_that_are_not_text(value):
     _check_total(value)
+
+
+def test_an_answer_the_grammar_rejects_earns_no_grounding_reward(samples):
+    """The hack GRPO found in the demo's experiment: the hallucinated step's words moved into the
+    conclusion, after which the grammar fails and the steps left claim only what the detector sees."""
+    record, trace = samples[0]
+    references = references_of(record, trace.answer)
+    grounded = read_completion(render_trace(trace))
+    assert grounded.valid and rewards.grounding_reward(grounded, references).value > 0.9
+    hidden = render_trace(trace).replace("Final conclusion:", "Final conclusion: widened eyes <bbox>[1,1,9,9]</bbox>\n"
+                                         "Final conclusion:")
+    broken = read_completion(hidden)
+    assert not broken.valid and claims_of(broken, references) == claims_of(grounded, references)
+    result = rewards.grounding_reward(broken, references)
+    assert result.value == 0.0 and result.parts["readable"] == 0.0
