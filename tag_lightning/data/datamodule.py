@@ -15,8 +15,8 @@ the settings and the activation threshold it was grounded on: traces grounded on
 are refused, and another threshold is told (SFT targets and the rewards would disagree on which
 AUs are active).
 
-Trace format. One option, `trace_format` (``per_step`` or ``paper``, `traces.TRACE_FORMATS`), chooses
-the format the prompt asks for and the SFT targets are rendered in; GRPO and evaluation ask the
+Trace format. One option, `trace_format` (``per_step`` or ``paper``, `traces.TRACE_FORMATS`),
+chooses the format the prompt asks for and the SFT targets are rendered in; GRPO and evaluation ask the
 same prompt. Training traces written in the other format (each line records its own, lines
 without one are ``per_step``) are refused: the model would be taught one format and asked for the
 other.
@@ -25,9 +25,9 @@ Items (one dict per sample; `collate` turns them into a batch of the same keys):
 
 - every item: ``image`` (uint8 HWC RGB, `image_size` square, augmented in training),
   ``image_name``, ``dataset`` (its dataset's name in the split, `dataset_names`), ``prompt``
-  (`prompts.user_prompt` with its dataset's labels, in `trace_format`), ``trace_format``, ``label`` (None: unlabeled, predict split
-  only), ``labels`` (its dataset's labels: the answers allowed), ``original_size`` (the
-  image's (width, height): `augment.Letterbox` maps boxes back to it),
+  (`prompts.user_prompt` with its dataset's labels, asking for `trace_format`), ``trace_format``,
+  ``label`` (None: unlabeled, predict split only), ``labels`` (its dataset's labels: the answers
+  allowed), ``original_size`` (the image's (width, height): `augment.Letterbox` maps boxes back to it),
   ``counted`` (False: a repeat that only pads an evaluation rank's slice, see `sampling.py`);
 - ``"sft"`` items (training in stage sft) add ``trace`` (the target `Trace`) and ``target``
   (its text, rendered in ``trace_format``);

@@ -3,8 +3,8 @@
 The network (a `VLMWrapper`) is injected; this module only decides what a training step does
 with it: move each target trace's boxes into the frame the model sees (the wrapper's `Frame`),
 render the text in the batch's trace format (the datamodule's `trace_format`), and take the
-cross-entropy of the answer tokens (the wrapper masks prompt and image tokens). Evaluation, the optimizer, FSDP2 sharding and checkpoints are shared with the GRPO
-module (`module.py`).
+cross-entropy of the answer tokens (the wrapper masks prompt and image tokens). Evaluation, the
+optimizer, FSDP2 sharding and checkpoints are shared with the GRPO module (`module.py`).
 """
 
 from __future__ import annotations

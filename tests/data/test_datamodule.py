@@ -166,8 +166,8 @@ def test_in_the_paper_s_format_the_prompt_asks_for_it_and_the_targets_are_writte
         assert item["target"] == render_trace(item["trace"], PAPER)
         parsed = parse_trace(item["target"], image_size=(SIZE, SIZE), labels=workspace.classes)
         assert (parsed.trace_format, parsed.errors) == (PAPER, ())
-    with pytest.raises(ValueError, match=re.escape(str(paper)) + r":1 holds a paper trace, but data.trace_format is per_step: set "
-                                         r"--data.trace_format=paper, or rebuild"):
+    refusal = re.escape(f"{paper}:1 holds a paper trace, but data.trace_format is per_step: set --data.trace_format=paper")
+    with pytest.raises(ValueError, match=refusal + ", or rebuild"):
         datamodule(workspace, train_traces=str(paper))
     with pytest.raises(ValueError, match=r"holds a per_step trace, but data.trace_format is paper"):
         datamodule(workspace, trace_format=PAPER)  # lines without a trace_format were written per step

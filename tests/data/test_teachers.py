@@ -176,8 +176,8 @@ def test_prompt_lists_the_candidates_the_activated_aus_with_boxes_and_the_format
 def test_the_prompt_asks_for_the_request_s_trace_format(sample_records):
     request = _request(sample_records[SURPRISE], "surprise")
     for trace_format, where in ((PER_STEP, "in each step"), (PAPER, "in the final conclusion")):
-        for asked in (replace(request, trace_format=trace_format), replace(request, trace_format=trace_format, hints=())):
-            prompt = build_prompt(asked)
+        asked = replace(request, trace_format=trace_format)
+        for prompt in (build_prompt(asked), build_prompt(replace(asked, hints=()))):
             assert format_spec(trace_format) in prompt and where in prompt
     assert format_spec(PER_STEP) not in build_prompt(replace(request, trace_format=PAPER))
 
@@ -274,6 +274,18 @@ def test_openai_teacher_retries_format_eliminates_wrong_labels_and_backs_off(sam
     seeds = [sampling.pop("seed") for sampling in chat_server.sampling]
     assert seeds[2] == seeds[3] and len(set(seeds)) == 3  # a fresh draw per answer; a transport retry resends
     assert chat_server.sampling == [{"temperature": 0.7, "max_tokens": 1024}] * 4
+
+
+def test_the_template_endpoint_answers_in_the_trace_format_it_is_asked_for(sample_records):
+    record = sample_records[SURPRISE]
+    image = ImageRef.from_path(record.image)
+    with TemplateEndpoint({record.content_hash: record}, {record.content_hash: "surprise"}) as endpoint:
+        teacher = OpenAITeacher(endpoint.base_url, "template", api_key_env="TAG_NO_KEY", timeout=10)
+        for trace_format in (PER_STEP, PAPER):
+            config = RejectionConfig(trace_format=trace_format, max_format_retries=0)
+            outcome = sample_trace(teacher, record, image, "surprise", CANDIDATES, config)
+            assert outcome.status == "kept", outcome.detail
+            assert parse_trace(render_trace(outcome.trace, trace_format)).trace_format == trace_format
 
 
 def test_request_seeds_are_reproducible_and_differ_by_image_trace_and_attempt(sample_records, monkeypatch):
