@@ -64,7 +64,8 @@ def network(demo: Path) -> VLMWrapper:
 def step_inputs(net: VLMWrapper, batch: dict):
     """The work both loops do per step before the forward pass (SFTModule.training_step's)."""
     images = [image.numpy() for image in batch["image"]]
-    targets = [render_trace(net.frame(im.shape[1], im.shape[0]).trace_to_model(t)) for im, t in zip(images, batch["trace"])]
+    targets = [render_trace(net.frame(im.shape[1], im.shape[0]).trace_to_model(t), f)
+               for im, t, f in zip(images, batch["trace"], batch["trace_format"])]
     return net.build_inputs(images, batch["prompt"], targets)
 
 

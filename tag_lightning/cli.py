@@ -16,6 +16,7 @@ from pathlib import Path
 
 from tag_lightning.data.teachers import FLAW_KINDS
 from tag_lightning.data.trace_builder import FILTERS
+from tag_lightning.data.traces import PER_STEP, TRACE_FORMATS
 from tag_lightning.errors import UserError, describe, read_yaml
 from tag_lightning.images import IMAGE_SUFFIXES, ImageRef, content_hash
 
@@ -283,7 +284,8 @@ def _traces(args: argparse.Namespace) -> int:
                         "name them with --candidates")
     config = RejectionConfig(max_format_retries=args.max_format_retries, max_label_retries=args.max_label_retries,
                              top_k=args.top_k, min_intensity=args.min_intensity, min_box_iou=args.min_box_iou,
-                             filter=args.filter, traces_per_image=args.traces_per_image)
+                             filter=args.filter, traces_per_image=args.traces_per_image,
+                             trace_format=args.trace_format)
     concurrency = args.concurrency or DEFAULT_CONCURRENCY[args.teacher]
     stats = build_traces(samples, cache, _trace_teacher(args), args.out, candidates, config,
                          retry_rejected=args.retry_rejected, limit=args.limit, progress=not args.quiet,
@@ -508,6 +510,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "temperature above 0 writes a different one each time)")
     traces.add_argument("--filter", choices=tuple(FILTERS), default="grounded",
                         help="which traces are kept: " + "; ".join(f"{name}: {text}" for name, text in FILTERS.items()))
+    traces.add_argument("--trace-format", choices=TRACE_FORMATS, default=PER_STEP,
+                        help="the format the teacher is asked for and the traces are kept and written in (each line "
+                             "records it, as do the statistics); per_step: ours, every step names its AU ids "
+                             "('Inspect inner brow (AU1) → … → <bbox>[…]</bbox>'); paper: TAG's, the steps name a "
+                             "region and a box, the conclusion lists the AUs ('Final conclusion: Combined AU4 + "
+                             "AU17 indicate …'). Train on them with the same --data.trace_format: `tag fit` refuses "
+                             "traces of the other format")
     traces.add_argument("--error-rate", type=_unit_float, default=0.0,
                         help="template, a controlled experiment: the share of each image's traces that carry a "
                              "deliberate flaw while naming the right label, as a VLM teacher's traces do (one flaw "

@@ -15,16 +15,22 @@ the settings and the activation threshold it was grounded on: traces grounded on
 are refused, and another threshold is told (SFT targets and the rewards would disagree on which
 AUs are active).
 
+Trace format. One option, `trace_format` (``per_step`` or ``paper``, `traces.TRACE_FORMATS`),
+chooses the format the prompt asks for and the SFT targets are rendered in; GRPO and evaluation ask the
+same prompt. Training traces written in the other format (each line records its own, lines
+without one are ``per_step``) are refused: the model would be taught one format and asked for the
+other.
+
 Items (one dict per sample; `collate` turns them into a batch of the same keys):
 
 - every item: ``image`` (uint8 HWC RGB, `image_size` square, augmented in training),
   ``image_name``, ``dataset`` (its dataset's name in the split, `dataset_names`), ``prompt``
-  (`prompts.user_prompt` with its dataset's labels), ``label`` (None: unlabeled, predict split
-  only), ``labels`` (its dataset's labels: the answers allowed), ``original_size`` (the
-  image's (width, height): `augment.Letterbox` maps boxes back to it),
+  (`prompts.user_prompt` with its dataset's labels, asking for `trace_format`), ``trace_format``,
+  ``label`` (None: unlabeled, predict split only), ``labels`` (its dataset's labels: the answers
+  allowed), ``original_size`` (the image's (width, height): `augment.Letterbox` maps boxes back to it),
   ``counted`` (False: a repeat that only pads an evaluation rank's slice, see `sampling.py`);
 - ``"sft"`` items (training in stage sft) add ``trace`` (the target `Trace`) and ``target``
-  (its rendered text);
+  (its text, rendered in ``trace_format``);
 - ``"rl"`` items (training in stage rl; validation and test in both stages, as evaluation is
   generation scored against the label and the detector) add ``detector_aus`` (the record's AU
   entries: box, intensity, sides) and ``activated_aus`` (AU keys at or above
@@ -64,7 +70,8 @@ from tag_lightning.data.datasets import FERDataset, PhotoFolder, parse_data_spec
 from tag_lightning.data.labels import DATASET_CLASSES
 from tag_lightning.data.prompts import user_prompt
 from tag_lightning.data.sampling import EvaluationSampler, Key, ResumableSampler
-from tag_lightning.data.traces import Trace, render_trace
+from tag_lightning.data.trace_builder import line_format
+from tag_lightning.data.traces import PER_STEP, TRACE_FORMATS, Trace, render_trace
 from tag_lightning.errors import BadValue, UserError
 from tag_lightning.images import ImageRef, content_hash, decode_image
 
@@ -107,6 +114,7 @@ class FERItems(Dataset):
         augment: FaceAugment,
         seed: int = 0,
         activation_threshold: float = 1.0,
+        trace_format: str = PER_STEP,
     ) -> None:
         self.datasets = list(datasets)
         self.names = list(names)
@@ -116,7 +124,8 @@ class FERItems(Dataset):
         self.augment = augment
         self.seed = seed
         self.activation_threshold = activation_threshold
-        self.prompts = [user_prompt(dataset.classes) for dataset in self.datasets]
+        self.trace_format = trace_format
+        self.prompts = [user_prompt(dataset.classes, trace_format) for dataset in self.datasets]
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -136,11 +145,11 @@ class FERItems(Dataset):
         # A function of (seed, epoch, sample): the same whatever the worker, prefetching or resumption.
         rng = np.random.default_rng([self.seed, epoch, index])
         item = {"image_name": sample.image.name, "dataset": self.names[entry.dataset],
-                "prompt": self.prompts[entry.dataset], "label": sample.label,
+                "prompt": self.prompts[entry.dataset], "trace_format": self.trace_format, "label": sample.label,
                 "labels": self.datasets[entry.dataset].classes, "original_size": entry.size, "counted": not repeat}
         if self.kind == "sft":
             out = self.augment(image, size, rng, trace=entry.trace)
-            item.update(trace=out.trace, target=render_trace(out.trace))
+            item.update(trace=out.trace, target=render_trace(out.trace, self.trace_format))
         else:
             record = self.cache.get(entry.content_hash)
             out = self.augment(image, size, rng, aus=record.aus, landmarks=record.landmarks)
@@ -174,6 +183,10 @@ class FERDataModule(LightningDataModule):
         train_traces: trace JSONL of the training samples (`tag prepare traces`); needed in stage sft.
         stage: ``sft``: training items carry a target trace; ``rl``: they carry the detector's AU
             boxes for the rewards. Validation and test items always carry the detector's AU boxes.
+        trace_format: the reasoning format the prompt asks for and SFT targets are written in:
+            ``per_step`` (ours: every step names its AU ids) or ``paper`` (TAG's: steps name a region
+            and a box, the conclusion lists the AUs). `train_traces` must hold traces of this format
+            (``tag prepare traces --trace-format``).
         image_size: side of the square images delivered (letterboxed).
         augment: random training augmentation (None: training images are only letterboxed).
         au_settings: the AU cache's settings key whose records this run reads (`tag prepare au-cache`
@@ -199,6 +212,7 @@ class FERDataModule(LightningDataModule):
         test_split: str = "test",
         train_traces: str | None = None,
         stage: Literal["sft", "rl"] = "sft",
+        trace_format: Literal["per_step", "paper"] = PER_STEP,
         image_size: int = 448,
         augment: AugmentOptions | None = DEFAULT_AUGMENT,
         au_settings: str | None = None,
@@ -217,6 +231,9 @@ class FERDataModule(LightningDataModule):
             raise BadValue("unreadable images cannot be loaded: keep 'unreadable' in exclude_statuses")
         if stage not in ("sft", "rl"):
             raise BadValue(f"stage must be 'sft' or 'rl', got {stage!r}")
+        if trace_format not in TRACE_FORMATS:
+            raise BadValue(f"trace_format must be one of {', '.join(TRACE_FORMATS)}, got {trace_format!r}: set "
+                           f"--data.trace_format to one of them")
         self.save_hyperparameters()
         self.au_cache = au_cache
         self.specs = {"train": _as_list(train_data), "val": _as_list(val_data), "test": _as_list(test_data),
@@ -224,6 +241,7 @@ class FERDataModule(LightningDataModule):
         self.split_names = {"train": train_split, "val": val_split, "test": test_split, "predict": None}
         self.train_traces = train_traces
         self.stage = stage
+        self.trace_format = trace_format
         self.image_size = image_size
         self.augment = augment
         self.au_settings = au_settings  # resolved at setup: the key read
@@ -291,6 +309,7 @@ class FERDataModule(LightningDataModule):
                 raise BadValue("stage sft trains on traces: set train_traces (a `tag prepare traces` JSONL)")
             traces = load_traces(self.train_traces)  # first: it names a damaged line
             check_trace_grounding(self.train_traces, self.au_settings, self.activation_threshold)
+            check_trace_format(self.train_traces, self.trace_format)
         datasets = [self._read(spec, split) for spec in self.specs[split]]
         entries, counts, exclusions = [], Counter(), []
         for dataset in datasets:  # rows the reader left out (lenient reading, files that are not images)
@@ -320,7 +339,7 @@ class FERDataModule(LightningDataModule):
             raise BadValue(f"FERDataModule {split}: no usable sample, {_describe(counts)}{self._how_to_cache(split, counts)}")
         augment = FaceAugment(self.image_size, self.augment if split == "train" else None)
         items = FERItems(datasets, dataset_names(self.specs[split], datasets), entries, cache, kind, augment,
-                         self.seed, self.activation_threshold)
+                         self.seed, self.activation_threshold, self.trace_format)
         return items, counts, exclusions
 
     def _exclusion(
@@ -450,6 +469,18 @@ def check_trace_grounding(path: str | Path, au_settings: str | None, activation_
     if thresholds - {activation_threshold}:
         rank_zero_warn(f"{path} was built with --min-intensity {sorted(thresholds, key=str)}, but activation_threshold "
                        f"is {activation_threshold}: SFT targets and the rewards and metrics call different AUs active")
+
+
+def check_trace_format(path: str | Path, trace_format: str) -> None:
+    """Refuse training traces written in another format than the prompt asks for (`trace_builder.line_format`)."""
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            row = json.loads(line) if line.strip() else {}
+            held = line_format(row)
+            if row.get("trace_struct") is not None and held != trace_format:
+                raise BadValue(f"{path}:{number} holds a {held} trace, but data.trace_format is {trace_format}: set "
+                               f"--data.trace_format={held}, or rebuild the traces with `tag prepare traces ... "
+                               f"--trace-format {trace_format}`")
 
 
 def trace_fits(trace: Trace, size: tuple[int, int] | None) -> bool:

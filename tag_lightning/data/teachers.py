@@ -42,7 +42,7 @@ from tag_lightning.au.record import AURecord
 from tag_lightning.au.taxonomy import AU_BY_ID, EMOTION_PROTOTYPES, REGIONS, ActionUnit, parse_au_key
 from tag_lightning.boxes import box_iou, round_box
 from tag_lightning.data.prompts import user_prompt
-from tag_lightning.data.traces import COORDINATE_SEPARATOR, Box, Step, Trace, render_trace
+from tag_lightning.data.traces import COORDINATE_SEPARATOR, PAPER, PER_STEP, Box, Step, Trace, render_trace
 from tag_lightning.errors import BadValue, UserError
 from tag_lightning.images import ImageRef, decode_image
 
@@ -87,7 +87,7 @@ class TeacherRequest:
 
     `label` is the ground truth: the template teacher writes towards it, the VLM teachers never
     see it. `candidates` shrink as wrong answers are eliminated. `hints` are the top-K
-    activated AUs, strongest first.
+    activated AUs, strongest first. `trace_format` is the format asked for (`traces.TRACE_FORMATS`).
     """
 
     record: AURecord
@@ -98,6 +98,7 @@ class TeacherRequest:
     index: int = 0  # which of the image's traces this is (`traces_per_image`)
     count: int = 1  # how many traces the image gets
     attempt: int = 0  # answers this trace has had already (each retry is asked afresh)
+    trace_format: str = PER_STEP
 
 
 @dataclass(frozen=True)
@@ -252,7 +253,7 @@ class TemplateTeacher:
     def propose(self, request: TeacherRequest) -> Proposal:
         flawed = self.is_flawed(request.record, request.index, request.count)
         trace, flaw = self.compose(request.record, request.label, flawed)
-        return Proposal(render_trace(trace), flaw=flaw)
+        return Proposal(render_trace(trace, request.trace_format), flaw=flaw)
 
     def is_flawed(self, record: AURecord, index: int, count: int) -> bool:
         """Whether trace `index` of the image's `count` carries the face's flaw (see the class doc)."""
@@ -396,15 +397,21 @@ def _join(words: list[str]) -> str:
 # The prompt of the VLM teachers
 
 
+# Where the AU ids go, in the words of the evidence's closing instruction.
+_WHERE_AUS_GO = {PER_STEP: "in each step", PAPER: "in the final conclusion"}
+
+
 def build_prompt(request: TeacherRequest) -> str:
-    """The student's question (`prompts.user_prompt`) plus the detector's evidence with boxes.
+    """The student's question (`prompts.user_prompt`, in the request's format) plus the detector's
+    evidence with boxes.
 
     Asking the teacher the student's exact question keeps the format it writes identical to
     the one the student is trained and rewarded on. Without activated AUs (a calm face) the
     region boxes are listed instead, so the teacher can still ground its inspection steps.
     """
     width, height = request.record.size or (0, 0)
-    lines = [user_prompt(request.candidates), "", f"The image is {width}x{height} pixels."]
+    lines = [user_prompt(request.candidates, request.trace_format), "", f"The image is {width}x{height} pixels."]
+    where = _WHERE_AUS_GO[request.trace_format]
     if request.hints:
         lines.append("An AU detector found these activated action units (intensity 0-5, strongest first):")
         lines += [
@@ -412,14 +419,15 @@ def build_prompt(request: TeacherRequest) -> str:
             f"box {_box_text(hint.box)}"
             for hint in request.hints
         ]
-        lines.append("Inspect the regions of these action units only, name their AU ids, and copy their boxes.")
+        lines.append(f"Inspect the regions of these action units only, name their AU ids {where}, and copy their "
+                     "boxes.")
     else:
         lines.append("An AU detector found no activated action unit. The face regions, their AUs and boxes:")
         lines += [
             f"- {group[0].region_label} ({', '.join(_keys(group))}): box {_box_text(group[0].box)}"
             for group in _group_by_region(measured_aus(request.record))
         ]
-        lines.append("Inspect some of these regions, name the AU you check in each, and copy the region's box.")
+        lines.append(f"Inspect some of these regions, name the AUs you check {where}, and copy each region's box.")
     return "\n".join(lines)
 
 

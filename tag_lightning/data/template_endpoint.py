@@ -4,7 +4,8 @@
 the client's concurrency, resume and retries are measured and checked without a GPU or a network,
 with answers known in advance (a deterministic teacher). Each chat request's image is looked up by
 content hash among the AU records and labels the endpoint was given and answered, after a fixed
-`latency`, with `TemplateTeacher`'s trace for it; `usage` counts the answer's words as tokens. It
+`latency`, with `TemplateTeacher`'s trace for it, in the trace format the prompt asks for
+(`prompts.asked_format`; ours when it asks for none); `usage` counts the answer's words as tokens. It
 speaks HTTP/1.1 with kept-alive connections, as vLLM does, and records every chat request's
 arrival time, every connection opened and the most requests it answered at once.
 
@@ -30,8 +31,9 @@ from typing import Any
 
 from tag_lightning.au.cache import AUCache
 from tag_lightning.au.record import AURecord
+from tag_lightning.data.prompts import asked_format
 from tag_lightning.data.teachers import TemplateTeacher
-from tag_lightning.data.traces import render_trace
+from tag_lightning.data.traces import PER_STEP, render_trace
 from tag_lightning.images import content_hash
 
 
@@ -61,18 +63,18 @@ class TemplateEndpoint(ThreadingHTTPServer):
     def respond(self, request: dict, headers: Message) -> tuple[int, dict[str, str], dict[str, Any]]:
         """The HTTP status, extra headers and JSON body that answer one chat request (and its headers)."""
         time.sleep(self.latency)
-        url = request["messages"][0]["content"][0]["image_url"]["url"]
-        digest = content_hash(base64.b64decode(url.split(",", 1)[1]))
+        image, prompt = request["messages"][0]["content"]
+        digest = content_hash(base64.b64decode(image["image_url"]["url"].split(",", 1)[1]))
         if digest not in self.records:
             return 400, {}, {"error": f"unknown image {digest}"}
-        text = self._answer(digest)
+        text = self._answer(digest, asked_format(prompt["text"]) or PER_STEP)
         return 200, {}, {"choices": [{"message": {"role": "assistant", "content": text}}],
                          "usage": {"completion_tokens": len(text.split())}}
 
     @functools.lru_cache(maxsize=None)  # noqa: B019 (the endpoint lives as long as its answers)
-    def _answer(self, digest: str) -> str:
+    def _answer(self, digest: str, trace_format: str) -> str:
         """The template trace of an image: written once, so that the endpoint spends its CPU on HTTP only."""
-        return render_trace(self.teacher.write(self.records[digest], self.labels[digest]))
+        return render_trace(self.teacher.write(self.records[digest], self.labels[digest]), trace_format)
 
     def handle_error(self, request, client_address) -> None:
         """A client that goes away (a killed job, one that ended with connections kept alive) is no error here."""

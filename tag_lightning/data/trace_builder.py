@@ -6,7 +6,9 @@ it parses without a format error and predicts the ground-truth label (TAG's data
 the ``paper`` filter) and, with the ``grounded`` filter (the default), if it is also grounded in
 the detector's AUs and boxes. A rejected answer is asked for again, up to `max_format_retries`
 times; a wrong label is asked for again with that label removed from the candidates (label
-elimination), up to `max_label_retries` times.
+elimination), up to `max_label_retries` times. Traces are asked for and written in one format
+(`RejectionConfig.trace_format`, `traces.TRACE_FORMATS`); an answer in the other is a format error,
+as the claims of the two are matched differently (`claims.py`) and SFT must learn one.
 
 Several conversations with the teacher may be in flight at once (`build_traces`, `inflight.py`).
 One writer appends each finished one, flushed, and fsyncs the lines that finished together before
@@ -47,7 +49,7 @@ from tag_lightning.data.teachers import (
     TeacherSetupError,
     activated_aus,
 )
-from tag_lightning.data.traces import ParsedTrace, Trace, parse_trace, render_trace
+from tag_lightning.data.traces import PER_STEP, TRACE_FORMATS, ParsedTrace, Trace, parse_trace, render_trace
 from tag_lightning.errors import BadValue
 from tag_lightning.images import ImageRef, UnreadableImage, content_hash
 
@@ -65,10 +67,13 @@ class RejectionConfig:
     min_box_iou: float = 0.5  # a step's box must overlap its AU's region box this much
     filter: str = "grounded"  # one of FILTERS
     traces_per_image: int = 1  # traces asked for per image, each judged on its own
+    trace_format: str = PER_STEP  # the format asked for, kept and written (one of TRACE_FORMATS)
 
     def __post_init__(self) -> None:
         if self.filter not in FILTERS:
             raise BadValue(f"filter must be one of {', '.join(FILTERS)}, got {self.filter!r}")
+        if self.trace_format not in TRACE_FORMATS:
+            raise BadValue(f"trace_format must be one of {', '.join(TRACE_FORMATS)}, got {self.trace_format!r}")
         if self.traces_per_image < 1:
             raise BadValue(f"traces_per_image must be at least 1, got {self.traces_per_image}")
 
@@ -115,12 +120,15 @@ class Outcome:
 
 
 def check_answer(text: str, record: AURecord, candidates: Sequence[str], config: RejectionConfig) -> ParsedTrace:
-    """Parse `text` and, with the grounded filter, add grounding errors: the errors a retry should fix."""
+    """Parse `text` and add an answer in another format than asked for and, with the grounded filter,
+    grounding errors: the errors a retry should fix."""
     parsed = parse_trace(text, image_size=record.size, labels=candidates)
-    if config.filter == "paper":
-        return parsed
-    grounding = grounding_errors(parsed.trace, record, config.min_intensity, config.min_box_iou)
-    return ParsedTrace(parsed.trace, parsed.errors + tuple(grounding))
+    errors = parsed.errors
+    if parsed.trace_format != config.trace_format:
+        errors += (f"written in the {parsed.trace_format} format, asked for the {config.trace_format} format",)
+    if config.filter == "grounded":
+        errors += tuple(grounding_errors(parsed.trace, record, config.min_intensity, config.min_box_iou))
+    return ParsedTrace(parsed.trace, errors)
 
 
 def grounding_errors(trace: Trace, record: AURecord, min_intensity: float, min_box_iou: float) -> list[str]:
@@ -130,13 +138,17 @@ def grounding_errors(trace: Trace, record: AURecord, min_intensity: float, min_b
     (`claims.py`, AUs activated at `min_intensity`): each must be supported, so a neutral trace
     may inspect AUs only to report them relaxed, and one that calls an activated AU relaxed is a
     miss. Every step's box must overlap the region box of each of its AUs by at least
-    `min_box_iou`. AUs the global analysis and the conclusion name must be measured on this face
-    and, unless the answer is neutral (which may say what little is active), activated.
+    `min_box_iou`; in the paper's format, where the conclusion names the AUs, each must be matched
+    to a step that inspects its region. AUs the global analysis and the conclusion name must be
+    measured on this face and, unless the answer is neutral (which may say what little is active),
+    activated.
     """
     errors: list[str] = []
     activated = {key for key, _ in record.activated(min_intensity)}
     for claim in trace_claims(trace, record.aus, activated):
-        where, au = f"step {claim.step}", f"AU{claim.au}"
+        where, au = ("the conclusion" if claim.step is None else f"step {claim.step}"), f"AU{claim.au}"
+        if claim.step is None:
+            errors.append(f"{where}: no step inspects the region of {au}, so nothing boxes it")
         intensity = record.intensity(au)
         if claim.verdict == HALLUCINATION and intensity is not None:
             errors.append(f"{where}: {au} is not activated (intensity {intensity:.2f} < {min_intensity})")
@@ -182,7 +194,7 @@ def conversation(
     hints = tuple(activated_aus(record, config.min_intensity)[: config.top_k])
     while True:
         request = TeacherRequest(record, image, label, tuple(remaining), hints, index, config.traces_per_image,
-                                 attempt=attempts.proposals)
+                                 attempt=attempts.proposals, trace_format=config.trace_format)
         try:
             proposal = yield request
         except TeacherError as err:
@@ -407,7 +419,9 @@ def build_traces(
                        "(batch size, a local model), not both")
     out = Path(out)
     rejected_path, stats_path = sidecar_paths(out)
-    done = {_key(line) for line in read_jsonl(out)}  # reading also repairs a torn last line
+    written = read_jsonl(out)  # reading also repairs a torn last line
+    _check_same_format(out, written, config.trace_format)
+    done = {_key(line) for line in written}
     given_up = {_key(line) for line in read_jsonl(rejected_path) if line["status"] == "rejected"} - done
     if retry_rejected:
         given_up.clear()
@@ -416,7 +430,8 @@ def build_traces(
     grounded_on = {"au_settings": getattr(records, "settings_key", None), "min_intensity": config.min_intensity}
     stats = TraceStats(settings={"filter": config.filter, "traces_per_image": config.traces_per_image,
                                  "min_intensity": config.min_intensity, "min_box_iou": config.min_box_iou,
-                                 "concurrency": concurrency, "batch_size": batch_size,
+                                 "trace_format": config.trace_format, "concurrency": concurrency,
+                                 "batch_size": batch_size,
                                  "teacher": teacher_settings(teacher)})
     count = len(samples) if limit is None else min(limit, len(samples))
     per_image = config.traces_per_image
@@ -452,7 +467,8 @@ def build_traces(
     def write(job: _Job, outcome: Outcome) -> None:
         """One finished conversation: its line, the statistics, what is done, the progress bar."""
         stats.add(outcome)
-        line = _line(job.sample, job.record, job.digest, job.index, teacher.name, outcome) | grounded_on
+        line = _line(job.sample, job.record, job.digest, job.index, teacher.name, outcome, config.trace_format)
+        line |= grounded_on
         (kept_log if outcome.status == "kept" else rejected_log).append(line)
         in_flight.discard(job.key)
         if outcome.status == "kept":  # the same content under another name is not asked about again
@@ -485,6 +501,19 @@ def build_traces(
         stats.cpu_seconds = time.process_time() - cpu
         stats_path.write_text(json.dumps(stats.to_dict(), indent=2) + "\n")
     return stats
+
+
+def line_format(line: dict) -> str:
+    """The trace format a JSONL line was written in (lines without ``trace_format`` predate the paper's: per_step)."""
+    return line.get("trace_format", PER_STEP)
+
+
+def _check_same_format(out: Path, lines: list[dict], trace_format: str) -> None:
+    """Refuse to append traces of one format to a file holding the other: SFT trains on one."""
+    held = {line_format(line) for line in lines} - {trace_format}
+    if held:
+        raise BadValue(f"{out} holds {', '.join(sorted(held))} traces, and --trace-format is {trace_format}: write "
+                       f"{trace_format} traces to another --out, or rerun with --trace-format {held.pop()}")
 
 
 def _key(line: dict) -> tuple[str, int]:
@@ -526,11 +555,13 @@ def _screen(
     return None, record, digest
 
 
-def _line(sample: FERSample, record: AURecord, digest: str, index: int, teacher: str, outcome: Outcome) -> dict[str, Any]:
+def _line(sample: FERSample, record: AURecord, digest: str, index: int, teacher: str, outcome: Outcome,
+          trace_format: str) -> dict[str, Any]:
     """A kept trace's JSONL object (TAG-310K style), or a given-up trace's sidecar object."""
     line: dict[str, Any] = {"image": sample.image.name, "label": sample.label, "trace_index": index}
     if outcome.trace is not None:
-        line |= {"trace": render_trace(outcome.trace), "trace_struct": outcome.trace.to_dict()}
+        line |= {"trace": render_trace(outcome.trace, trace_format), "trace_format": trace_format,
+                 "trace_struct": outcome.trace.to_dict()}
         if outcome.flaw is not None:
             line["flaw"] = outcome.flaw
     else:

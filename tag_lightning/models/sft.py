@@ -2,9 +2,9 @@
 
 The network (a `VLMWrapper`) is injected; this module only decides what a training step does
 with it: move each target trace's boxes into the frame the model sees (the wrapper's `Frame`),
-render the text, and take the cross-entropy of the answer tokens (the wrapper masks prompt and
-image tokens). Evaluation, the optimizer, FSDP2 sharding and checkpoints are shared with the GRPO
-module (`module.py`).
+render the text in the batch's trace format (the datamodule's `trace_format`), and take the
+cross-entropy of the answer tokens (the wrapper masks prompt and image tokens). Evaluation, the
+optimizer, FSDP2 sharding and checkpoints are shared with the GRPO module (`module.py`).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ class SFTModule(VLMModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         images = [image.numpy() for image in batch["image"].cpu()]
         targets = [
-            render_trace(self.network.frame(image.shape[1], image.shape[0]).trace_to_model(trace))
-            for image, trace in zip(images, batch["trace"])
+            render_trace(self.network.frame(image.shape[1], image.shape[0]).trace_to_model(trace), trace_format)
+            for image, trace, trace_format in zip(images, batch["trace"], batch["trace_format"])
         ]
         inputs = self.network.build_inputs(images, batch["prompt"], targets)
         loss = self.network(inputs).loss

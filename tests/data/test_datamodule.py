@@ -4,6 +4,7 @@ worker processes, DDP shards and the YAML pieces."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,7 +25,7 @@ from tag_lightning.data.datasets import parse_data_spec
 from tag_lightning.data.prompts import user_prompt
 from tag_lightning.data.samples import ANGER, DISGUST, MULTI_FACE, NO_FACE, SAMPLE_LABELS, SINGLE_FACE
 from tag_lightning.data.sampling import EvaluationSampler
-from tag_lightning.data.traces import Step, Trace, parse_trace, render_trace
+from tag_lightning.data.traces import PAPER, Step, Trace, parse_trace, render_trace
 from tag_lightning.images import ImageRef
 
 SIZE = 224
@@ -145,6 +146,35 @@ def test_each_trace_of_an_image_is_a_training_item_of_its_own(workspace, tmp_pat
     assert sorted(targets) == sorted(["A frontal face.", "Another reading of the face."])
 
 
+def test_in_the_paper_s_format_the_prompt_asks_for_it_and_the_targets_are_written_in_it(workspace, tmp_path):
+    """Traces written with `--trace-format paper` (their structure as the builder keeps it: parsed from
+    the paper's text), trained on with ``trace_format="paper"``; a file of the other format is refused."""
+    rows = [json.loads(line) for line in workspace.traces.read_text().splitlines() if line.strip()]
+    for row in rows:
+        if row["trace_struct"] is not None:
+            trace = parse_trace(render_trace(Trace.from_dict(row["trace_struct"]), PAPER)).trace
+            row |= {"trace": render_trace(trace, PAPER), "trace_struct": trace.to_dict(), "trace_format": PAPER}
+    paper = tmp_path / "paper.jsonl"
+    paper.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    dm = datamodule(workspace, train_traces=str(paper), trace_format=PAPER)
+    for split in ("train", "val"):
+        item = dm.items[split][0]
+        assert item["prompt"] == user_prompt(workspace.classes, PAPER) and item["trace_format"] == PAPER
+    items = dm.items["train"]
+    for index in range(len(items)):
+        item = items[index]
+        assert item["target"] == render_trace(item["trace"], PAPER)
+        parsed = parse_trace(item["target"], image_size=(SIZE, SIZE), labels=workspace.classes)
+        assert (parsed.trace_format, parsed.errors) == (PAPER, ())
+    refusal = re.escape(f"{paper}:1 holds a paper trace, but data.trace_format is per_step: set --data.trace_format=paper")
+    with pytest.raises(ValueError, match=refusal + ", or rebuild"):
+        datamodule(workspace, train_traces=str(paper))
+    with pytest.raises(ValueError, match=r"holds a per_step trace, but data.trace_format is paper"):
+        datamodule(workspace, trace_format=PAPER)  # lines without a trace_format were written per step
+    with pytest.raises(ValueError, match="trace_format must be one of per_step, paper, got 'xml'"):
+        FERDataModule(str(workspace.cache), trace_format="xml")
+
+
 def test_evaluation_items_carry_detector_boxes_in_the_image_frame(workspace):
     items = datamodule(workspace).items["val"]
     for index in range(len(items)):
@@ -167,14 +197,14 @@ def test_evaluation_items_carry_detector_boxes_in_the_image_frame(workspace):
 def test_batches_are_tensors_and_lists_for_the_model_wrapper(workspace):
     dm = datamodule(workspace, batch_size=3)
     train = next(iter(dm.train_dataloader()))
-    assert set(train) == {"image", "image_name", "dataset", "prompt", "label", "labels", "original_size", "counted",
-                          "trace", "target"}
+    assert set(train) == {"image", "image_name", "dataset", "prompt", "trace_format", "label", "labels",
+                          "original_size", "counted", "trace", "target"}
     assert train["image"].dtype == torch.uint8 and train["image"].shape == (3, SIZE, SIZE, 3)
     assert all(len(train[key]) == 3 for key in train)
     assert all(isinstance(trace, Trace) for trace in train["trace"])
     val = next(iter(dm.val_dataloader()))
-    assert set(val) == {"image", "image_name", "dataset", "prompt", "label", "labels", "original_size", "counted",
-                        "detector_aus", "activated_aus"}
+    assert set(val) == {"image", "image_name", "dataset", "prompt", "trace_format", "label", "labels",
+                        "original_size", "counted", "detector_aus", "activated_aus"}
     assert dm.transfer_batch_to_device(val, torch.device("cpu"), 0) is val
 
 

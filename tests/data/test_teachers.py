@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from tag_lightning.au.taxonomy import EMOTION_PROTOTYPES
+from tag_lightning.claims import References, read_completion
 from tag_lightning.data.samples import DISGUST, HAPPINESS, SAMPLE_LABELS, SINGLE_FACE, SURPRISE
 from tag_lightning.data.teachers import (
     HFTeacher,
@@ -32,8 +33,17 @@ from tag_lightning.data.teachers import (
 )
 from tag_lightning.data.datasets import FERSample
 from tag_lightning.data.template_endpoint import TemplateEndpoint
-from tag_lightning.data.trace_builder import RejectionConfig, build_traces, read_jsonl, sample_trace, sidecar_paths
-from tag_lightning.data.traces import parse_trace, render_trace
+from tag_lightning.data.prompts import format_spec
+from tag_lightning.data.trace_builder import (
+    RejectionConfig,
+    build_traces,
+    grounding_errors,
+    read_jsonl,
+    sample_trace,
+    sidecar_paths,
+)
+from tag_lightning.data.traces import PAPER, PER_STEP, conclusion_aus, parse_trace, render_trace
+from tag_lightning.rewards import format_reward
 from tag_lightning.images import ImageRef
 
 LABELLED = sorted(name for name, label in SAMPLE_LABELS.items() if label)
@@ -131,6 +141,24 @@ def test_template_declines_rather_than_inventing_evidence(sample_records):
         TemplateTeacher().write(tense, "neutral")
 
 
+@pytest.mark.parametrize("photo", [*LABELLED, SINGLE_FACE])
+def test_template_trace_in_the_paper_s_format_scores_format_1_and_is_grounded(sample_records, photo):
+    """Asked for TAG's format, the template teacher names no AU on its steps and lists them in the
+    conclusion; the answer is read as the paper's, scores format 1 and the builder's filter keeps it."""
+    record, label = sample_records[photo], SAMPLE_LABELS[photo] or "neutral"
+    text = TemplateTeacher().propose(replace(_request(record, label), trace_format=PAPER)).text
+    completion = read_completion(text)
+    assert completion.trace_format == PAPER and completion.errors == ()
+    assert all(not step.aus for step in completion.trace.steps)
+    assert not [line for line in text.splitlines() if line.startswith("Inspect") and "AU" in line]
+    grounded = TemplateTeacher().write(record, label)
+    assert set(conclusion_aus(completion.trace)) == {au for step in grounded.steps for au in step.aus}
+    references = References(label, CANDIDATES + ("neutral",), record.aus,
+                            frozenset(key for key, _ in record.activated(1.0)), record.size)
+    assert format_reward(completion, references).value == 1.0
+    assert grounding_errors(completion.trace, record, 1.0, 0.5) == []
+
+
 # -- the prompt ----------------------------------------------------------------------------------
 def test_prompt_lists_the_candidates_the_activated_aus_with_boxes_and_the_format(sample_records):
     record = sample_records[SURPRISE]
@@ -143,6 +171,15 @@ def test_prompt_lists_the_candidates_the_activated_aus_with_boxes_and_the_format
     assert "Global analysis:" in prompt and "<answer>" in prompt and "512x512" in prompt
     calm_prompt = build_prompt(replace(request, hints=()))
     assert "no activated action unit" in calm_prompt and "lip corner (AU12, AU14, AU15, AU20)" in calm_prompt
+
+
+def test_the_prompt_asks_for_the_request_s_trace_format(sample_records):
+    request = _request(sample_records[SURPRISE], "surprise")
+    for trace_format, where in ((PER_STEP, "in each step"), (PAPER, "in the final conclusion")):
+        asked = replace(request, trace_format=trace_format)
+        for prompt in (build_prompt(asked), build_prompt(replace(asked, hints=()))):
+            assert format_spec(trace_format) in prompt and where in prompt
+    assert format_spec(PER_STEP) not in build_prompt(replace(request, trace_format=PAPER))
 
 
 def test_image_data_url_sends_web_images_as_is_and_rotates_exif_images(tmp_path, samples_dir):
@@ -237,6 +274,18 @@ def test_openai_teacher_retries_format_eliminates_wrong_labels_and_backs_off(sam
     seeds = [sampling.pop("seed") for sampling in chat_server.sampling]
     assert seeds[2] == seeds[3] and len(set(seeds)) == 3  # a fresh draw per answer; a transport retry resends
     assert chat_server.sampling == [{"temperature": 0.7, "max_tokens": 1024}] * 4
+
+
+def test_the_template_endpoint_answers_in_the_trace_format_it_is_asked_for(sample_records):
+    record = sample_records[SURPRISE]
+    image = ImageRef.from_path(record.image)
+    with TemplateEndpoint({record.content_hash: record}, {record.content_hash: "surprise"}) as endpoint:
+        teacher = OpenAITeacher(endpoint.base_url, "template", api_key_env="TAG_NO_KEY", timeout=10)
+        for trace_format in (PER_STEP, PAPER):
+            config = RejectionConfig(trace_format=trace_format, max_format_retries=0)
+            outcome = sample_trace(teacher, record, image, "surprise", CANDIDATES, config)
+            assert outcome.status == "kept", outcome.detail
+            assert parse_trace(render_trace(outcome.trace, trace_format)).trace_format == trace_format
 
 
 def test_request_seeds_are_reproducible_and_differ_by_image_trace_and_attempt(sample_records, monkeypatch):

@@ -21,7 +21,7 @@ from tag_lightning.data.trace_builder import (
     sample_trace,
     sidecar_paths,
 )
-from tag_lightning.data.traces import Step, render_trace
+from tag_lightning.data.traces import PAPER, PER_STEP, Step, Trace, parse_trace, render_trace
 from tag_lightning.images import ImageRef, content_hash
 
 CANDIDATES = ("surprise", "fear", "happiness", "anger", "disgust", "neutral")
@@ -65,6 +65,19 @@ def test_grounding_accepts_the_template_and_catches_unbacked_claims(sample_recor
     assert any("AU99 was not measured" in error for error in grounding_errors(unknown, record, 1.0, 0.5))
     boasting = replace(trace, conclusion="AU15 and AU12 indicate happiness.")
     assert any("conclusion: AU15" in error for error in grounding_errors(boasting, record, 1.0, 0.5))
+
+
+def test_a_concluded_au_no_step_inspects_is_blamed_on_the_conclusion(sample_records):
+    """In the paper's format the conclusion names the AUs; one whose region no step inspects has no box."""
+    record = sample_records[HAPPINESS]
+    grounded = TemplateTeacher().write(record, "happiness")
+    paper = parse_trace(render_trace(grounded, PAPER)).trace
+    assert paper.steps and grounding_errors(paper, record, 1.0, 0.5) == []
+    unboxed = replace(paper, steps=paper.steps[:-1])
+    errors = grounding_errors(unboxed, record, 1.0, 0.5)
+    assert errors == [f"the conclusion: no step inspects the region of AU{au}, so nothing boxes it"
+                      for au in grounded.steps[-1].aus]
+    assert not any("None" in error for error in errors)
 
 
 def test_a_neutral_answer_may_report_inactive_aus_as_relaxed(sample_records):
@@ -157,6 +170,22 @@ def test_the_paper_filter_keeps_flawed_traces_with_the_right_label_and_ours_drop
         RejectionConfig(filter="strict")
 
 
+def test_an_answer_in_the_other_trace_format_is_a_format_error(sample_records):
+    record = sample_records[SURPRISE]
+    right = TemplateTeacher().write(record, "surprise")
+    teacher = ScriptedTeacher([render_trace(right), render_trace(right, PAPER)])
+    outcome = sample_trace(teacher, record, ImageRef.from_path(record.image), "surprise", CANDIDATES,
+                           RejectionConfig(trace_format=PAPER))
+    assert (outcome.status, outcome.attempts.format_retries) == ("kept", 1)
+    assert parse_trace(render_trace(outcome.trace, PAPER)).trace_format == PAPER
+    assert [request.trace_format for request in teacher.requests] == [PAPER, PAPER]
+    refused = sample_trace(ScriptedTeacher([render_trace(right)]), record, ImageRef.from_path(record.image),
+                           "surprise", CANDIDATES, RejectionConfig(trace_format=PAPER, max_format_retries=0))
+    assert refused.detail == "written in the per_step format, asked for the paper format"
+    with pytest.raises(ValueError, match="trace_format must be one of per_step, paper"):
+        RejectionConfig(trace_format="xml")
+
+
 def test_declines_and_transport_failures_end_the_sample_without_retries(sample_records):
     record = sample_records[SURPRISE]
     image = ImageRef.from_path(record.image)
@@ -236,6 +265,26 @@ def test_prepare_traces_writes_tag310k_style_jsonl(samples_dir, au_cache, tmp_pa
     assert "kept 4" in printed and "no label 3" in printed and "retries: format 0, label 0, http 0" in printed
     stats = json.loads(sidecar_paths(out)[1].read_text())
     assert stats["kept"] == 4 and stats["skipped"] == {"no label": 3}
+
+
+def test_prepare_traces_in_the_paper_s_format_writes_and_records_it(samples_dir, au_cache, tmp_path, capsys):
+    out = tmp_path / "paper.jsonl"
+    assert _prepare_traces(samples_dir, au_cache, out, "--trace-format", "paper") == 0
+    lines = _lines(out)
+    assert sorted(Path(line["image"]).name for line in lines) == sorted(LABELLED)  # the filter keeps them all
+    for line in lines:
+        parsed = parse_trace(line["trace"], image_size=tuple(line["image_size"]), labels=CANDIDATES)
+        assert (line["trace_format"], parsed.trace_format, parsed.errors) == (PAPER, PAPER, ())
+        assert render_trace(Trace.from_dict(line["trace_struct"]), PAPER) == line["trace"]
+    assert json.loads(sidecar_paths(out)[1].read_text())["settings"]["trace_format"] == PAPER
+    ours = tmp_path / "per_step.jsonl"
+    assert _prepare_traces(samples_dir, au_cache, ours) == 0
+    assert {line["trace_format"] for line in _lines(ours)} == {PER_STEP}
+    assert json.loads(sidecar_paths(ours)[1].read_text())["settings"]["trace_format"] == PER_STEP
+    capsys.readouterr()
+    assert _prepare_traces(samples_dir, au_cache, out, "--limit", "1") == 2  # per_step lines into a paper file
+    assert capsys.readouterr().err == (f"error: {out} holds paper traces, and --trace-format is per_step: write "
+                                       "per_step traces to another --out, or rerun with --trace-format paper\n")
 
 
 def test_prepare_traces_resumes_after_a_kill_without_duplicates(samples_dir, au_cache, tmp_path):

@@ -116,6 +116,44 @@ def test_bad_configs_fail_before_training_with_what_to_fix(fit_args, tmp_path, c
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
+def _paper_traces(demo_dir, out):
+    """The demo faces' template traces in the paper's format, written by `tag prepare traces --trace-format paper`."""
+    assert main(["prepare", "traces", "--data", str(demo_dir / "samples" / "manifest.csv"), "--cache",
+                 str(demo_dir / "au_cache"), "--out", str(out), "--trace-format", "paper", "--quiet"]) == 0
+    return out
+
+
+def test_fit_refuses_traces_of_another_format_than_the_prompt_asks_for(fit_args, demo_dir, tmp_path, capsys):
+    traces = _paper_traces(demo_dir, tmp_path / "paper.jsonl")
+    capsys.readouterr()
+    assert main(fit_args(tmp_path, f"--data.train_traces={traces}", "--trainer.max_steps=1")) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: {traces}:1 holds a paper trace, but data.trace_format is per_step: set --data.trace_format=paper, "
+        "or rebuild the traces with `tag prepare traces ... --trace-format per_step`")
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+# Measured once on 2 busy CPU cores (the tiny configs: lr 3e-3, batch 4; validation every 25 steps):
+# greedy format_valid on the four faces 0 at steps 25-100, 0.5 at 125 (box_iou 0.84, acc 0.75), as the
+# per-step format (0 at 100, 1.0 at 150: configs/tiny/sft.yaml); STEP_150_FIGURES.
+PAPER_STEPS = 150
+
+
+@pytest.mark.slow
+def test_sft_on_template_traces_in_the_paper_s_format_learns_to_write_it(fit_args, demo_dir, tmp_path):
+    """The acceptance test of the paper's format: the tiny model trained by SFT on template traces in
+    TAG's format writes that format on every demo face, as it does ours."""
+    paper = [f"--data.train_traces={_paper_traces(demo_dir, tmp_path / 'paper.jsonl')}", "--data.trace_format=paper",
+             "-c", str(CONFIGS / "tiny" / "sft.yaml"), "--model.init_args.max_new_tokens=256"]
+    assert main(fit_args(tmp_path, *paper, f"--trainer.max_steps={PAPER_STEPS}", "--trainer.limit_val_batches=0")) == 0
+    checkpoint = newest_last_checkpoint(tmp_path)
+    assert main(fit_args(tmp_path, *paper, f"--ckpt_path={checkpoint}", command="test")) == 0
+    (report,) = tmp_path.rglob("metrics.json")
+    report = json.loads(report.read_text())
+    assert report["figures"]["format_valid"] == 1.0
+    assert report["counts"]["answers"] == report["counts"]["paper_format"] == 4
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_two_cpu_processes(fit_args, tmp_path, strategy):
