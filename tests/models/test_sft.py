@@ -137,7 +137,7 @@ def test_fit_refuses_traces_of_another_format_than_the_prompt_asks_for(fit_args,
 # greedy format_valid on the four faces 0 at steps 25-100, 0.5 at 125 (box_iou 0.84, acc 0.75), as the
 # per-step format (0 at 100, 1.0 at 150: configs/tiny/sft.yaml); at 150: 1.0 (box_iou 0.98, acc 1.0), and
 # `tag test` on that checkpoint read all 4 answers as the paper's format. 150 steps took ~45 min on the
-# busy machine (~4 min unloaded, as the demo's SFT); fewer than 150 did not reach 1.0.
+# busy machine (estimated ~4 min unloaded, as the demo's SFT); 126-149 were not measured.
 PAPER_STEPS = 150
 
 
