@@ -341,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "the grounding reward (it stayed at 1.0). It tests that the reward moves a tiny model's "
                     "evidence on four faces, not TAG's accuracy on real data; --no-experiment runs the plain "
                     "pipeline.\n\n"
-                    "About 9 minutes on 2 CPU cores. Killed, it resumes: finished phases "
+                    "About 14 minutes on 2 CPU cores (--ablation: about 7 more). Killed, it resumes: finished phases "
                     "are skipped and a training run goes on from its last checkpoint. With --model and --data it "
                     "runs the same phases on a real model and dataset (nothing is downloaded).")
     demo.add_argument("--out", type=Path, default=Path("outputs/demo"), help="folder for everything the demo writes")
