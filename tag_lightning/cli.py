@@ -366,10 +366,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "--no-experiment: one grounded trace per face, kept by our grounding filter, which "
                            "shows the machinery but leaves GRPO nothing to choose between")
     demo.add_argument("--traces-per-image", type=_positive_int, default=None,
-                      help="template-teacher traces per face (unset: 4 with --experiment, else 1)")
+                      help="template-teacher traces per face (unset: 4 in the experiment, 1 with --no-experiment)")
     demo.add_argument("--error-rate", type=_unit_float, default=None,
                       help="the share of each face's traces with a deliberate grounding flaw and the right label, "
-                           "kept by TAG's filter (unset: 0.75 with --experiment, else 0: every trace grounded, "
+                           "kept by TAG's filter (unset: 0.75 in the experiment; 0 with --no-experiment: every trace grounded, "
                            "kept by our grounding filter)")
     demo.add_argument("--error-kinds", type=_error_kinds, default="hallucination",
                       help="the flaw kinds of the experiment (see `tag prepare traces --help`); wrong_box flaws were "
