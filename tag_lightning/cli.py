@@ -343,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "the grounding reward (it stayed at 1.0). It tests that the reward moves a tiny model's "
                     "evidence on four faces, not TAG's accuracy on real data; --no-experiment runs the plain "
                     "pipeline.\n\n"
-                    "About 9 minutes on 2 CPU cores. Killed, it resumes: finished phases "
+                    "About 14 minutes on 2 CPU cores (--ablation: about 7 more). Killed, it resumes: finished phases "
                     "are skipped and a training run goes on from its last checkpoint. With --model and --data it "
                     "runs the same phases on a real model and dataset (nothing is downloaded).")
     demo.add_argument("--out", type=Path, default=Path("outputs/demo"), help="folder for everything the demo writes")
@@ -368,10 +368,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "--no-experiment: one grounded trace per face, kept by our grounding filter, which "
                            "shows the machinery but leaves GRPO nothing to choose between")
     demo.add_argument("--traces-per-image", type=_positive_int, default=None,
-                      help="template-teacher traces per face (unset: 4 with --experiment, else 1)")
+                      help="template-teacher traces per face (unset: 4 in the experiment, 1 with --no-experiment)")
     demo.add_argument("--error-rate", type=_unit_float, default=None,
                       help="the share of each face's traces with a deliberate grounding flaw and the right label, "
-                           "kept by TAG's filter (unset: 0.75 with --experiment, else 0: every trace grounded, "
+                           "kept by TAG's filter (unset: 0.75 in the experiment; 0 with --no-experiment: every trace grounded, "
                            "kept by our grounding filter)")
     demo.add_argument("--error-kinds", type=_error_kinds, default="hallucination",
                       help="the flaw kinds of the experiment (see `tag prepare traces --help`); wrong_box flaws were "

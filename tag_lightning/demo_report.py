@@ -31,7 +31,7 @@ SAMPLED_SHOWN = ("hallucination_rate", "box_iou", "format_valid", "acc", "reward
                  "reward/answer")
 """The figures of the sampled answers the report shows."""
 EXPERIMENT_NOTE = (
-    "The experiment: the template teacher wrote {per_image} traces per face, {flawed} of them with the face's "
+    "A controlled experiment, with flaws made on purpose: the template teacher wrote {per_image} traces per face, {flawed} of them with the face's "
     "deliberate grounding flaw (an AU the detector does not activate, or a box on another region) and all naming the "
     "right label, so TAG's filter (label and format) kept them all, as it would keep a VLM teacher's. SFT learns "
     "that mix; the question is whether GRPO's grounding reward removes the flawed evidence, and whether GRPO "

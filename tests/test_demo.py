@@ -19,7 +19,7 @@ from tag_lightning.errors import UserError
 # The plain demo (one grounded trace per face), smaller than its default (200 SFT and 30 GRPO steps):
 # SFT just long enough to learn the four faces' format (measured: format_valid 1.0 and box_iou 0.79 at
 # step 150), a few GRPO steps. It tests the phases, the report and resuming; the experiment's effect
-# needs the full size (about 12 minutes on 2 cores, too long for CI): the `experiment`-marked test below.
+# needs the full size (13 min 48 s on 2 quiet cores, too long for CI): the `experiment`-marked test below.
 SMALL_DEMO = ["--no-experiment", "--sft-steps", "150", "--grpo-steps", "3", "--workers", "1"]
 
 
@@ -193,7 +193,7 @@ def test_the_demo_runs_the_controlled_experiment_and_its_ablation_as_commands(tm
 @pytest.mark.experiment
 def test_the_demo_experiment_shows_the_grounding_reward_removing_flawed_evidence(tmp_path):
     """`tag demo --ablation` (the experiment is the default) at its default size: the figures the experiment
-    is judged by. Not in CI (about 15 minutes on 2 cores): `python -m pytest -m experiment`."""
+    is judged by. Not in CI (about 21 minutes on 2 cores with the ablation): `python -m pytest -m experiment`."""
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--ablation"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
