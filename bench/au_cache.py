@@ -78,8 +78,8 @@ def libreface_style_baseline(refs, weights: Path, count: int) -> float:
     import torch
     from PIL import Image
 
-    from tag_lightning.au.landmarks import FaceLandmarkDetector
     from tag_lightning.au.detectors import load_libreface_weights
+    from tag_lightning.au.landmarks import FaceLandmarkDetector
 
     torch.set_num_threads(1)
     net = build_libreface_net()

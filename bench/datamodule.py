@@ -24,13 +24,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tag_lightning.answers.grammar import Step, Trace  # noqa: E402
 from tag_lightning.au.build import build_au_cache  # noqa: E402
 from tag_lightning.au.cache import AUCache  # noqa: E402
 from tag_lightning.au.record import AURecord  # noqa: E402
 from tag_lightning.au.taxonomy import AU_BY_ID, REGIONS, parse_au_key  # noqa: E402
 from tag_lightning.data.datamodule import FERDataModule  # noqa: E402
 from tag_lightning.data.samples import NO_FACE, SAMPLE_LABELS, fetch_samples  # noqa: E402
-from tag_lightning.data.traces import Step, Trace  # noqa: E402
 from tag_lightning.images import ImageRef  # noqa: E402
 
 TARGET = ("sft", 224, 2, 300.0)  # stage, image size, workers, samples/s

@@ -31,10 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning.pytorch import Trainer  # noqa: E402
 
-from tag_lightning.claims import read_completion  # noqa: E402
+from tag_lightning.commands.demo import TINY_MODEL, prepare_demo_data  # noqa: E402
 from tag_lightning.data.datamodule import FERDataModule  # noqa: E402
-from tag_lightning.demo import TINY_MODEL, prepare_demo_data  # noqa: E402
-from tag_lightning.metrics import AnswerMetrics, score_answer  # noqa: E402
+from tag_lightning.grounding.claims import read_completion  # noqa: E402
+from tag_lightning.grounding.metrics import AnswerMetrics, score_answer  # noqa: E402
 from tag_lightning.models.sft import SFTModule  # noqa: E402
 from tag_lightning.models.vlm import LoRAConfig, VLMConfig, VLMWrapper  # noqa: E402
 

@@ -34,10 +34,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tag_lightning.claims import References, read_completion  # noqa: E402
+from tag_lightning.commands.demo import TINY_MODEL, prepare_demo_data  # noqa: E402
 from tag_lightning.data.datamodule import FERDataModule  # noqa: E402
-from tag_lightning.demo import TINY_MODEL, prepare_demo_data  # noqa: E402
-from tag_lightning.rewards import DEFAULT_WEIGHTS, REWARDS  # noqa: E402
+from tag_lightning.grounding.claims import References, read_completion  # noqa: E402
+from tag_lightning.grounding.rewards import DEFAULT_WEIGHTS, REWARDS  # noqa: E402
 
 G, NEW_TOKENS, PROMPTS_PER_STEP, LR = 4, 64, 2, 1e-4
 LORA = dict(r=8, alpha=16, dropout=0.0)

@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from fixtures.libreface.make_fixture import compare, fixture_photo, load_fixture, random_checkpoint  # noqa: E402
+
 from tag_lightning.au.detectors import build_libreface_net  # noqa: E402
 from tag_lightning.au.landmarks import FaceLandmarkDetector  # noqa: E402
 from tag_lightning.data.samples import fetch_samples  # noqa: E402

@@ -62,8 +62,14 @@ STAGE_CONFIGS = {"sft": ("sft.yaml", "gpu.yaml"), "grpo": ("grpo.yaml", "gpu_grp
 def build_model(out: Path) -> None:
     """Write the random 3B model folder (weights created directly in bfloat16: 7.5 GB, not 15)."""
     import torch
-    from transformers import (AutoModelForImageTextToText, GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLProcessor,
-                              Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
+    from transformers import (
+        AutoModelForImageTextToText,
+        GenerationConfig,
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+    )
 
     from tag_lightning.models.backbones.qwen_vl import CHAT_TEMPLATE
     from tag_lightning.models.tiny import qwen_tokenizer
@@ -131,9 +137,9 @@ def run_stage(stage: str, out: Path, demo: Path, requested_dtype: str) -> dict:
     import torch
     from lightning.pytorch import Callback, LightningModule
 
+    from tag_lightning.commands.training import TagArgumentParser, TagCLI
     from tag_lightning.data.datamodule import FERDataModule
-    from tag_lightning.rewards import REWARDS, RewardResult
-    from tag_lightning.training import TagArgumentParser, TagCLI
+    from tag_lightning.grounding.rewards import REWARDS, RewardResult
 
     REWARDS["length"] = lambda completion, references: RewardResult(len(completion.text) / 100.0, {})
     cuda = torch.cuda.is_available()
@@ -219,7 +225,7 @@ def main() -> None:
         print("FIGURES " + json.dumps(run_stage(args.stage, out, demo, args.dtype)), flush=True)
         return
 
-    from tag_lightning.demo import prepare_demo_data
+    from tag_lightning.commands.demo import prepare_demo_data
 
     if not (demo / "traces.jsonl").is_file():
         prepare_demo_data(demo, workers=1)

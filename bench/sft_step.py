@@ -24,9 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning.pytorch import Callback, Trainer  # noqa: E402
 
+from tag_lightning.answers.grammar import render_trace  # noqa: E402
+from tag_lightning.commands.demo import TINY_MODEL, prepare_demo_data  # noqa: E402
 from tag_lightning.data.datamodule import FERDataModule  # noqa: E402
-from tag_lightning.data.traces import render_trace  # noqa: E402
-from tag_lightning.demo import TINY_MODEL, prepare_demo_data  # noqa: E402
 from tag_lightning.models.sft import SFTModule  # noqa: E402
 from tag_lightning.models.vlm import LoRAConfig, VLMConfig, VLMWrapper  # noqa: E402
 

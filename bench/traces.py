@@ -29,9 +29,9 @@ sys.path.insert(0, str(REPO))
 
 from tag_lightning.au.build import build_au_cache  # noqa: E402
 from tag_lightning.data.samples import SAMPLE_LABELS, fetch_samples  # noqa: E402
-from tag_lightning.data.template_endpoint import TemplateEndpoint, replicate  # noqa: E402
-from tag_lightning.data.trace_builder import sidecar_paths  # noqa: E402
 from tag_lightning.images import ImageRef  # noqa: E402
+from tag_lightning.traces.builder import sidecar_paths  # noqa: E402
+from tag_lightning.traces.template_endpoint import TemplateEndpoint, replicate  # noqa: E402
 
 TARGET = 0.8  # of the ideal rate, at the highest concurrency
 
@@ -55,7 +55,7 @@ def main() -> int:
         for concurrency in map(int, args.concurrency.split(",")):
             with TemplateEndpoint(records, labels, latency=args.latency) as endpoint:
                 out = root / f"traces_{concurrency}.jsonl"
-                command = [sys.executable, "-m", "tag_lightning.cli", "prepare", "traces", "--data", str(manifest),
+                command = [sys.executable, "-m", "tag_lightning.commands.cli", "prepare", "traces", "--data", str(manifest),
                            "--cache", str(root / "au_cache"), "--out", str(out), "--quiet", "--teacher", "openai",
                            "--base-url", endpoint.base_url, "--model", "template", "--concurrency", str(concurrency)]
                 start = time.perf_counter()

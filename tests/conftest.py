@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tag_lightning.allocator import keep_freed_memory
+from tag_lightning.commands.allocator import keep_freed_memory
 from tag_lightning.data.samples import SAMPLE_LABELS, fetch_samples
 
 keep_freed_memory()  # the tests that train without `tag` get the allocator `tag` runs with
@@ -42,7 +42,7 @@ def sample_records(samples_dir, annotator) -> dict:
 def au_cache(samples_dir, tmp_path_factory) -> Path:
     """The AU cache of the sample photos, built the way `tag prepare au-cache` builds it (read it, never add to it)."""
     from tag_lightning.au.build import build_au_cache
-    from tag_lightning.cli import image_refs
+    from tag_lightning.commands.cli import image_refs
 
     folder = tmp_path_factory.mktemp("au-cache")
     build_au_cache(image_refs(str(samples_dir)), folder, progress=False)
@@ -52,6 +52,6 @@ def au_cache(samples_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory) -> Path:
     """What `tag demo` prepares (samples, AU cache, drawings, traces, tiny model), without its SFT run."""
-    from tag_lightning.demo import prepare_demo_data
+    from tag_lightning.commands.demo import prepare_demo_data
 
     return prepare_demo_data(tmp_path_factory.mktemp("demo"), workers=1)

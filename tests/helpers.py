@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tag_lightning.rewards import RewardResult
+from tag_lightning.grounding.rewards import RewardResult
 
 REPO = Path(__file__).resolve().parents[1]
 AFFECTNET_HEADER = (
@@ -31,7 +31,7 @@ def trained_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 
 def run_python(args: list[str], timeout: int = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """`python ARGS` in the repository, with the repository importable (e.g. ``["-m", "tag_lightning.cli", ...]``)
+    """`python ARGS` in the repository, with the repository importable (e.g. ``["-m", "tag_lightning.commands.cli", ...]``)
     and `env` added to the environment."""
     env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)

@@ -23,7 +23,7 @@ from types import SimpleNamespace
 import pytest
 
 from tag_lightning.data.samples import ANGER, DISGUST, HAPPINESS, MULTI_FACE, SAMPLE_LABELS, SINGLE_FACE, SURPRISE
-from tag_lightning.data.template_endpoint import TemplateEndpoint
+from tag_lightning.traces.template_endpoint import TemplateEndpoint
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -33,7 +33,7 @@ LABELLED = (SURPRISE, HAPPINESS, ANGER, DISGUST)
 def tag(*args, cwd: Path = REPO, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("TAG_DEBUG", None)
-    return subprocess.run([sys.executable, "-m", "tag_lightning.cli", *map(str, args)], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "tag_lightning.commands.cli", *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -288,7 +288,7 @@ def test_predict_says_which_model_answered_and_never_mixes_runs(demo_dir, tmp_pa
 
 def test_every_prediction_names_the_checkpoint_that_made_it(demo_dir, tmp_path):
     """The writer's part of a `tag predict --ckpt_path` run (a full one is in tests/models/test_sft.py)."""
-    from tag_lightning.callbacks import JSONLPredictionWriter
+    from tag_lightning.commands.callbacks import JSONLPredictionWriter
     from tag_lightning.models.module import VLMModule
     from tag_lightning.models.vlm import VLMConfig
 

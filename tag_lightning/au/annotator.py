@@ -15,7 +15,13 @@ import numpy as np
 
 from tag_lightning.au import regions as regions_module
 from tag_lightning.au.detectors import (
-    AUSource, AUValue, BlendshapeAUSource, Face, LibreFaceAUSource, file_digest, libreface_fingerprint,
+    AUSource,
+    AUValue,
+    BlendshapeAUSource,
+    Face,
+    LibreFaceAUSource,
+    file_digest,
+    libreface_fingerprint,
 )
 from tag_lightning.au.landmarks import FaceLandmarkDetector, LandmarkerConfig
 from tag_lightning.au.quality import QualityThresholds, assess_quality

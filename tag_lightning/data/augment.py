@@ -41,9 +41,9 @@ import albumentations as A
 import cv2
 import numpy as np
 
+from tag_lightning.answers.grammar import Box, Step, Trace
 from tag_lightning.au.regions import au_region_boxes
 from tag_lightning.boxes import points_box, round_box
-from tag_lightning.data.traces import Box, Step, Trace
 from tag_lightning.errors import BadValue
 
 MAX_DRAWS = 5

@@ -15,7 +15,7 @@ the settings and the activation threshold it was grounded on: traces grounded on
 are refused, and another threshold is told (SFT targets and the rewards would disagree on which
 AUs are active).
 
-Trace format. One option, `trace_format` (``per_step`` or ``paper``, `traces.TRACE_FORMATS`),
+Trace format. One option, `trace_format` (``per_step`` or ``paper``, `grammar.TRACE_FORMATS`),
 chooses the format the prompt asks for and the SFT targets are rendered in; GRPO and evaluation ask the
 same prompt. Training traces written in the other format (each line records its own, lines
 without one are ``per_step``) are refused: the model would be taught one format and asked for the
@@ -63,15 +63,14 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
+from tag_lightning.answers.grammar import PER_STEP, TRACE_FORMATS, Trace, line_format, render_trace
+from tag_lightning.answers.labels import DATASET_CLASSES
+from tag_lightning.answers.prompts import user_prompt
 from tag_lightning.au.cache import AUCache
 from tag_lightning.au.record import STATUSES, AURecord
 from tag_lightning.data.augment import AugmentOptions, FaceAugment
 from tag_lightning.data.datasets import FERDataset, PhotoFolder, parse_data_spec
-from tag_lightning.data.labels import DATASET_CLASSES
-from tag_lightning.data.prompts import user_prompt
 from tag_lightning.data.sampling import EvaluationSampler, Key, ResumableSampler
-from tag_lightning.data.trace_builder import line_format
-from tag_lightning.data.traces import PER_STEP, TRACE_FORMATS, Trace, render_trace
 from tag_lightning.errors import BadValue, UserError
 from tag_lightning.images import ImageRef, content_hash, decode_image
 
@@ -472,7 +471,7 @@ def check_trace_grounding(path: str | Path, au_settings: str | None, activation_
 
 
 def check_trace_format(path: str | Path, trace_format: str) -> None:
-    """Refuse training traces written in another format than the prompt asks for (`trace_builder.line_format`)."""
+    """Refuse training traces written in another format than the prompt asks for (`line_format`)."""
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             row = json.loads(line) if line.strip() else {}

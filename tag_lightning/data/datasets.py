@@ -24,7 +24,7 @@ from typing import ClassVar, NamedTuple
 import numpy as np
 from PIL import Image
 
-from tag_lightning.data.labels import (
+from tag_lightning.answers.labels import (
     AFFECTNET_LABELS,
     AFFECTNET_NON_EXPRESSIONS,
     DATASET_CLASSES,

@@ -45,11 +45,11 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from tag_lightning.errors import BadValue, UserError, describe
+from tag_lightning.grounding.rewards import DEFAULT_WEIGHTS, check_weights, score
 from tag_lightning.models.checkpoints import check_fits, network_weights, read_checkpoint
 from tag_lightning.models.module import VLMModule
 from tag_lightning.models.sampling import seeded
 from tag_lightning.models.vlm import VLMWrapper
-from tag_lightning.rewards import DEFAULT_WEIGHTS, check_weights, score
 
 SCALE_REWARDS = ("group", "batch", "none")
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -177,7 +177,7 @@ class GRPOModule(VLMModule):
         init_from: an SFT (or GRPO) training checkpoint whose trained weights the policy starts
             from; None starts from the model folder as it is. Refused if it was trained with
             another model set-up.
-        rewards: weight of each reward by name (`tag_lightning.rewards.REWARDS`); only these are
+        rewards: weight of each reward by name (`tag_lightning.grounding.rewards.REWARDS`); only these are
             computed.
         num_generations: G, completions sampled per prompt (>= 2: advantages compare them).
         max_completion_length: most tokens sampled per completion.

@@ -25,16 +25,16 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 
-from tag_lightning.claims import Completion, References, read_completion
 from tag_lightning.errors import BadValue, UserError
-from tag_lightning.metrics import AnswerMetrics, AnswerScore, SampledAnswerMetrics, score_answer
+from tag_lightning.grounding.claims import Completion, References, read_completion
+from tag_lightning.grounding.metrics import AnswerMetrics, AnswerScore, SampledAnswerMetrics, score_answer
+from tag_lightning.grounding.occlusion import OcclusionFlips, blur_boxes, face_area, random_boxes_like
+from tag_lightning.grounding.reports import new_run_folder, write_evaluation
+from tag_lightning.grounding.results import results_table, write_results
+from tag_lightning.grounding.rewards import reward_values
 from tag_lightning.models.checkpoints import check_fits, pack_rng_states, restore_rng_states
 from tag_lightning.models.sampling import seeded
 from tag_lightning.models.vlm import VLMWrapper
-from tag_lightning.occlusion import OcclusionFlips, blur_boxes, face_area, random_boxes_like
-from tag_lightning.reports import new_run_folder, write_evaluation
-from tag_lightning.results import results_table, write_results
-from tag_lightning.rewards import reward_values
 
 
 class VLMModule(LightningModule):

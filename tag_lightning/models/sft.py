@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from tag_lightning.data.traces import render_trace
+from tag_lightning.answers.grammar import render_trace
 from tag_lightning.models.module import VLMModule
 
 

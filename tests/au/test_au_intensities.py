@@ -4,10 +4,16 @@ import numpy as np
 import pytest
 import torch
 
-from tag_lightning.data.samples import ANGER, HAPPINESS, SURPRISE
 from tag_lightning.au.detectors import (
-    BP4D_AUS, DISFA_AUS, CheckpointMismatch, Face, LibreFaceAUSource, build_libreface_net, load_libreface_weights,
+    BP4D_AUS,
+    DISFA_AUS,
+    CheckpointMismatch,
+    Face,
+    LibreFaceAUSource,
+    build_libreface_net,
+    load_libreface_weights,
 )
+from tag_lightning.data.samples import ANGER, HAPPINESS, SURPRISE
 
 
 def _i(records, photo, au):
@@ -91,9 +97,10 @@ def test_a_bare_state_dict_or_garbage_file_is_refused_clearly(tmp_path):
 
 def test_alignment_is_level_and_centred(sample_records, samples_dir):
     """The aligned face has its eyes level and in the upper half, as LibreFace's network expects."""
-    from tag_lightning.au.alignment import SUBJECT_LEFT_EYE, SUBJECT_RIGHT_EYE, alignment_quad, align_face
-    from tag_lightning.images import ImageRef, load_image
     import cv2
+
+    from tag_lightning.au.alignment import SUBJECT_LEFT_EYE, SUBJECT_RIGHT_EYE, align_face, alignment_quad
+    from tag_lightning.images import ImageRef, load_image
 
     record = sample_records[HAPPINESS]
     rgb = load_image(ImageRef.from_path(samples_dir / HAPPINESS))

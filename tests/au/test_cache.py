@@ -113,7 +113,7 @@ def test_a_killed_build_resumes_without_redoing_finished_images(samples_dir, tmp
     for i in range(120):  # distinct content: one appended byte after the JPEG end marker
         (folder / f"img_{i:03d}.jpg").write_bytes(happy + bytes([i]))
     cache_dir = tmp_path / "cache"
-    command = [sys.executable, "-m", "tag_lightning.cli", "prepare", "au-cache",
+    command = [sys.executable, "-m", "tag_lightning.commands.cli", "prepare", "au-cache",
                "--images", str(folder), "--out", str(cache_dir), "--quiet"]
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)

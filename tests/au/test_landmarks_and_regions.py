@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from tag_lightning.data.samples import HAPPINESS, MULTI_FACE, NO_FACE, SAMPLE_LABELS, SURPRISE
 from tag_lightning.au.regions import region_boxes
+from tag_lightning.data.samples import HAPPINESS, MULTI_FACE, NO_FACE, SAMPLE_LABELS, SURPRISE
 
 FACE_PHOTOS = [name for name in SAMPLE_LABELS if name != NO_FACE]
 
@@ -25,7 +25,7 @@ def test_face_less_photo_is_no_face(sample_records):
 
 
 def test_multi_face_photo_takes_the_largest_face(sample_records, samples_dir, annotator):
-    from tag_lightning.images import load_image, ImageRef
+    from tag_lightning.images import ImageRef, load_image
 
     record = sample_records[MULTI_FACE]
     assert record.faces_found >= 2

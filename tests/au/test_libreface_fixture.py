@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from fixtures.libreface.make_fixture import compare, fixture_photo, load_fixture, random_checkpoint, state_digest
 
 FIXTURE = load_fixture()

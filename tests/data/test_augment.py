@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from tag_lightning.answers.grammar import Step, Trace, parse_trace, render_trace
 from tag_lightning.au.regions import PAD_FRACTION, REGION_LANDMARKS
 from tag_lightning.au.taxonomy import AU_BY_ID, parse_au_key
 from tag_lightning.boxes import box_iou, clip_box, pad_box
 from tag_lightning.data.augment import AugmentOptions, FaceAugment, Letterbox, mirror_sides
 from tag_lightning.data.samples import HAPPINESS
-from tag_lightning.data.traces import Step, Trace, parse_trace, render_trace
 from tag_lightning.images import ImageRef, load_image
 
 SIZE = 160

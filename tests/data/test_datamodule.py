@@ -16,16 +16,16 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.demos.boring_classes import BoringModel
 
+from tag_lightning.answers.grammar import PAPER, Step, Trace, parse_trace, render_trace
+from tag_lightning.answers.prompts import user_prompt
 from tag_lightning.au.build import build_au_cache
 from tag_lightning.au.cache import AUCache
 from tag_lightning.au.record import AURecord
 from tag_lightning.data.augment import AugmentOptions
 from tag_lightning.data.datamodule import FERDataModule, dataset_names, load_traces
 from tag_lightning.data.datasets import parse_data_spec
-from tag_lightning.data.prompts import user_prompt
 from tag_lightning.data.samples import ANGER, DISGUST, MULTI_FACE, NO_FACE, SAMPLE_LABELS, SINGLE_FACE
 from tag_lightning.data.sampling import EvaluationSampler
-from tag_lightning.data.traces import PAPER, Step, Trace, parse_trace, render_trace
 from tag_lightning.images import ImageRef
 
 SIZE = 224

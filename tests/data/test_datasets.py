@@ -6,8 +6,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tag_lightning.answers.labels import EMOTIONS, FERPLUS_VOTE_COLUMNS
 from tag_lightning.au.cache import AUCache
-from tag_lightning.cli import image_refs, main
+from tag_lightning.commands.cli import image_refs, main
 from tag_lightning.data.datasets import (
     AffectNet,
     DatasetFormatError,
@@ -20,7 +21,6 @@ from tag_lightning.data.datasets import (
     ferplus_vote,
     parse_data_spec,
 )
-from tag_lightning.data.labels import EMOTIONS, FERPLUS_VOTE_COLUMNS
 from tag_lightning.errors import UserError
 from tag_lightning.images import load_image
 

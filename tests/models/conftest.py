@@ -39,7 +39,7 @@ def sft_checkpoint(tag_args, tmp_path_factory) -> Path:
     """A 2-step SFT checkpoint of the tiny model (LoRA r=8 as configs/sft.yaml): GRPO's and evaluation's start."""
     from helpers import newest_last_checkpoint
 
-    from tag_lightning.cli import main
+    from tag_lightning.commands.cli import main
 
     root = tmp_path_factory.mktemp("sft")
     assert main(tag_args("sft", root, "--trainer.max_steps=2", "--trainer.limit_val_batches=0")) == 0

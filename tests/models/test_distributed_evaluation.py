@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from helpers import run_python
 
-from tag_lightning.cli import main
+from tag_lightning.commands.cli import main
 from tag_lightning.data.samples import ANGER, HAPPINESS, SURPRISE
 
 DDP = ["--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu"]
@@ -31,7 +31,7 @@ def tag(args: list[str], processes: int) -> None:
     if processes == 1:
         assert main(args) == 0
     else:
-        result = run_python(["-m", "tag_lightning.cli", *args, *DDP])
+        result = run_python(["-m", "tag_lightning.commands.cli", *args, *DDP])
         assert result.returncode == 0, result.stderr[-3000:]
 
 

@@ -11,9 +11,9 @@ import pytest
 from helpers import build_affectnet, newest_last_checkpoint
 from PIL import Image
 
-from tag_lightning.cli import main
+from tag_lightning.commands.cli import main
 from tag_lightning.data.samples import ANGER, DISGUST, HAPPINESS, SURPRISE
-from tag_lightning.metrics import CLASSIFICATION, FAITHFULNESS
+from tag_lightning.grounding.metrics import CLASSIFICATION, FAITHFULNESS
 
 LABELS = {"surprise", "happiness", "anger", "disgust"}
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"

@@ -18,10 +18,10 @@ import torch
 from helpers import completion_length, newest_last_checkpoint, run_python, trained_weights
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tag_lightning.claims import read_completion
-from tag_lightning.cli import main
+from tag_lightning.commands.cli import main
+from tag_lightning.grounding.claims import read_completion
+from tag_lightning.grounding.rewards import REWARDS
 from tag_lightning.models.grpo import group_advantages, policy_loss
-from tag_lightning.rewards import REWARDS
 
 # -- advantages --------------------------------------------------------------------------------
 
@@ -273,9 +273,9 @@ import os
 import sys
 sys.path.insert(0, {tests!r})
 from helpers import completion_length
-from tag_lightning.claims import read_completion
-from tag_lightning.cli import main
-from tag_lightning.rewards import REWARDS
+from tag_lightning.grounding.claims import read_completion
+from tag_lightning.commands.cli import main
+from tag_lightning.grounding.rewards import REWARDS
 REWARDS["length"] = completion_length
 if os.environ.get("ROLLOUT_LENGTHS"):  # record each rank's completion lengths (tokens), a line per step
     from tag_lightning.models.grpo import GRPOModule
@@ -371,7 +371,7 @@ def test_fsdp2_on_two_processes_trains_as_one_while_ranks_generate_different_len
 def test_the_reference_is_the_base_model_under_lora_and_a_frozen_copy_of_the_start_otherwise(demo_dir):
     import numpy as np
 
-    from tag_lightning.data.prompts import user_prompt
+    from tag_lightning.answers.prompts import user_prompt
     from tag_lightning.models.grpo import GRPOModule
     from tag_lightning.models.vlm import LoRAConfig, VLMConfig, VLMWrapper
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 from helpers import REPO, completion_length, trained_weights
 
-from tag_lightning.cli import main
-from tag_lightning.rewards import REWARDS
+from tag_lightning.commands.cli import main
+from tag_lightning.grounding.rewards import REWARDS
 
 RECIPE_CONFIGS = REPO / "configs" / "qwen2_5_vl_3b"
 RECIPE = {"sft": "gpu.yaml", "grpo": "gpu_grpo.yaml"}

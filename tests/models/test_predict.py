@@ -12,15 +12,15 @@ import pytest
 import torch
 from PIL import Image
 
+from tag_lightning.answers.grammar import Step, Trace, render_trace
+from tag_lightning.answers.labels import EMOTIONS
 from tag_lightning.boxes import round_box
-from tag_lightning.callbacks import JSONLPredictionWriter
-from tag_lightning.claims import References, read_completion
-from tag_lightning.cli import main
+from tag_lightning.commands.callbacks import JSONLPredictionWriter
+from tag_lightning.commands.cli import main
 from tag_lightning.data.augment import Letterbox
-from tag_lightning.data.labels import EMOTIONS
 from tag_lightning.data.samples import DISGUST, HAPPINESS, NO_FACE, SINGLE_FACE
-from tag_lightning.data.traces import Step, Trace, render_trace
-from tag_lightning.metrics import score_answer
+from tag_lightning.grounding.claims import References, read_completion
+from tag_lightning.grounding.metrics import score_answer
 from tag_lightning.models.module import VLMModule
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"

@@ -13,12 +13,12 @@ from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from tag_lightning.callbacks import StepProgressBar
+from tag_lightning.commands.callbacks import StepProgressBar
+from tag_lightning.commands.quiet import quiet_library_noise
+from tag_lightning.commands.training import ContinuedCSVLogger, TagCLI
 from tag_lightning.data.datamodule import FERDataModule
-from tag_lightning.quiet import quiet_library_noise
-from tag_lightning.training import ContinuedCSVLogger, TagCLI
 
-# What the libraries printed on every run: tag_lightning/quiet.py hides (and says why) all but tensorboardX's tip
+# What the libraries printed on every run: tag_lightning/commands/quiet.py hides (and says why) all but tensorboardX's tip
 # and the CSV logger's "not empty" warning, which `training.default_loggers` leaves no cause for.
 NOISE = ["is_gradient_checkpointing", "LeafSpec", "Tip:", "tensorboardX", "LightningCLI's args parameter",
          "Using ModelCheckpoint with manual optimization", "Experiment logs directory"]
@@ -82,7 +82,7 @@ def test_a_fit_shows_its_steps_and_its_own_lines_without_library_noise_and_logs_
     """A real `tag` process (the warnings as a user sees them): 3 steps of 2 batches an epoch."""
     args = tag_args("sft", tmp_path, "--trainer.max_steps=3", "--trainer.limit_val_batches=0",
                     "--trainer.enable_progress_bar=true")
-    result = run_python(["-m", "tag_lightning.cli", *args])
+    result = run_python(["-m", "tag_lightning.commands.cli", *args])
     assert result.returncode == 0, result.stderr[-3000:]
     assert [noise for noise in NOISE if noise in result.stdout + result.stderr] == [], result.stderr
     run = tmp_path / "lightning_logs" / "version_0"

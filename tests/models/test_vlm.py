@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, Qwen2VLImageProcessor
 
-from tag_lightning.data.traces import Step, Trace, render_trace
+from tag_lightning.answers.grammar import Step, Trace, render_trace
 from tag_lightning.models import LoRAConfig, VLMConfig, VLMWrapper
 from tag_lightning.models import vlm as vlm_module
 from tag_lightning.models.backbones import BACKBONES

@@ -14,8 +14,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
+from tag_lightning.answers.grammar import Trace
 from tag_lightning.boxes import Box, round_box
-from tag_lightning.data.traces import Trace
 from tag_lightning.errors import BadValue
 
 

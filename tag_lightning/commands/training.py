@@ -1,0 +1,280 @@
+"""Training entry points: LightningCLI for `tag fit|validate|test|predict`, and checkpoint export.
+
+The model is chosen by `class_path` in the YAML (the SFT module now, GRPO next); the data is
+always the `FERDataModule`. Configs compose: ``tag fit -c configs/sft.yaml -c configs/data/samples.yaml
+-c configs/strategy/ddp.yaml``.
+
+A mistake in the configuration or the command line ends in one line that leads with the key it
+concerns, before anything is built; the `tag` command (`cli.main`) turns the errors raised
+later (a bad file met while training) into one line too.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import shlex
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.utilities import rank_zero_info
+
+from tag_lightning.commands.allocator import keep_freed_memory
+from tag_lightning.commands.callbacks import StepProgressBar
+from tag_lightning.commands.quiet import quiet_library_noise
+from tag_lightning.data.datamodule import FERDataModule
+from tag_lightning.errors import UserError, describe
+from tag_lightning.models.checkpoints import network_weights, read_checkpoint, saved_vlm_config
+from tag_lightning.models.vlm import VLMWrapper
+
+# `ckpt_path` values Lightning resolves itself rather than reading a file.
+_LIGHTNING_CHECKPOINT_NAMES = ("last", "best", "hpc", "registry")
+
+
+def config_error_line(message: str) -> str:
+    """jsonargparse's report cut to its first real problem, led by the key it concerns.
+
+    A bad value under a union type (every model init arg) comes as a nested report of each
+    subtype tried, with the value's repr; only the innermost message names the mistake.
+    """
+    keys, problem = [], None
+    for line in (raw.strip().removeprefix("- ") for raw in message.splitlines()):
+        key = re.match(r'Parser key "([^"]+)":\s*(.*)', line)
+        if key:
+            keys.append(key.group(1))
+            line = key.group(2)
+        if line and not _REPORT_SCAFFOLD.match(line):
+            problem = line
+            break
+    problem = _EXPECTED_LITERAL.sub(r"expected one of \1, got '\2'", problem or message.strip())
+    problem = _EXPECTED_TYPE.sub(r"expected \1, got '\2'", problem)
+    return f"{'.'.join(keys)}: {problem}" if keys else problem
+
+
+_REPORT_SCAFFOLD = re.compile(r"Does not validate against any of the Union subtypes|Subtypes: |Errors:$|Given value|"
+                              r"Problem with given class_path|Expected a <class 'NoneType'>")
+_EXPECTED_LITERAL = re.compile(r"Expected an? typing\.Literal\[(.*)\]\. Got value: (.*)")
+_EXPECTED_TYPE = re.compile(r"Expected an? <class '(?:[\w.]+\.)?(\w+)'>\. Got value: (.*)")
+
+
+class TagArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser, its complaints in one line (like `tag prepare`'s)."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error:  # jsonargparse tries alternatives with such parsers and catches their errors
+            super().error(message, ex)
+        prog = (getattr(ex, "subcommand_parser", None) or self).prog.replace(" [options]", "")
+        self.exit(2, f"error: {prog}: {config_error_line(message)} (see `{prog} --help`)\n")
+
+
+class TagCLI(LightningCLI):
+    """LightningCLI whose configuration mistakes end in one clear line, before any training starts.
+
+    `tag predict` answers with a trained checkpoint (``--ckpt_path``); answering with the base
+    model is a zero-shot baseline that must be asked for (``--zero_shot true``).
+
+    Where the configuration leaves them to Lightning, the trainer gets `StepProgressBar` and
+    `default_loggers` (TensorBoard and CSV in one run folder); a user's own choice stands.
+    """
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand == "predict":
+            parser.add_argument("--zero_shot", type=bool, default=False,
+                                help="answer with the base model, no checkpoint: a deliberate zero-shot baseline")
+        return parser
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        self._check_checkpoint_choice()  # before anything reads the checkpoint
+
+    def _parse_ckpt_path(self) -> None:
+        """The options given win over the hyperparameters saved in ``--ckpt_path`` (LightningCLI would
+        replace the former with the latter, silently dropping e.g. ``--model.init_args.occlusion_test``).
+
+        The model's structure is still checked: the checkpoint's weights load only into the set-up
+        they were trained with (`VLMModule.on_load_checkpoint`). In evaluation the checkpoint's weights
+        replace whatever ``init_from`` would load, so it is not loaded. A resumed fit names each option
+        that differs from the checkpoint's run, and goes on with the one given.
+        """
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or ckpt_path in _LIGHTNING_CHECKPOINT_NAMES:
+            return
+        init_args = self.config[subcommand]["model"].get("init_args") or {}
+        if subcommand != "fit":
+            if init_args.get("init_from"):
+                init_args["init_from"] = None
+            return
+        saved = read_checkpoint(ckpt_path, mmap=True).get("hyper_parameters") or {}
+        given = _plain(init_args)
+        changed = [f"{name} {given[name]!r} (its run: {value!r})" for name, value in saved.items()
+                   if not name.startswith("_") and name in given and _plain(value) != given[name]]
+        if changed:
+            rank_zero_info(f"resuming {ckpt_path} with options that differ from its run's, used as given: "
+                           f"{'; '.join(changed)}")
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except (ValueError, FileNotFoundError) as err:  # raised by our configs' checks (VLMConfig, datamodule)
+            self.parser.error(f"bad configuration: {config_error_line(str(err))}")
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """Lightning's trainer, with our logger and progress bar where the configuration chose none."""
+        config = self._get(self.config_init, "trainer", default={})
+        if config.get("logger") in (None, True):
+            root = config.get("default_root_dir") or os.getcwd()
+            kwargs.setdefault("logger", default_loggers(root, self._resumed_run_version(root)))
+        callbacks = config.get("callbacks") or []
+        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            kwargs.setdefault("callbacks", [*callbacks, StepProgressBar()])
+        return super().instantiate_trainer(**kwargs)
+
+    def before_fit(self) -> None:
+        """Say where this run's logs go, and how to see its curves."""
+        for logger in self.trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                view = f"tensorboard --logdir {shlex.quote(logger.save_dir)}"
+                rank_zero_info(f"logs: {logger.log_dir} | curves: {view}")
+                break
+
+    def _resumed_run_version(self, root: str) -> str | None:
+        """The log folder's name of the run a fit resumes, when its checkpoint records one under `root`
+        (`VLMModule.on_save_checkpoint`): the resumed run logs on in it, not in a new ``version_N``."""
+        ckpt_path = self.config[self.subcommand].get("ckpt_path") if self.subcommand == "fit" else None
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return None
+        log_dir = read_checkpoint(ckpt_path, mmap=True).get("log_dir")
+        if log_dir is None or Path(log_dir).parent.resolve() != (Path(root) / "lightning_logs").resolve():
+            return None
+        return Path(log_dir).name
+
+    def _check_checkpoint_choice(self) -> None:
+        """A checkpoint that cannot load, or a prediction without one, fails before the model is built."""
+        subcommand = self.config.get("subcommand")
+        if subcommand is None:
+            return
+        config = self.config[subcommand]
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path and ckpt_path not in _LIGHTNING_CHECKPOINT_NAMES:
+            try:
+                read_checkpoint(ckpt_path, mmap=True)
+            except (OSError, ValueError) as err:
+                raise UserError(f"--ckpt_path {describe(err)}") from None
+        if subcommand != "predict":
+            return
+        init_from = (config.model.get("init_args") or {}).get("init_from")
+        if config.zero_shot and init_from:
+            raise UserError(f"--zero_shot true answers with the bare model, but model.init_args.init_from loads "
+                            f"{init_from} (a config sets it): add --model.init_args.init_from=null for the bare "
+                            "model, or drop --zero_shot to answer with those weights")
+        if not ckpt_path and not init_from and not config.zero_shot:
+            raise UserError("tag predict without --ckpt_path would answer with the untrained base model: give "
+                            "--ckpt_path CKPT, or --zero_shot true for a deliberate zero-shot baseline")
+        if ckpt_path and config.zero_shot:
+            raise UserError("--zero_shot true answers with the base model: drop it, or drop --ckpt_path")
+
+
+def lightning_main(argv: list[str]) -> int:
+    """Run LightningCLI on `argv` (its first word is the subcommand), without the libraries' noise
+    (`quiet.py`) while it runs."""
+    keep_freed_memory()
+    with warnings.catch_warnings():
+        quiet_library_noise(argv[0])
+        try:
+            _run(argv)
+        except MisconfigurationException as err:  # Lightning's word for a setting that cannot work here
+            raise UserError(str(err)) from None
+    return 0
+
+
+def _run(argv: list[str]) -> None:
+    TagCLI(
+        LightningModule,
+        FERDataModule,
+        subclass_mode_model=True,
+        args=argv,
+        save_config_kwargs={"overwrite": True},
+        parser_class=TagArgumentParser,
+        parser_kwargs={"prog": "tag", "description": "Train and evaluate TAG models (LightningCLI)."},
+    )
+
+
+def default_loggers(root: str, version: str | None = None) -> list[Logger]:
+    """CSV (for the code that reads ``metrics.csv``) and TensorBoard (for the curves), in one run folder:
+    ``root/lightning_logs/version_N``, which is ``trainer.log_dir``; `version` names the folder of a
+    resumed run, whose ``metrics.csv`` is then continued.
+
+    The version is chosen once, for both: each would pick the next free one when it first writes, and
+    the second would find the first's folder. Under SLURM it is the job id, as for Lightning's default
+    logger. CSV first: Lightning starts loggers in order, and CSV's warns about a folder with files in it.
+    """
+    table = ContinuedCSVLogger(root, version=version if version is not None else SLURMEnvironment.job_id())
+    return [table, TensorBoardLogger(root, version=table.version)]
+
+
+class ContinuedCSVLogger(CSVLogger):
+    """Lightning's CSV logger, except that a ``metrics.csv`` already in the run folder (a resumed run's)
+    is continued: Lightning's deletes it, with a warning."""
+
+    @property
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ContinuingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
+class _ContinuingWriter(ExperimentWriter):
+    def _check_log_dir_exists(self) -> None:
+        """Read the existing file's columns, so that new rows are appended under them."""
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as handle:
+                self.metrics_keys = list(csv.DictReader(handle).fieldnames or [])
+
+
+def _plain(value: Any) -> Any:
+    """A parsed option as plain data (jsonargparse's namespaces as dicts), to compare with saved ones."""
+    return value.as_dict() if hasattr(value, "as_dict") else value
+
+
+def load_network(checkpoint_path: str | Path) -> VLMWrapper:
+    """The network of a training checkpoint: its VLM config rebuilt, its trained weights loaded."""
+    checkpoint = read_checkpoint(checkpoint_path)
+    network = VLMWrapper(saved_vlm_config(checkpoint))
+    network.load_trainable_state_dict(network_weights(checkpoint))
+    return network
+
+
+def export_checkpoint(checkpoint_path: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Write a merged Hugging Face folder (weights with LoRA merged, processor files) from a checkpoint.
+
+    A folder that holds anything is refused unless `overwrite`: files of an earlier export (or of
+    anything else) would mix with the new ones. With `overwrite` the new folder is written beside
+    it first and replaces it only once complete.
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file: give a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"--out {out} is not empty (an earlier export?): give an empty or new folder, or --overwrite "
+                        "to replace what it holds")
+    network = load_network(checkpoint_path)
+    partial = out.with_name(f"{out.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)  # a killed earlier attempt's
+    network.export_merged(partial)
+    shutil.rmtree(out, ignore_errors=True)
+    partial.replace(out)
+    return out
