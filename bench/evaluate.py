@@ -31,6 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning.pytorch import Trainer  # noqa: E402
 
+from tag_lightning.commands.cli import main as tag_main  # noqa: E402
+
 from tag_lightning.commands.demo import TINY_MODEL, prepare_demo_data  # noqa: E402
 from tag_lightning.data.datamodule import FERDataModule  # noqa: E402
 from tag_lightning.grounding.claims import read_completion  # noqa: E402
@@ -111,7 +113,7 @@ def main() -> None:
     }
     seconds: dict[str, list[float]] = {name: [] for name in variants}
     with tempfile.TemporaryDirectory() as tmp:
-        demo = prepare_demo_data(Path(tmp) / "demo", workers=1)
+        demo = prepare_demo_data(Path(tmp) / "demo", tag=tag_main, workers=1)
         manifest = repeated_manifest(demo, args.images)
         for repeat in range(args.repeats):
             for name, (module_class, options) in variants.items():

@@ -34,6 +34,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tag_lightning.commands.cli import main as tag_main  # noqa: E402
+
 from tag_lightning.commands.demo import TINY_MODEL, prepare_demo_data  # noqa: E402
 from tag_lightning.data.datamodule import FERDataModule  # noqa: E402
 from tag_lightning.grounding.claims import References, read_completion  # noqa: E402
@@ -232,7 +234,7 @@ def main() -> None:
         print("RESULT " + json.dumps(result))
         return
     with tempfile.TemporaryDirectory() as tmp:
-        demo = prepare_demo_data(Path(tmp) / "demo", workers=1)
+        demo = prepare_demo_data(Path(tmp) / "demo", tag=tag_main, workers=1)
         data = Path(tmp) / "samples.pkl"
         data.write_bytes(pickle.dumps((str(demo), draw_samples(demo, (args.warmup + args.steps) * PROMPTS_PER_STEP))))
         results: dict[str, list[dict]] = {"ours": [], "trl": []}

@@ -225,10 +225,12 @@ def main() -> None:
         print("FIGURES " + json.dumps(run_stage(args.stage, out, demo, args.dtype)), flush=True)
         return
 
+    from tag_lightning.commands.cli import main as tag_main
+
     from tag_lightning.commands.demo import prepare_demo_data
 
     if not (demo / "traces.jsonl").is_file():
-        prepare_demo_data(demo, workers=1)
+        prepare_demo_data(demo, tag=tag_main, workers=1)
     for step in ("build", "sft", "grpo"):
         if step == "build" and (out / "model" / "config.json").is_file():
             continue

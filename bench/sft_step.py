@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lightning.pytorch import Callback, Trainer  # noqa: E402
 
 from tag_lightning.answers.grammar import render_trace  # noqa: E402
+from tag_lightning.commands.cli import main as tag_main  # noqa: E402
 from tag_lightning.commands.demo import TINY_MODEL, prepare_demo_data  # noqa: E402
 from tag_lightning.data.datamodule import FERDataModule  # noqa: E402
 from tag_lightning.models.sft import SFTModule  # noqa: E402
@@ -118,7 +119,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4, help="samples per step")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        demo = prepare_demo_data(Path(tmp) / "demo", workers=1)
+        demo = prepare_demo_data(Path(tmp) / "demo", tag=tag_main, workers=1)
         batches = draw_batches(demo, args.batch_size, args.warmup + args.steps)
         plain, lightning = [], []
         for _ in range(args.repeats):

@@ -1,6 +1,7 @@
 """tag_lightning: AU-grounded facial expression recognition with vision-language models (TAG).
 
-The folders follow the data flow, and each imports only from those above it in this list:
+The folders follow the data flow, and each imports only from those above it in this list
+(`tests/test_imports.py` walks the imports and checks it):
 
 - ``errors``, ``images``, ``boxes``, ``resources``: what every stage shares (one-line user errors,
   image decoding, box arithmetic, files that ship inside wheels);

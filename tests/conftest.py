@@ -52,6 +52,7 @@ def au_cache(samples_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory) -> Path:
     """What `tag demo` prepares (samples, AU cache, drawings, traces, tiny model), without its SFT run."""
+    from tag_lightning.commands.cli import main as tag_main
     from tag_lightning.commands.demo import prepare_demo_data
 
-    return prepare_demo_data(tmp_path_factory.mktemp("demo"), workers=1)
+    return prepare_demo_data(tmp_path_factory.mktemp("demo"), tag=tag_main, workers=1)

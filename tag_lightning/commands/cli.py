@@ -155,7 +155,8 @@ def _demo(args: argparse.Namespace) -> int:
                           sft_steps=args.sft_steps, grpo_steps=args.grpo_steps, workers=args.workers,
                           libreface_weights=args.libreface_weights, experiment=args.experiment,
                           error_kinds=tuple(args.error_kinds.split(",")), sampled_answers=args.sampled_answers,
-                          ablation=args.ablation, rollout_seed=args.rollout_seed, **{**experiment, **chosen}))
+                          ablation=args.ablation, rollout_seed=args.rollout_seed, **{**experiment, **chosen}),
+             tag=main)
     return 0
 
 

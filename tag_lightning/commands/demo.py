@@ -13,7 +13,8 @@
    grounding reward (`configs/ablation/no_grounding.yaml`) and its evaluation, for comparison;
 7. the report: ``report.html`` (one self-contained page) and ``metrics.json``.
 
-The demo runs each command in this process through `cli.main`, exactly as typed, and records
+The demo runs each command in this process, exactly as typed, through the `tag` it is given
+(`cli.main`, which runs the demo: passed in, so that this module does not import its caller), and records
 each finished phase in ``demo.json``: a rerun after a kill skips the finished phases, and a killed
 training run resumes from its last checkpoint.
 """
@@ -36,6 +37,8 @@ TINY_MODEL = "tiny-qwen2.5-vl"
 STATE_FILE = "demo.json"
 DRAWN_FACES = 8
 """Faces drawn with their AU boxes in the data phase (and shown in the report)."""
+TagCommand = Callable[[list[str]], int]
+"""Runs one `tag` command (its words after `tag`) in this process and returns its exit status."""
 
 
 @dataclass(frozen=True)
@@ -269,9 +272,9 @@ class Demo:
 
     # -- running ----------------------------------------------------------------------------------
 
-    def run(self, until: str | None = None) -> Path:
-        """Run every phase not finished yet (up to the one named `until`, if given), then write the
-        report; returns its path (the demo folder when stopped early)."""
+    def run(self, tag: TagCommand, until: str | None = None) -> Path:
+        """Run every phase not finished yet (up to the one named `until`, if given) through `tag`, then
+        write the report; returns its path (the demo folder when stopped early)."""
         from tag_lightning.commands.demo_report import write_report
 
         state = DemoState.open(self.settings)
@@ -287,11 +290,11 @@ class Demo:
             started = time.perf_counter()
             commands = phase.commands()
             for argv in commands:
-                run_command(argv)
+                run_command(tag, argv)
             quiet = phase.quiet_commands()
             with contextlib.redirect_stdout(io.StringIO()):
                 for argv in quiet:
-                    run_command(argv, echo=False)
+                    run_command(tag, argv, echo=False)
             state.finish(phase.name, commands + quiet, time.perf_counter() - started)
         if until is not None:
             return self.out
@@ -301,13 +304,11 @@ class Demo:
         return report
 
 
-def run_command(argv: list[str], echo: bool = True) -> None:
+def run_command(tag: TagCommand, argv: list[str], echo: bool = True) -> None:
     """Run one `tag` command in this process; a failure stops the demo with the command that failed."""
-    from tag_lightning.commands.cli import main
-
     if echo:
         print(f"$ {_shown(argv)}", flush=True)
-    if main(argv) != 0:
+    if tag(argv) != 0:
         raise UserError(f"the demo stopped at `{_shown(argv)}` (its error is above); fix it and rerun `tag demo` "
                         "with the same options: finished phases are not redone")
 
@@ -345,17 +346,17 @@ def evaluation_split(spec: str) -> str:
     return "test" if "test" in splits else "val"
 
 
-def prepare_demo_data(out: str | Path, workers: int = 2) -> Path:
-    """The default demo's first phases only (photos, AU cache, traces, tiny model) in `out`: what
-    tests and benchmarks train on. Returns `out`."""
-    return Demo(DemoSettings(out=Path(out), workers=workers)).run(until="model")
+def prepare_demo_data(out: str | Path, tag: TagCommand, workers: int = 2) -> Path:
+    """The default demo's first phases only (photos, AU cache, traces, tiny model) in `out`, run
+    through `tag` (`cli.main`): what tests and benchmarks train on. Returns `out`."""
+    return Demo(DemoSettings(out=Path(out), workers=workers)).run(tag, until="model")
 
 
-def run_demo(settings: DemoSettings) -> Path:
+def run_demo(settings: DemoSettings, tag: TagCommand) -> Path:
     """Run (or resume) the demo of `settings`; returns the report's path."""
     if settings.out.exists() and not settings.out.is_dir():
         raise UserError(f"--out {settings.out} is a file: the demo writes a folder; give a new or earlier demo folder")
     if not (CONFIGS / "sft.yaml").is_file():
         raise UserError(f"no configs folder at {CONFIGS}: `tag demo` runs from a clone of the repository "
                         "installed with `pip install -e .`")
-    return Demo(settings).run()
+    return Demo(settings).run(tag)

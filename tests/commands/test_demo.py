@@ -118,6 +118,7 @@ def test_a_real_dataset_is_cached_in_every_split_and_trained_on_its_train_split(
     """`--model DIR --data rafdb:ROOT`: the same phases, on a RAF-DB laid out as distributed (the real
     sample photos under its names), without the tiny model's settings."""
     from tag_lightning.au.cache import AUCache
+    from tag_lightning.commands.cli import main
     from tag_lightning.commands.demo import Demo
 
     root = tmp_path / "RAF-DB"
@@ -131,7 +132,7 @@ def test_a_real_dataset_is_cached_in_every_split_and_trained_on_its_train_split(
     settings = DemoSettings(out=tmp_path / "run", model=str(demo_dir / "tiny-qwen2.5-vl"), data=f"rafdb:{root}",
                             configs=("extra.yaml",), workers=1)
     demo = Demo(settings)
-    assert demo.run(until="traces") == settings.out
+    assert demo.run(main, until="traces") == settings.out
     assert len(AUCache(settings.out / "au_cache")) == 3  # both splits
     traced = [json.loads(line)["image"] for line in (settings.out / "traces.jsonl").read_text().splitlines()]
     assert sorted(name.rsplit("/", 1)[-1] for name in traced) == ["train_00001_aligned.jpg", "train_00002_aligned.jpg"]
