@@ -44,6 +44,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from tag_lightning.answers.grammar import PER_STEP
 from tag_lightning.errors import BadValue, UserError, describe
 from tag_lightning.grounding.rewards import DEFAULT_WEIGHTS, check_weights, score
 from tag_lightning.models.checkpoints import check_fits, network_weights, read_checkpoint
@@ -272,6 +273,8 @@ class GRPOModule(VLMModule):
         check_fits(checkpoint, self.network.config, f"init_from {path}")
         self.network.load_trainable_state_dict(network_weights(checkpoint))
         self.started_from = str(Path(path).resolve())
+        # The format the start was trained to write (runs before the option existed wrote per_step).
+        self.started_trace_format = (checkpoint.get("datamodule_hyper_parameters") or {}).get("trace_format", PER_STEP)
         rank_zero_info(f"GRPO starts from {path} (step {checkpoint.get('global_step', '?')} of its run)")
 
     # -- one step axis: optimizer steps -----------------------------------------------------------
@@ -279,6 +282,17 @@ class GRPOModule(VLMModule):
     def setup(self, stage: str) -> None:
         if stage == "fit":
             self._check_step_counts()
+            self._check_trace_format()
+
+    def _check_trace_format(self) -> None:
+        """Refuse to reward a format the starting checkpoint was not trained to write: every answer would
+        be a format error, and GRPO would learn nothing from its rollouts."""
+        asked = getattr(self.trainer.datamodule, "trace_format", None)
+        if self.started_from is None or asked is None or asked == self.started_trace_format:
+            return
+        raise UserError(f"data.trace_format is {asked}, but init_from {self.started_from} was trained on "
+                        f"{self.started_trace_format} traces: set --data.trace_format={self.started_trace_format}, "
+                        f"or start from an SFT run on {asked} traces")
 
     def _check_step_counts(self) -> None:
         """`max_steps` and checkpoint intervals count optimizer steps, and Lightning checks them after each

@@ -173,6 +173,7 @@ def test_a_resumed_run_ends_with_the_weights_and_prompts_of_an_uninterrupted_one
     ("--model.init_args.loss_type=ppo", "loss_type 'ppo' is not one of grpo, bnpo, dr_grpo, dapo"),
     ("--model.init_args.network.init_args.config.lora.r=4",
      "was trained with another model set-up (lora.r: checkpoint 8, configured 4)"),
+    ("--data.trace_format=paper", "data.trace_format is paper, but init_from"),  # the SFT run wrote per_step
 ])
 def test_bad_configs_fail_before_training_with_one_clear_line(grpo_args, tmp_path, capsys, override, message):
     try:
