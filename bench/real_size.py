@@ -16,22 +16,28 @@ starting from the SFT step's checkpoint. The TAG rewards are 0 for a random mode
 adds the tests' completion-length reward (through `REWARDS`, the documented extension point) to give
 its group a spread. On a CUDA device the stages run there, in the configs' precision (bf16-mixed:
 bfloat16 frozen base and compute, float32 trained weights). On a CPU they run in that precision too
-where the CPU computes bfloat16 natively (AVX512-BF16 or AMX); on one without (AVX2 only, like the
-2-core machine this was written on, where a bf16 matmul runs 9x slower than fp32 and one SFT step
-did not finish in 91 minutes), `--dtype auto` runs the same recipe with the frozen base and the
-compute in float32 (`--dtype bfloat16` forces the recipe's precision anyway).
+where the CPU computes bfloat16 natively (AVX512-BF16 or AMX). On one without (AVX2 only, like the
+2-core machine this was written on), torch's bfloat16 matmuls fall back to a slow generic kernel
+(measured there on one thread: an MLP `linear` of 800 tokens, 2048 -> 11008, runs at 10.4 GFLOPS
+in bf16 against 54.6 in fp32, and its backward's `grad @ weight` at 0.3 against 49.5), so a bf16 SFT step takes
+hours; and a float32 copy of the base (15 GB) was killed for memory at 23.6 GB on that 24 GB
+machine. There `--compute auto` keeps the frozen base stored in bfloat16, as the recipe says, and
+runs every matmul in float32, each weight upcast for its one call (`compute_in_float32`);
+`--compute bfloat16` forces the recipe's compute anyway.
 
 Prints per stage: parameters (total and by part), trainable parameters, image tokens per face,
-seconds per step, peak RSS (on a GPU also peak GPU memory and rollout tokens/s), and how many
+seconds per step, peak RSS (on a GPU also peak GPU memory), rollout tokens/s for GRPO, and how many
 trainable tensors of each kind the step changed. After SFT's first step the LoRA A matrices cannot
 have changed: B starts at 0, so A's gradient is 0; GRPO, starting from the SFT checkpoint, moves them.
-No GPU was available where this was written: the GPU branch (a CUDA device present) is untested, and
-on the 2-core CPU the run did not finish in the time there was (see the README's Benchmarks).
+On the CPU with float32 compute, decoding upcasts every weight for every new token, so the rollout
+rate there measures that, not generation. No GPU was available where this was written: the GPU
+branch (a CUDA device present) is untested. The README's Benchmarks have the CPU figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -102,13 +108,34 @@ def native_bf16() -> bool:
 
 
 def compute_dtype(requested: str, cuda: bool) -> str:
-    """The dtype of the frozen base and the compute: the recipe's bfloat16 unless `auto` finds a CPU without it."""
+    """The dtype of the compute: the recipe's bfloat16, unless `auto` finds a CPU without native bfloat16."""
     if requested != "auto":
         return requested
     return "bfloat16" if cuda or native_bf16() else "float32"
 
 
-def stage_args(stage: str, out: Path, demo: Path, accelerator: str, dtype: str) -> list[str]:
+def compute_in_float32() -> None:
+    """Every matmul and convolution of a bfloat16 weight runs in float32, the weight upcast for that one call.
+
+    The frozen base stays stored in bfloat16, as the recipe has it (a float32 copy of the 3B model, 15 GB,
+    was killed for memory at 23.6 GB RSS in its SFT step on a 24 GB machine). With gradient checkpointing,
+    the upcast weights kept for the backward pass are those of one decoder layer (and the LM head) at a time.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    def upcast(op):
+        def in_float32(input, weight, bias=None, *args, **kwargs):
+            if weight.dtype == torch.bfloat16:
+                input, weight = input.float(), weight.float()
+                bias = None if bias is None else bias.float()
+            return op(input, weight, bias, *args, **kwargs)
+        return in_float32
+
+    F.linear, F.conv3d = upcast(F.linear), upcast(F.conv3d)
+
+
+def stage_args(stage: str, out: Path, demo: Path, accelerator: str, compute: str) -> list[str]:
     """The configuration of one stage: the recipe's files, then this machine's and this benchmark's overrides."""
     stage_config, gpu_config = STAGE_CONFIGS[stage]
     manifest = f"manifest:{demo / 'samples' / 'manifest.csv'}"
@@ -122,8 +149,8 @@ def stage_args(stage: str, out: Path, demo: Path, accelerator: str, dtype: str) 
             "--trainer.accumulate_grad_batches=1", "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0",
             "--trainer.enable_progress_bar=false", "--trainer.callbacks.init_args.every_n_train_steps=1",
             f"--trainer.default_root_dir={out / stage}"]
-    if dtype == "float32":  # the recipe but for the dtype: float32 base and compute, trained weights as before
-        args += ["--model.init_args.network.init_args.config.dtype=float32", "--trainer.precision=32-true"]
+    if compute == "float32":  # the recipe but for the compute: no bfloat16 autocast (see compute_in_float32)
+        args += ["--trainer.precision=32-true"]
     if stage == "grpo":
         sft = max((out / "sft").rglob("last.ckpt"), key=lambda path: path.stat().st_mtime_ns)
         args += [f"--model.init_args.init_from={sft}", '--model.init_args.rewards={"format": 0.5, "answer": 1.0, '
@@ -132,7 +159,7 @@ def stage_args(stage: str, out: Path, demo: Path, accelerator: str, dtype: str) 
     return args
 
 
-def run_stage(stage: str, out: Path, demo: Path, requested_dtype: str) -> dict:
+def run_stage(stage: str, out: Path, demo: Path, requested_compute: str) -> dict:
     """One optimizer step of `stage` through the recipe, measured; returns the figures."""
     import torch
     from lightning.pytorch import Callback, LightningModule
@@ -140,12 +167,16 @@ def run_stage(stage: str, out: Path, demo: Path, requested_dtype: str) -> dict:
     from tag_lightning.commands.training import TagArgumentParser, TagCLI
     from tag_lightning.data.datamodule import FERDataModule
     from tag_lightning.grounding.rewards import REWARDS, RewardResult
+    from tag_lightning.models.vlm import VLMWrapper
 
     REWARDS["length"] = lambda completion, references: RewardResult(len(completion.text) / 100.0, {})
     cuda = torch.cuda.is_available()
-    dtype = compute_dtype(requested_dtype, cuda)
+    compute = compute_dtype(requested_compute, cuda)
+    if compute == "float32":
+        compute_in_float32()
+        VLMWrapper._autocast = lambda self: contextlib.nullcontext()  # the wrapper's bfloat16 autocast, off
     cli = TagCLI(LightningModule, FERDataModule, subclass_mode_model=True, run=False, parser_class=TagArgumentParser,
-                 args=stage_args(stage, out, demo, "gpu" if cuda else "cpu", dtype),
+                 args=stage_args(stage, out, demo, "gpu" if cuda else "cpu", compute),
                  save_config_kwargs={"overwrite": True})
     module, network = cli.model, cli.model.network
     parts = {"vision": 0, "projector": 0, "language": 0}
@@ -195,7 +226,8 @@ def run_stage(stage: str, out: Path, demo: Path, requested_dtype: str) -> dict:
         if not changed:
             unchanged.append(name)
     figures = {
-        "stage": stage, "device": torch.cuda.get_device_name() if cuda else "cpu", "compute_dtype": dtype,
+        "stage": stage, "device": torch.cuda.get_device_name() if cuda else "cpu", "compute_dtype": compute,
+        "frozen_base_dtype": str(next(p.dtype for p in network.model.parameters() if not p.requires_grad)),
         "precision": cli.trainer.precision,
         "parameters": sum(parts.values()), "by_part": parts, "trainable": sum(v.numel() for v in trainable.values()),
         "image_tokens_per_face": image_tokens, "seconds_per_step": round(timings["step_s"], 1),
@@ -213,16 +245,17 @@ def run_stage(stage: str, out: Path, demo: Path, requested_dtype: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "real_size")
-    parser.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
-                        help="frozen base and compute: the recipe's bfloat16, or float32 on a CPU without native bf16 "
-                             "(auto, the default, chooses; trained weights are float32 either way)")
+    parser.add_argument("--compute", choices=["auto", "bfloat16", "float32"], default="auto",
+                        help="the compute: the recipe's bfloat16, or float32 with the frozen base still stored in "
+                             "bfloat16 (auto, the default, picks float32 on a CPU without native bfloat16, where "
+                             "torch's bfloat16 matmuls are 5-180x slower); trained weights are float32 either way")
     parser.add_argument("--stage", choices=[*STAGE_CONFIGS, "build"], help=argparse.SUPPRESS)  # one child process
     args = parser.parse_args()
     out, demo = args.out.resolve(), args.out.resolve() / "demo"
     if args.stage == "build":
         return build_model(out / "model")
     if args.stage:
-        print("FIGURES " + json.dumps(run_stage(args.stage, out, demo, args.dtype)), flush=True)
+        print("FIGURES " + json.dumps(run_stage(args.stage, out, demo, args.compute)), flush=True)
         return
 
     from tag_lightning.commands.cli import main as tag_main
@@ -235,7 +268,7 @@ def main() -> None:
         if step == "build" and (out / "model" / "config.json").is_file():
             continue
         start = time.perf_counter()
-        result = subprocess.run([sys.executable, __file__, "--out", str(out), "--dtype", args.dtype, "--stage", step],
+        result = subprocess.run([sys.executable, __file__, "--out", str(out), "--compute", args.compute, "--stage", step],
                                 capture_output=True,
                                 text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
         if result.returncode != 0:
