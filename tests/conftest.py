@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from tag_lightning.commands.allocator import keep_freed_memory
 from tag_lightning.data.samples import SAMPLE_LABELS, fetch_samples
 
 keep_freed_memory()  # the tests that train without `tag` get the allocator `tag` runs with
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one of the README command's two test processes on two cores:
+    os.environ["OMP_NUM_THREADS"] = "1"  # one thread each, and for the processes its tests start (2 threads
+    torch.set_num_threads(1)  # each made the suite slower than one process, the threads waiting for cores)
+
 
 @pytest.fixture(scope="session")
 def samples_dir(tmp_path_factory) -> Path:
