@@ -1,4 +1,5 @@
-"""What setup.cfg promises about the installed environment: one OpenCV build, and no unused extras."""
+"""What setup.cfg promises about the installed environment: one OpenCV build, no unused extras, and
+no package that reaches the network when tag_lightning imports it."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import ast
 import configparser
 import importlib.util
 import re
+import subprocess
+import sys
 from importlib.metadata import version
 from pathlib import Path
 
@@ -65,3 +68,21 @@ def test_every_bench_extra_is_imported_by_a_bench_script():
                 imported.add(node.module.split(".")[0])
     unused = [name for name in requirements("bench", "options.extras_require") if name.replace("-", "_") not in imported]
     assert not unused, f"the bench extra installs {unused}, which no bench script imports"
+
+
+def test_importing_the_package_opens_no_network_connection():
+    """albumentations looks for a newer release on pypi.org when imported, unless told not to."""
+    probe = """
+import os, socket
+os.environ.pop("NO_ALBUMENTATIONS_UPDATE", None)
+asked = []
+def refuse(host, *args, **kwargs):
+    asked.append(host)
+    raise OSError("no network in this test")
+socket.getaddrinfo = refuse
+import tag_lightning.commands.cli, tag_lightning.data.datamodule, tag_lightning.models.grpo
+print(asked)
+"""
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]", (result.stdout, result.stderr[-2000:])

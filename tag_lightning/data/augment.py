@@ -32,12 +32,16 @@ and conclusions that name a side).
 
 from __future__ import annotations
 
+import os
 import random
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-import albumentations as A
+# albumentations asks pypi.org for a newer release when it is imported (a network call at run time,
+# 2 s timeout, a warning when offline) unless this is set; a user's own setting is kept
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+import albumentations as A  # noqa: E402
 import cv2
 import numpy as np
 
