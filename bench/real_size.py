@@ -1,7 +1,7 @@
-"""Qwen2.5-VL-3B's real architecture, randomly initialised, through the real 3B recipe: one LoRA SFT
-step and one GRPO step.
+"""Qwen2.5-VL-3B's real architecture, randomly initialised, through the real 3B recipe: LoRA SFT
+steps, then GRPO steps.
 
-    python bench/real_size.py [--out outputs/real_size]
+    python bench/real_size.py [--out outputs/real_size] [--steps N] [--scale cpu|recipe]
 
 Nothing is downloaded. The model folder is built once from the numbers below (those of
 Qwen/Qwen2.5-VL-3B-Instruct's config.json), with random bfloat16 weights and the real Qwen
@@ -11,27 +11,28 @@ process, so its peak RSS is its own, and composes what a 3B user composes:
     configs/{sft,grpo}.yaml + configs/qwen2_5_vl_3b/model_lora.yaml + configs/qwen2_5_vl_3b/gpu{,_grpo}.yaml
     + configs/data/samples.yaml (the sample faces, at the recipe's 448 px, as configs/data/rafdb.yaml)
 
-with one face a step (no gradient accumulation), and for GRPO G=2 completions of at most 16 tokens,
-starting from the SFT step's checkpoint. The TAG rewards are 0 for a random model's text, so GRPO
-adds the tests' completion-length reward (through `REWARDS`, the documented extension point) to give
-its group a spread. On a CUDA device the stages run there, in the configs' precision (bf16-mixed:
-bfloat16 frozen base and compute, float32 trained weights). On a CPU they run in that precision too
-where the CPU computes bfloat16 natively (AVX512-BF16 or AMX). On one without (AVX2 only, like the
-2-core machine this was written on), torch's bfloat16 matmuls fall back to a slow generic kernel
-(measured there on one thread: an MLP `linear` of 800 tokens, 2048 -> 11008, runs at 10.4 GFLOPS
-in bf16 against 54.6 in fp32, and its backward's `grad @ weight` at 0.3 against 49.5), so a bf16 SFT step takes
-hours; and a float32 copy of the base (15 GB) was killed for memory at 23.6 GB on that 24 GB
-machine. There `--compute auto` keeps the frozen base stored in bfloat16, as the recipe says, and
-runs every matmul in float32, each weight upcast for its one call (`compute_in_float32`);
-`--compute bfloat16` forces the recipe's compute anyway.
+with no gradient accumulation, GRPO starting from the SFT stage's checkpoint. `--scale cpu` (the
+default) takes one face a step and G=2 GRPO completions of at most 16 tokens; `--scale recipe` keeps the
+configs' own sizes (2 faces a step; GRPO 8 completions of up to 512 tokens). The TAG rewards are 0 for a
+random model's text, so GRPO adds the tests' completion-length reward (through `REWARDS`, the documented
+extension point) to give its group a spread. On a CUDA device the stages run there, in the configs'
+precision (bf16-mixed: bfloat16 frozen base and compute, float32 trained weights). On a CPU they run in
+that precision too where the CPU computes bfloat16 natively (AVX512-BF16 or AMX). On one without (AVX2
+only, like the 2-core machine this was written on), torch's bfloat16 matmuls fall back to a slow generic
+kernel (measured there on one thread: an MLP `linear` of 800 tokens, 2048 -> 11008, runs at 10.4 GFLOPS
+in bf16 against 54.6 in fp32, and its backward's `grad @ weight` at 0.3 against 49.5), so a bf16 SFT
+step takes hours; and a float32 copy of the base (15 GB) was killed for memory at 23.6 GB on that 24 GB
+machine. There `--compute auto` keeps the frozen base stored in bfloat16, as the recipe says, and runs
+every matmul in float32, each weight upcast for its one call (`compute_in_float32`); `--compute
+bfloat16` forces the recipe's compute anyway.
 
 Prints per stage: parameters (total and by part), trainable parameters, image tokens per face,
 seconds per step, peak RSS (on a GPU also peak GPU memory), rollout tokens/s for GRPO, and how many
 trainable tensors of each kind the step changed. After SFT's first step the LoRA A matrices cannot
 have changed: B starts at 0, so A's gradient is 0; GRPO, starting from the SFT checkpoint, moves them.
 On the CPU with float32 compute, decoding upcasts every weight for every new token, so the rollout
-rate there measures that, not generation. No GPU was available where this was written: the GPU
-branch (a CUDA device present) is untested. The README's Benchmarks have the CPU figures.
+rate there measures that, not generation. Step and rollout times on a GPU are taken after the device
+has finished its queued work. The README's Benchmarks have the figures of an H200 and of a 2-core CPU.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import contextlib
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -135,7 +137,7 @@ def compute_in_float32() -> None:
     F.linear, F.conv3d = upcast(F.linear), upcast(F.conv3d)
 
 
-def stage_args(stage: str, out: Path, demo: Path, accelerator: str, compute: str) -> list[str]:
+def stage_args(stage: str, out: Path, demo: Path, accelerator: str, compute: str, steps: int, scale: str) -> list[str]:
     """The configuration of one stage: the recipe's files, then this machine's and this benchmark's overrides."""
     stage_config, gpu_config = STAGE_CONFIGS[stage]
     manifest = f"manifest:{demo / 'samples' / 'manifest.csv'}"
@@ -144,23 +146,26 @@ def stage_args(stage: str, out: Path, demo: Path, accelerator: str, compute: str
             f"--model.init_args.network.init_args.config.model_path={out / 'model'}",
             f"--data.au_cache={demo / 'au_cache'}", f"--data.train_data={manifest}", f"--data.val_data={manifest}",
             f"--data.test_data={manifest}", f"--data.train_traces={demo / 'traces.jsonl'}",
-            "--data.image_size=448", "--data.batch_size=1", "--data.num_workers=0",
-            f"--trainer.accelerator={accelerator}", "--trainer.devices=1", "--trainer.max_steps=1",
+            "--data.image_size=448", "--data.num_workers=0",
+            f"--trainer.accelerator={accelerator}", "--trainer.devices=1", f"--trainer.max_steps={steps}",
             "--trainer.accumulate_grad_batches=1", "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0",
-            "--trainer.enable_progress_bar=false", "--trainer.callbacks.init_args.every_n_train_steps=1",
+            "--trainer.enable_progress_bar=false", f"--trainer.callbacks.init_args.every_n_train_steps={steps}",
             f"--trainer.default_root_dir={out / stage}"]
     if compute == "float32":  # the recipe but for the compute: no bfloat16 autocast (see compute_in_float32)
         args += ["--trainer.precision=32-true"]
+    if scale == "cpu":  # one face a step; GRPO's group of 2 short completions
+        args += ["--data.batch_size=1"]
     if stage == "grpo":
         sft = max((out / "sft").rglob("last.ckpt"), key=lambda path: path.stat().st_mtime_ns)
         args += [f"--model.init_args.init_from={sft}", '--model.init_args.rewards={"format": 0.5, "answer": 1.0, '
-                 '"grounding": 1.0, "length": 1.0}', "--model.init_args.num_generations=2",
-                 "--model.init_args.max_completion_length=16"]
+                 '"grounding": 1.0, "length": 1.0}']
+        if scale == "cpu":
+            args += ["--model.init_args.num_generations=2", "--model.init_args.max_completion_length=16"]
     return args
 
 
-def run_stage(stage: str, out: Path, demo: Path, requested_compute: str) -> dict:
-    """One optimizer step of `stage` through the recipe, measured; returns the figures."""
+def run_stage(stage: str, out: Path, demo: Path, requested_compute: str, steps: int, scale: str) -> dict:
+    """`steps` optimizer steps of `stage` through the recipe, measured; returns the figures."""
     import torch
     from lightning.pytorch import Callback, LightningModule
 
@@ -176,7 +181,7 @@ def run_stage(stage: str, out: Path, demo: Path, requested_compute: str) -> dict
         compute_in_float32()
         VLMWrapper._autocast = lambda self: contextlib.nullcontext()  # the wrapper's bfloat16 autocast, off
     cli = TagCLI(LightningModule, FERDataModule, subclass_mode_model=True, run=False, parser_class=TagArgumentParser,
-                 args=stage_args(stage, out, demo, "gpu" if cuda else "cpu", compute),
+                 args=stage_args(stage, out, demo, "gpu" if cuda else "cpu", compute, steps, scale),
                  save_config_kwargs={"overwrite": True})
     module, network = cli.model, cli.model.network
     parts = {"vision": 0, "projector": 0, "language": 0}
@@ -191,26 +196,32 @@ def run_stage(stage: str, out: Path, demo: Path, requested_compute: str) -> dict
     ids = network.build_inputs([face], ["?"])["input_ids"]
     image_tokens = int((ids == network.processor.image_token_id).sum())
 
-    timings: dict[str, float] = {"generate_s": 0.0, "generated_tokens": 0}
+    def now() -> float:
+        """The time once the device has finished what was queued (CUDA runs asynchronously)."""
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    step_seconds: list[float] = []
+    rollouts: list[tuple[int, float]] = []  # (tokens generated, seconds) per call of generate
     generate = network.generate
 
     def timed_generate(*args, **kwargs):
-        start = time.perf_counter()
+        start = now()
         output = generate(*args, **kwargs)
-        timings["generate_s"] += time.perf_counter() - start
-        timings["generated_tokens"] += sum(len(ids) for ids in output.token_ids)
+        rollouts.append((sum(len(ids) for ids in output.token_ids), now() - start))
         return output
 
     network.generate = timed_generate
 
     class StepTimer(Callback):
         def on_train_batch_start(self, *args):
-            timings["start"] = time.perf_counter()
+            self.start = now()
 
         def on_train_batch_end(self, *args):
-            timings["step_s"] = time.perf_counter() - timings["start"]
+            step_seconds.append(now() - self.start)
 
-    cli.trainer.callbacks.append(StepTimer())
+    cli.trainer.callbacks.insert(0, StepTimer())  # before the checkpoint: its writing is not the step's
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     cli.trainer.fit(module, cli.datamodule)
@@ -230,32 +241,50 @@ def run_stage(stage: str, out: Path, demo: Path, requested_compute: str) -> dict
         "frozen_base_dtype": str(next(p.dtype for p in network.model.parameters() if not p.requires_grad)),
         "precision": cli.trainer.precision,
         "parameters": sum(parts.values()), "by_part": parts, "trainable": sum(v.numel() for v in trainable.values()),
-        "image_tokens_per_face": image_tokens, "seconds_per_step": round(timings["step_s"], 1),
+        "faces_per_step": cli.datamodule.batch_size, "image_tokens_per_face": image_tokens,
+        # with several steps, the first (CUDA kernels chosen, memory first allocated) apart from the median of the rest
+        "seconds_per_step": round(statistics.median(step_seconds[1:] or step_seconds), 2),
+        "seconds_each_step": [round(seconds, 2) for seconds in step_seconds],
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 2),
         "changed": {kind: f"{done}/{total}" for kind, (done, total) in kinds.items()}, "unchanged_e.g.": unchanged[:3],
     }
     if stage == "grpo":
-        figures["rollout_tokens_per_s"] = round(timings["generated_tokens"] / max(timings["generate_s"], 1e-9), 1)
-        figures["rollout_s"] = round(timings["generate_s"], 1)
+        measured = rollouts[1:] or rollouts  # the first rollout apart, as the first step
+        figures["generations_per_face"] = module.num_generations
+        figures["max_completion_length"] = module.max_completion_length
+        figures["rollout_tokens_per_s"] = round(sum(t for t, _ in measured) / max(sum(s for _, s in measured), 1e-9), 1)
+        figures["rollout_tokens_and_seconds"] = [(tokens, round(seconds, 2)) for tokens, seconds in rollouts]
     if cuda:
         figures["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 1024**3, 2)
+        figures["peak_gpu_memory_reserved_gb"] = round(torch.cuda.max_memory_reserved() / 1024**3, 2)
     return figures
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=REPO / "outputs" / "real_size")
+    parser.add_argument("--out", type=Path, default=REPO / "outputs" / "real_size",
+                        help="where the model folder (7.5 GB, built once), the sample faces and each stage's run go "
+                             "(default: outputs/real_size)")
     parser.add_argument("--compute", choices=["auto", "bfloat16", "float32"], default="auto",
                         help="the compute: the recipe's bfloat16, or float32 with the frozen base still stored in "
                              "bfloat16 (auto, the default, picks float32 on a CPU without native bfloat16, where "
                              "torch's bfloat16 matmuls are 5-180x slower); trained weights are float32 either way")
+    parser.add_argument("--steps", type=int, default=1,
+                        help="optimizer steps per stage (default 1); with more, the first step is reported apart and "
+                             "seconds_per_step is the median of the others")
+    parser.add_argument("--scale", choices=["cpu", "recipe"], default="cpu",
+                        help="cpu (the default): one face a step, GRPO groups of 2 completions of at most 16 tokens; "
+                             "recipe: the configs' own batch sizes (configs/data/samples.yaml's 2 faces for SFT, "
+                             "gpu_grpo.yaml's 2 faces x 8 completions of up to 512 tokens for GRPO)")
     parser.add_argument("--stage", choices=[*STAGE_CONFIGS, "build"], help=argparse.SUPPRESS)  # one child process
     args = parser.parse_args()
+    if args.steps < 1:
+        parser.error(f"--steps {args.steps}: give 1 or more")
     out, demo = args.out.resolve(), args.out.resolve() / "demo"
     if args.stage == "build":
         return build_model(out / "model")
     if args.stage:
-        print("FIGURES " + json.dumps(run_stage(args.stage, out, demo, args.compute)), flush=True)
+        print("FIGURES " + json.dumps(run_stage(args.stage, out, demo, args.compute, args.steps, args.scale)), flush=True)
         return
 
     from tag_lightning.commands.cli import main as tag_main
@@ -268,9 +297,10 @@ def main() -> None:
         if step == "build" and (out / "model" / "config.json").is_file():
             continue
         start = time.perf_counter()
-        result = subprocess.run([sys.executable, __file__, "--out", str(out), "--compute", args.compute, "--stage", step],
-                                capture_output=True,
-                                text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+        command = [sys.executable, __file__, "--out", str(out), "--compute", args.compute, "--steps", str(args.steps),
+                   "--scale", args.scale, "--stage", step]
+        python_path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))  # keep the caller's
+        result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": python_path})
         if result.returncode != 0:
             sys.exit(f"{step} failed:\n{result.stderr[-4000:]}")
         peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024**2
