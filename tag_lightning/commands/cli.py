@@ -155,7 +155,8 @@ def _demo(args: argparse.Namespace) -> int:
                           sft_steps=args.sft_steps, grpo_steps=args.grpo_steps, workers=args.workers,
                           libreface_weights=args.libreface_weights, experiment=args.experiment,
                           error_kinds=tuple(args.error_kinds.split(",")), sampled_answers=args.sampled_answers,
-                          ablation=args.ablation, rollout_seed=args.rollout_seed, **{**experiment, **chosen}),
+                          ablation=args.ablation, rollout_seed=args.rollout_seed, trace_format=args.trace_format,
+                          **{**experiment, **chosen}),
              tag=main)
     return 0
 
@@ -388,6 +389,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "SFT start, steps and seeds, and evaluate it: is the effect the grounding reward's?")
     demo.add_argument("--libreface-weights", default=None,
                       help="LibreFace's combined_resnet.pt; without it AU intensities come from blendshapes")
+    demo.add_argument("--trace-format", choices=TRACE_FORMATS, default=PER_STEP,
+                      help="the traces' format, from the teacher through SFT, GRPO and every evaluation: per_step "
+                           "(ours: each step names its AU ids) or paper (TAG's: steps name a region and a box, the "
+                           "conclusion lists the AUs); see `tag prepare traces --help`")
     demo.set_defaults(func=_demo)
     prepare = commands.add_parser("prepare", help="data preparation: sample photos, AU cache, traces, tiny model",
                                   formatter_class=_HelpFormatter,

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from tag_lightning.answers.grammar import PER_STEP
 from tag_lightning.errors import UserError
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"  # the repository's configs (editable install)
@@ -63,6 +64,8 @@ class DemoSettings:
         sampled_answers: sampled answers per face scored after each training stage (0: greedy only).
         ablation: also run GRPO without the grounding reward, from the same SFT checkpoint.
         rollout_seed: GRPO's rollout seed, the same for both GRPO runs.
+        trace_format: the traces' format (`answers.grammar.TRACE_FORMATS`): the teacher writes it, SFT
+            teaches it, and every stage's prompt asks for it.
     """
 
     out: Path
@@ -80,6 +83,7 @@ class DemoSettings:
     sampled_answers: int = 8
     ablation: bool = False
     rollout_seed: int = 0
+    trace_format: str = PER_STEP
 
     def to_json(self) -> dict:
         return {**asdict(self), "out": str(self.out), "configs": list(self.configs),
@@ -120,6 +124,7 @@ class DemoState:
         except (ValueError, AttributeError) as err:
             raise UserError(f"{path} is not a readable demo state ({err}): delete it to run every phase again in "
                             f"{settings.out}, or give another --out") from None
+        saved["settings"].setdefault("trace_format", PER_STEP)  # a folder from before the option had ours
         if saved["settings"] != settings.to_json():
             changed = sorted(key for key, value in settings.to_json().items() if saved["settings"].get(key) != value)
             raise UserError(f"{settings.out} holds a demo run with other settings ({', '.join(changed)}): rerun it "
@@ -226,7 +231,7 @@ class Demo:
             experiment += ["--error-rate", str(self.settings.error_rate),
                            "--error-kinds", ",".join(self.settings.error_kinds), "--filter", "paper"]
         return [["prepare", "traces", "--data", self.data, *split, "--cache", str(self.au_cache),
-                 "--out", str(self.traces), *experiment]]
+                 "--out", str(self.traces), "--trace-format", self.settings.trace_format, *experiment]]
 
     def _common(self, config: str) -> list[str]:
         """The config files and the paths of this folder, for every `tag fit` and `tag test`."""
@@ -238,7 +243,8 @@ class Demo:
         for extra in self.settings.configs:
             pieces += ["-c", extra]
         paths = [f"--model.init_args.network.init_args.config.model_path={self.model}",
-                 f"--data.au_cache={self.au_cache}", f"--data.train_traces={self.traces}"]
+                 f"--data.au_cache={self.au_cache}", f"--data.train_traces={self.traces}",
+                 f"--data.trace_format={self.settings.trace_format}"]
         paths += [f"--data.{role}_data={self.data}" for role in ("train", "val", "test")]
         if self.evaluated_split is not None:
             paths += ["--data.train_split=train", f"--data.val_split={self.evaluated_split}",

@@ -191,6 +191,36 @@ def test_the_demo_runs_the_controlled_experiment_and_its_ablation_as_commands(tm
     assert not any("experiment_" in word for word in grounded.fit_command("grpo"))
 
 
+def test_every_stage_of_the_demo_uses_the_trace_format_asked_for(tmp_path):
+    from tag_lightning.commands.demo import Demo
+
+    demo = Demo(DemoSettings(out=tmp_path, trace_format="paper"))
+    (traces,) = demo._trace_commands()
+    assert traces[traces.index("--trace-format") + 1] == "paper"
+    for argv in (demo.fit_command("sft"), demo.fit_command("grpo"), demo.test_command("before_sft", "sft", None),
+                 demo.test_command("after_grpo", "grpo", tmp_path / "x.ckpt")):
+        assert "--data.trace_format=paper" in argv
+    assert "--data.trace_format=per_step" in Demo(DemoSettings(out=tmp_path)).fit_command("sft")
+
+
+def test_a_demo_folder_from_before_the_trace_format_option_resumes_as_per_step(tmp_path):
+    from tag_lightning.commands.demo import DemoState
+
+    settings = DemoSettings(out=tmp_path).to_json()
+    del settings["trace_format"]
+    (tmp_path / "demo.json").write_text(json.dumps({"settings": settings, "finished": {}}))
+    assert DemoState.open(DemoSettings(out=tmp_path)).settings["trace_format"] == "per_step"
+    with pytest.raises(UserError, match=r"other settings \(trace_format\)"):
+        DemoState.open(DemoSettings(out=tmp_path, trace_format="paper"))
+
+
+def test_an_unknown_trace_format_is_refused_before_any_phase(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo", "--out", str(tmp_path / "demo"), "--trace-format", "bogus"])
+    assert exit_.value.code == 2 and "invalid choice: 'bogus'" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()
+
+
 @pytest.mark.experiment
 def test_the_demo_experiment_shows_the_grounding_reward_removing_flawed_evidence(tmp_path):
     """`tag demo --ablation` (the experiment is the default) at its default size: the figures the experiment
