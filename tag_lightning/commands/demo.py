@@ -240,6 +240,9 @@ class Demo:
             pieces += ["-c", str(CONFIGS / "tiny" / config)]
             if self.settings.experiment:
                 pieces += ["-c", str(CONFIGS / "tiny" / f"experiment_{config}")]
+                paper = CONFIGS / "tiny" / f"experiment_paper_{config}"  # where the paper's format measured otherwise
+                if self.settings.trace_format == "paper" and paper.is_file():
+                    pieces += ["-c", str(paper)]
         for extra in self.settings.configs:
             pieces += ["-c", extra]
         paths = [f"--model.init_args.network.init_args.config.model_path={self.model}",

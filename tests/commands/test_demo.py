@@ -201,6 +201,13 @@ def test_every_stage_of_the_demo_uses_the_trace_format_asked_for(tmp_path):
                  demo.test_command("after_grpo", "grpo", tmp_path / "x.ckpt")):
         assert "--data.trace_format=paper" in argv
     assert "--data.trace_format=per_step" in Demo(DemoSettings(out=tmp_path)).fit_command("sft")
+    # the experiment's SFT in the paper's format runs longer (configs/tiny/experiment_paper_sft.yaml says why)
+    longer = str(CONFIGS / "tiny" / "experiment_paper_sft.yaml")
+    assert longer not in demo.fit_command("sft")
+    assert longer in Demo(DemoSettings(out=tmp_path, trace_format="paper", experiment=True)).fit_command("sft")
+    assert longer not in Demo(DemoSettings(out=tmp_path, experiment=True)).fit_command("sft")
+    assert not any("experiment_paper" in word for word in
+                   Demo(DemoSettings(out=tmp_path, trace_format="paper", experiment=True)).fit_command("grpo"))
 
 
 def test_a_demo_folder_from_before_the_trace_format_option_resumes_as_per_step(tmp_path):
