@@ -384,3 +384,22 @@ def test_the_gpu_configs_validate_and_keep_checkpoints_in_optimizer_steps_and_bo
     assert validation_steps in (200, 500) and checkpoints["every_n_train_steps"] in (100, 500)
     assert trainer["max_steps"] / checkpoints["every_n_train_steps"] <= 10
     assert (checkpoints["monitor"], checkpoints["mode"], checkpoints["save_top_k"]) == ("step", "max", 3)
+
+
+@pytest.mark.parametrize("run", ["sft", "grpo", "grpo_ablation"])
+def test_the_demo_s_compositions_in_the_paper_format_parse(run, tmp_path):
+    """Every piece the demo composes by name (`commands/demo.py`), the experiment's and the paper format's
+    included, parses where the demo puts it."""
+    import yaml
+
+    from tag_lightning.commands.demo import Demo, DemoSettings
+
+    demo = Demo(DemoSettings(out=tmp_path, experiment=True, trace_format="paper", ablation=True))
+    shown = tag(*demo.fit_command(run), "--print_config")
+    assert shown.returncode == 0, shown.stderr[-3000:]
+    config = yaml.safe_load(shown.stdout)
+    assert config["data"]["trace_format"] == "paper"
+    if run == "sft":  # configs/tiny/experiment_paper_sft.yaml, composed last
+        assert config["trainer"]["max_steps"] == 500
+    if run == "grpo_ablation":
+        assert config["model"]["init_args"]["rewards"]["grounding"] == 0.0
