@@ -18,8 +18,10 @@ Where this differs from TRL, and why:
 - a group never spans ranks: each rank samples all G completions of its own prompts, so group
   statistics need no communication; batch-wide figures (``scale_rewards="batch"``, the ``dapo``
   token count, the logged statistics) are gathered over ranks, so 2 ranks compute what 1 does;
-- rollouts are a function of (``rollout_seed``, step, image): each prompt's group is sampled under its own
-  seed, so a resumed run, or the same batch split over ranks, samples the same completions;
+- a batch's rollouts are one `generate` call (`rollout.RolloutEngine`), and a function of (``rollout_seed``,
+  step, image): each prompt's group draws from its own seed, so a resumed run, or the same batch split over
+  ranks, samples the same completions (up to floating-point differences between batch shapes, which move a
+  draw only when it falls within rounding of a token boundary);
 - one Lightning step is one batch of rollouts and its μ optimizer steps, so a checkpoint never
   falls between a rollout and its updates; there is one step axis, optimizer steps: `max_steps`
   and checkpoint intervals count them (and must be multiples of μ), and every log (CSV,
@@ -31,9 +33,11 @@ Where this differs from TRL, and why:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import math
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +53,7 @@ from tag_lightning.errors import BadValue, UserError, describe
 from tag_lightning.grounding.rewards import DEFAULT_WEIGHTS, check_weights, score
 from tag_lightning.models.checkpoints import check_fits, network_weights, read_checkpoint
 from tag_lightning.models.module import VLMModule
-from tag_lightning.models.sampling import seeded
+from tag_lightning.models.rollout import RolloutConfig
 from tag_lightning.models.vlm import VLMWrapper
 
 SCALE_REWARDS = ("group", "batch", "none")
@@ -166,6 +170,7 @@ class Rollouts:
     reward_parts: dict[str, Tensor]  # "<name>" -> (N,) values, "<name>/<part>" -> (N,) parts
     image_names: list[str]
     labels: list[str]
+    seconds: float  # generating them
 
 
 class GRPOModule(VLMModule):
@@ -204,6 +209,8 @@ class GRPOModule(VLMModule):
         occlusion_seed: seed of its random regions.
         sampled_answers, sampled_temperature, sampled_seed: in `tag test`, also score sampled answers
             per image (see `VLMModule`).
+        rollout: how rollouts and answers are generated: KV cache, compiled decode step, sampling copy
+            of the weights (`rollout.RolloutConfig`); None: its defaults.
     """
 
     def __init__(
@@ -235,9 +242,10 @@ class GRPOModule(VLMModule):
         sampled_answers: int = 0,
         sampled_temperature: float = 1.0,
         sampled_seed: int = 0,
+        rollout: RolloutConfig | None = None,
     ) -> None:
         super().__init__(network, optimizer, scheduler, max_new_tokens, occlusion_test, occlusion_seed,
-                         sampled_answers, sampled_temperature, sampled_seed)
+                         sampled_answers, sampled_temperature, sampled_seed, rollout)
         _check_options(num_generations, max_completion_length, temperature, top_p, scale_rewards, loss_type,
                        epsilon, epsilon_high, beta, num_iterations, micro_batch_size)
         self.reward_weights = check_weights(DEFAULT_WEIGHTS if rewards is None else rewards)
@@ -355,7 +363,8 @@ class GRPOModule(VLMModule):
                     logps, old[index], advantages[rows], mask, references[index], self.epsilon_low,
                     self.epsilon_high, self.beta, self.loss_type, self.max_completion_length, num_items,
                     batch_size=len(rollouts.texts), batch_tokens=float(tokens))
-                self.manual_backward(loss)
+                with self._gradient_sync(last=index == len(chunks) - 1):
+                    self.manual_backward(loss)
                 loss_of_step += float(loss.detach())
                 kls.append(stats["kl"])
                 clips.append(stats["clip_ratio"])
@@ -379,18 +388,17 @@ class GRPOModule(VLMModule):
 
     @torch.no_grad()
     def _rollout(self, batch: dict) -> Rollouts:
-        """G sampled completions per prompt, each group under its own seed, scored by the rewards."""
+        """G sampled completions per prompt in one call, each group a function of (rollout_seed, step, image),
+        scored by the rewards."""
         images = [image.numpy() for image in batch["image"].cpu()]
         was_training = self.network.training
         self.network.eval()  # sample from the model itself: no dropout
-        texts, token_ids = [], []
-        for image, prompt, name in zip(images, batch["prompt"], batch["image_name"]):
-            with self._seeded(name):
-                output = self.network.generate(
-                    [image], [prompt], max_new_tokens=self.max_completion_length, do_sample=True,
-                    temperature=self.temperature, top_p=self.top_p, num_return_sequences=self.num_generations)
-            texts += output.texts
-            token_ids += output.token_ids
+        seeds = [f"{self.rollout_seed}:{self.global_step}:{name}" for name in batch["image_name"]]
+        start = time.perf_counter()
+        output = self.engine.sample(images, batch["prompt"], seeds, self.num_generations, self.max_completion_length,
+                                    temperature=self.temperature, top_p=self.top_p)
+        seconds = time.perf_counter() - start  # the answers are on the host: the device has finished
+        texts, token_ids = output.texts, output.token_ids
         self.network.train(was_training)
         end_ids = torch.tensor(self.network.end_ids)
         truncated = torch.tensor([not torch.isin(ids[-1:], end_ids).any() for ids in token_ids])
@@ -414,11 +422,8 @@ class GRPOModule(VLMModule):
             reward_parts={name: torch.tensor(values, dtype=torch.float32) for name, values in parts.items()},
             image_names=[name for name in batch["image_name"] for _ in range(repeat)],
             labels=[label for label in batch["label"] for _ in range(repeat)],
+            seconds=seconds,
         )
-
-    def _seeded(self, image_name: str):
-        """The group's samples are a function of (rollout_seed, step, image), whatever ran before."""
-        return seeded(f"{self.rollout_seed}:{self.global_step}:{image_name}", self.device)
 
     def _chunks(self, rollouts: Rollouts) -> list[tuple[slice, Mapping[str, Tensor]]]:
         """The rollouts as model inputs (prompt + completion tokens, labels = completion), in micro-batches."""
@@ -438,6 +443,15 @@ class GRPOModule(VLMModule):
             return self.network.answer_logprobs(inputs, self.temperature)[0]
 
     # -- across ranks ----------------------------------------------------------------------------
+
+    def _gradient_sync(self, last: bool) -> contextlib.AbstractContextManager:
+        """Under DDP, all-reduce the gradients once per optimizer step: with the step's last micro-batch only.
+
+        (FSDP2 keeps reduce-scattering every micro-batch: deferring it would hold unsharded gradients.)"""
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = self.trainer.model
+        return model.no_sync() if isinstance(model, DistributedDataParallel) and not last else contextlib.nullcontext()
 
     def _world(self) -> int:
         return self.trainer.world_size if self._trainer is not None else 1
@@ -462,6 +476,10 @@ class GRPOModule(VLMModule):
             "train/clip_ratio": clip_ratio,
             "train/completion_length": float(torch.tensor([len(ids) for ids in rollouts.token_ids]).float().mean()),
             "train/frac_truncated": float(rollouts.truncated.float().mean()),
+            # this step's generation speed, and the engine's compilation so far (warm-up; recompiles if it grows)
+            "train/rollout/tokens_per_second": sum(len(ids) for ids in rollouts.token_ids) / max(rollouts.seconds, 1e-9),
+            "train/rollout/compiled_graphs": float(self.engine.stats.compiled_graphs),
+            "train/rollout/warmup_seconds": self.engine.stats.warmup_seconds,
         }
         for name, values in rollouts.reward_parts.items():
             if "/" in name:

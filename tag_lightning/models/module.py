@@ -33,7 +33,7 @@ from tag_lightning.grounding.reports import new_run_folder, write_evaluation
 from tag_lightning.grounding.results import results_table, write_results
 from tag_lightning.grounding.rewards import reward_values
 from tag_lightning.models.checkpoints import check_fits, pack_rng_states, restore_rng_states
-from tag_lightning.models.sampling import seeded
+from tag_lightning.models.rollout import RolloutConfig, RolloutEngine
 from tag_lightning.models.vlm import VLMWrapper
 
 
@@ -54,6 +54,8 @@ class VLMModule(LightningModule):
             say, where the greedy answer shows only its most likely path. 0: greedy answers only.
         sampled_temperature: temperature of those samples (top-p 1).
         sampled_seed: seed of those samples (with the image's name).
+        rollout: how every answer is generated (KV cache, compiled decode step, sampling copy of the
+            weights; `rollout.RolloutConfig`); None: its defaults.
     """
 
     def __init__(
@@ -67,6 +69,7 @@ class VLMModule(LightningModule):
         sampled_answers: int = 0,
         sampled_temperature: float = 1.0,
         sampled_seed: int = 0,
+        rollout: RolloutConfig | None = None,
     ) -> None:
         super().__init__()
         if sampled_answers < 0 or sampled_temperature <= 0:
@@ -74,6 +77,7 @@ class VLMModule(LightningModule):
                              f"{sampled_temperature}")
         self.save_hyperparameters(ignore=["network", "optimizer", "scheduler"])  # a subclass's own arguments too
         self.network = network
+        self.engine = RolloutEngine(network, rollout)  # not a submodule: it generates with `network`
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.max_new_tokens = max_new_tokens
@@ -108,7 +112,9 @@ class VLMModule(LightningModule):
             if type(module).__name__ in blocks:
                 fully_shard(module, mesh=mesh)
         fully_shard(model, mesh=mesh)
-        register_fsdp_forward_method(model, "generate")  # generation must gather the root's weights too
+        # generation, and the rollout engine's encoding of images before it, gather the root's weights too
+        register_fsdp_forward_method(model, "generate")
+        register_fsdp_forward_method(model, "get_image_features")
 
     def on_fit_start(self) -> None:
         self.network.train()  # Hugging Face models load in eval mode, and Lightning keeps modules' modes
@@ -140,11 +146,14 @@ class VLMModule(LightningModule):
     def _answer(self, batch: dict, images: list[np.ndarray] | None = None) -> list[tuple[str, Completion, AnswerScore]]:
         """Greedy answers to a batch (or to other `images` with its prompts), each parsed and scored."""
         images = images if images is not None else [image.numpy() for image in batch["image"].cpu()]
-        output = self.network.generate(images, batch["prompt"], max_new_tokens=self.max_new_tokens)
+        texts = self.engine.greedy(images, batch["prompt"], self.max_new_tokens).texts
+        return self._scored(texts, self.references(batch))
+
+    def _scored(self, texts: list[str], references: list[References]) -> list[tuple[str, Completion, AnswerScore]]:
         answered = []
-        for text, references in zip(output.texts, self.references(batch)):
-            completion = self.read(text, references)
-            answered.append((text, completion, score_answer(completion, references)))
+        for text, reference in zip(texts, references):
+            completion = self.read(text, reference)
+            answered.append((text, completion, score_answer(completion, reference)))
         return answered
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -166,19 +175,18 @@ class VLMModule(LightningModule):
         self._test_scores.extend(counted(batch, [(dataset, score) for dataset, (_, _, score)
                                                  in zip(batch["dataset"], answered)]))
 
-    @torch.no_grad()
     def _sample_answers(self, batch: dict) -> list[list[dict]]:
         """`sampled_answers` sampled answers per image (seeded by `sampled_seed` and the image's name),
         each scored like a greedy answer and by every GRPO reward; one list of rows per image."""
+        k = self.sampled_answers
+        output = self.engine.sample(
+            [image.numpy() for image in batch["image"].cpu()], batch["prompt"],
+            [f"sampled:{self.sampled_seed}:{name}" for name in batch["image_name"]], k, self.max_new_tokens,
+            temperature=self.sampled_temperature)
         per_image = []
-        for image, prompt, name, references, scored in zip(batch["image"].cpu(), batch["prompt"], batch["image_name"],
-                                                           self.references(batch), batch["counted"]):
-            with seeded(f"sampled:{self.sampled_seed}:{name}", self.device):
-                output = self.network.generate([image.numpy()], [prompt], max_new_tokens=self.max_new_tokens,
-                                               do_sample=True, temperature=self.sampled_temperature,
-                                               num_return_sequences=self.sampled_answers)
+        for index, (references, scored) in enumerate(zip(self.references(batch), batch["counted"])):
             rows = []
-            for text in output.texts:
+            for text in output.texts[index * k : (index + 1) * k]:
                 completion = self.read(text, references)
                 answer, rewards = score_answer(completion, references), reward_values(completion, references)
                 if scored:  # not an evaluation rank's padding
@@ -207,8 +215,12 @@ class VLMModule(LightningModule):
                                         name, self.occlusion_seed)
                       for row, detector_aus, image, name in zip(asked, subset["detector_aus"], images,
                                                                 subset["image_name"])]
-            with_cited = self._answer(subset, [blur_boxes(image, cited[row]) for image, row in zip(images, asked)])
-            with_random = self._answer(subset, [blur_boxes(image, boxes) for image, boxes in zip(images, random)])
+            blurred = ([blur_boxes(image, cited[row]) for image, row in zip(images, asked)]
+                       + [blur_boxes(image, boxes) for image, boxes in zip(images, random)])
+            texts = self.engine.greedy(blurred, subset["prompt"] * 2, self.max_new_tokens).texts  # one call, both
+            references = self.references(subset)
+            with_cited, with_random = (self._scored(texts[: len(asked)], references),
+                                       self._scored(texts[len(asked) :], references))
             for row, boxes, (_, _, a_cited), (_, _, a_random) in zip(asked, random, with_cited, with_random):
                 cited_answers[row], random_answers[row] = a_cited.answer, a_random.answer
                 occluded[row] = {"cited_boxes": [list(box) for box in cited[row]],

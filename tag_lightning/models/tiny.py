@@ -81,12 +81,17 @@ def qwen_tokenizer(ranks_file: str | Path | None = None) -> Qwen2Tokenizer:
 
 
 def build_tiny_model(
-    out: str | Path, backbone: str = "qwen2_5_vl", seed: int = 0, ranks_file: str | Path | None = None
+    out: str | Path, backbone: str = "qwen2_5_vl", seed: int = 0, ranks_file: str | Path | None = None,
+    text: dict | None = None,
 ) -> Path:
-    """Write a tiny random `backbone` model with the Qwen vocabulary to `out`; same seed, same weights."""
+    """Write a tiny random `backbone` model with the Qwen vocabulary to `out`; same seed, same weights.
+
+    `text` overrides sizes of the language model (`TINY_TEXT`), e.g. ``{"num_hidden_layers": 36}`` for
+    a narrow model as deep as Qwen2.5-VL-3B (`bench/rollout.py`'s proxy).
+    """
     adapter = resolve_backbone(backbone)
     tokenizer = qwen_tokenizer(ranks_file)
-    config, processor = adapter.tiny(tokenizer, TINY_TEXT)
+    config, processor = adapter.tiny(tokenizer, {**TINY_TEXT, **(text or {})})
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config)
     # Generation stops at the end of the assistant's turn, or at the end of the text.

@@ -2,7 +2,8 @@
 
 It owns a Hugging Face image-text-to-text model and its processor. It turns images, prompts and
 target answers into model inputs (chat template, answer-only labels, the padding side each use
-needs), runs the model, generates, and saves what training changed. Everything family-specific
+needs), runs the model, scores answers, and saves what training changed (generating is
+`rollout.RolloutEngine`'s). Everything family-specific
 is asked of the backbone adapter (`backbones/`): the box frame, which modules are vision encoder,
 projector and language model, how a turn ends. Training choices (dtype, attention kernel, frozen
 vision encoder, LoRA, activation checkpointing) are applied once, here, at construction; bad
@@ -19,7 +20,7 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,19 +30,11 @@ from peft import LoraConfig, get_peft_model
 from PIL import Image
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pad_sequence
-from transformers import (
-    AutoConfig,
-    AutoModelForImageTextToText,
-    AutoProcessor,
-    BatchFeature,
-    LogitsProcessorList,
-    PretrainedConfig,
-)
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, BatchFeature, PretrainedConfig
 from transformers.utils import ModelOutput
 
 from tag_lightning.errors import BadValue
 from tag_lightning.models.backbones import BACKBONES, Backbone, Frame, resolve_backbone
-from tag_lightning.models.sampling import NextTokenSampler
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
@@ -107,19 +100,6 @@ class VLMConfig:
                            "set freeze_vision=True, or lora=None to fine-tune in full")
 
 
-@dataclass
-class GenerationOutput:
-    """Sampled answers, `num_return_sequences` per prompt, grouped by prompt (prompt i: rows i*n .. i*n+n-1).
-
-    `token_ids` are each answer's tokens through its end token (no padding); `prompt_length` is
-    the length of the left-padded prompts, where the answers start in the generated sequences.
-    """
-
-    texts: list[str]
-    token_ids: list[Tensor] = field(repr=False)
-    prompt_length: int
-
-
 class VLMWrapper(nn.Module):
     """A VLM and its processor, set up for training and generation as `config` says."""
 
@@ -171,7 +151,7 @@ class VLMWrapper(nn.Module):
         """The frozen base's dtype, which the inputs and the compute take."""
         return DTYPES[self.config.dtype]
 
-    def _autocast(self) -> torch.autocast:
+    def autocast(self) -> torch.autocast:
         """Compute in the base's dtype; off for a float32 base (then nothing differs in dtype)."""
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
@@ -194,7 +174,7 @@ class VLMWrapper(nn.Module):
         system turn) up to the assistant's generation prompt and processed with its image. A
         text target is tokenised on its own and appended through the template's end-of-turn
         token: exactly the tokens the model would have to generate after that prompt. A target
-        given as token ids (a sampled answer, `GenerationOutput.token_ids`) is appended as it is.
+        given as token ids (a sampled answer, `rollout.Answers.token_ids`) is appended as it is.
         `labels` are -100 except on those answer tokens. Padding is on the right with targets
         (training) and on the left without (generation) unless `padding_side` says otherwise.
         """
@@ -272,9 +252,9 @@ class VLMWrapper(nn.Module):
         K = (length - first label column + 1) positions, so ``logits[:, :-1]`` predicts
         ``labels[:, -K + 1:]``. Without labels, `logits` cover every position.
         """
-        inputs = self._on_device(batch)
+        inputs = self.on_device(batch)
         if "labels" not in inputs:
-            with self._autocast():
+            with self.autocast():
                 return self.model(**inputs, use_cache=False)
         outputs, logits, answers = self._answer_logits(self.model, inputs)
         outputs["loss"] = F.cross_entropy(logits.flatten(0, 1), answers.flatten(), ignore_index=IGNORE_INDEX)
@@ -292,7 +272,7 @@ class VLMWrapper(nn.Module):
         and reference passes). `model` scores under another copy of this network's model (GRPO's
         frozen reference).
         """
-        _, logits, answers = self._answer_logits(model or self.model, self._on_device(batch))
+        _, logits, answers = self._answer_logits(model or self.model, self.on_device(batch))
         if temperature != 1.0:
             logits = logits / temperature
         if self.placeholder_ids:
@@ -309,58 +289,12 @@ class VLMWrapper(nn.Module):
         if len(answer_columns) == 0:
             raise ValueError("nothing to learn: every label is -100")
         start = max(int(answer_columns[0]), 1)  # a token in column 0 has nothing before it to predict it
-        with self._autocast():
+        with self.autocast():
             outputs = model(**inputs, use_cache=False, logits_to_keep=labels.shape[1] - start + 1)
         return outputs, outputs.logits[:, :-1].float(), labels[:, start:]
 
-    @torch.no_grad()
-    def generate(
-        self,
-        images: Sequence[np.ndarray],
-        prompts: Sequence[str],
-        max_new_tokens: int = 512,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        num_return_sequences: int = 1,
-    ) -> GenerationOutput:
-        """Answer each (image, prompt): greedy, or sampled from the model's own distribution.
-
-        Sampling is shaped by `temperature` and `top_p` only (no top-k, no repetition penalty
-        from the folder's generation config), so GRPO's log-probabilities describe what was
-        sampled; it is drawn by `NextTokenSampler` (exact, and cheaper than torch.multinomial over
-        the vocabulary). Image placeholder tokens are never generated. Prompts are left-padded;
-        the KV cache is on. Sharded with FSDP2 over several processes, a rank whose answers have
-        ended keeps taking part in the other ranks' forward passes (each gathers weights from all).
-        """
-        # Each prompt repeated in place: the sampler runs under greedy decoding, which returns one sequence per row.
-        repeated = [index for index in range(len(prompts)) for _ in range(num_return_sequences)]
-        inputs = self._on_device(self.build_inputs(
-            [images[index] for index in repeated], [prompts[index] for index in repeated], padding_side="left"))
-        next_token = NextTokenSampler(self.placeholder_ids, do_sample, temperature, top_p)
-        with self._autocast():
-            sequences = self.model.generate(
-                **inputs, max_new_tokens=max_new_tokens, use_cache=True,
-                eos_token_id=self.end_ids, pad_token_id=self.processor.tokenizer.pad_token_id,
-                repetition_penalty=1.0, do_sample=False, logits_processor=LogitsProcessorList([next_token]),
-                synced_gpus=self._sharded_over_ranks(),
-            )
-        prompt_length = inputs["input_ids"].shape[1]
-        answers = [self._through_end(row) for row in sequences[:, prompt_length:].cpu()]
-        texts = self.processor.batch_decode(answers, skip_special_tokens=True)
-        return GenerationOutput(texts=texts, token_ids=answers, prompt_length=prompt_length)
-
-    def _sharded_over_ranks(self) -> bool:
-        from torch.distributed.fsdp import FSDPModule
-
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        return isinstance(self.model, FSDPModule) and distributed and torch.distributed.get_world_size() > 1
-
-    def _through_end(self, tokens: Tensor) -> Tensor:
-        ends = torch.isin(tokens, torch.tensor(self.end_ids)).nonzero()
-        return tokens[: int(ends[0]) + 1] if len(ends) else tokens
-
-    def _on_device(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    def on_device(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """`batch` on the model's device, its floating tensors (pixels) in the base's dtype."""
         device, dtype = self.device, self.dtype
         return {key: value.to(device, dtype) if value.is_floating_point() else value.to(device)
                 for key, value in batch.items()}

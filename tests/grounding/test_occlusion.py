@@ -14,25 +14,30 @@ from tag_lightning.data.datamodule import FERDataModule
 from tag_lightning.grounding.occlusion import blur_boxes, random_boxes_like
 from tag_lightning.models.backbones.base import Frame
 from tag_lightning.models.module import VLMModule
-from tag_lightning.models.vlm import GenerationOutput, VLMConfig
+from tag_lightning.models.rollout import Answers
+from tag_lightning.models.vlm import VLMConfig
 
 MOUTH = (96, 150, 124, 166)  # a small box on the mouth of the 224 px letterboxed sample faces
 
 
-class MouthReader(nn.Module):
-    """A stand-in network (the module only asks a network for `frame`, `generate` and `config`): it reads
-    the mouth region, cites it, and answers happiness while the region holds detail, neutral once blurred."""
+class MouthReaderNetwork(nn.Module):
+    """A stand-in network (the module asks a network only for `frame` and `config`, and answers through its
+    engine, `MouthReader`)."""
 
     config = VLMConfig("mouth-reader")
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.asked = 0
 
     def frame(self, width: int, height: int) -> Frame:
         return Frame((width, height), (width, height))
 
-    def generate(self, images, prompts, max_new_tokens=256, **_) -> GenerationOutput:
+
+class MouthReader:
+    """A stand-in rollout engine: it reads the mouth region, cites it, and answers happiness while the region
+    holds detail, neutral once blurred."""
+
+    def __init__(self) -> None:
+        self.asked = 0
+
+    def greedy(self, images, prompts, max_new_tokens=256) -> Answers:
         self.asked += len(images)
         texts = []
         for image in images:
@@ -44,7 +49,7 @@ class MouthReader(nn.Module):
                 f"Inspect lip corner (AU12) → {'pulled up' if answer == 'happiness' else 'relaxed'} → "
                 f"<bbox>[{x1},{y1},{x2},{y2}]</bbox>",
                 "Final conclusion: AU12.", f"<answer> {answer} </answer>"]))
-        return GenerationOutput(texts=texts, token_ids=[torch.zeros(1)] * len(texts), prompt_length=0)
+        return Answers(texts=texts, token_ids=[torch.zeros(1)] * len(texts))
 
 
 def test_blurring_keeps_the_image_outside_the_boxes_and_random_boxes_keep_sizes():
@@ -66,8 +71,8 @@ def test_blurring_keeps_the_image_outside_the_boxes_and_random_boxes_keep_sizes(
 def test_answers_that_rest_on_the_cited_region_flip_when_it_is_blurred_and_rarely_otherwise(demo_dir, tmp_path):
     data = FERDataModule(str(demo_dir / "au_cache"), test_data=f"manifest:{demo_dir / 'samples' / 'manifest.csv'}",
                          image_size=224, batch_size=2, num_workers=0)
-    network = MouthReader()
-    module = VLMModule(network, occlusion_test=True, occlusion_seed=0)
+    module = VLMModule(MouthReaderNetwork(), occlusion_test=True, occlusion_seed=0)
+    module.engine = network = MouthReader()
     trainer = Trainer(accelerator="cpu", logger=False, default_root_dir=tmp_path, enable_progress_bar=False,
                       enable_model_summary=False)
     trainer.test(module, datamodule=data)

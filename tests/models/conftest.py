@@ -44,3 +44,34 @@ def sft_checkpoint(tag_args, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("sft")
     assert main(tag_args("sft", root, "--trainer.max_steps=2", "--trainer.limit_val_batches=0")) == 0
     return newest_last_checkpoint(root)
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
+    """A tiny random model folder of every registered backbone, by name."""
+    from tag_lightning.models.backbones import BACKBONES
+    from tag_lightning.models.tiny import build_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny")
+    return {name: build_tiny_model(root / name, backbone=name) for name in BACKBONES}
+
+
+@pytest.fixture
+def length_reward(monkeypatch):
+    """The tests' completion-length reward registered as ``length`` (the TAG rewards are 0 on the tiny model's text)."""
+    from helpers import completion_length
+
+    from tag_lightning.grounding.rewards import REWARDS
+
+    monkeypatch.setitem(REWARDS, "length", completion_length)
+
+
+@pytest.fixture
+def grpo_args(tag_args, sft_checkpoint):
+    """`tag fit -c configs/grpo.yaml -c configs/data/samples.yaml` from the SFT checkpoint, small and quick."""
+    def build(root, *extra, **options):
+        return tag_args("grpo", root, f"--model.init_args.init_from={sft_checkpoint}",
+                        "--model.init_args.max_completion_length=12", "--trainer.limit_val_batches=0",
+                        "--trainer.val_check_interval=null", "--trainer.callbacks.init_args.every_n_train_steps=1",
+                        *extra, **options)
+    return build

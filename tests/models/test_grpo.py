@@ -98,22 +98,6 @@ def test_the_loss_gradient_is_the_policy_gradient_at_ratio_one():
 # -- the module ----------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def length_reward(monkeypatch):
-    monkeypatch.setitem(REWARDS, "length", completion_length)
-
-
-@pytest.fixture
-def grpo_args(tag_args, sft_checkpoint):
-    """`tag fit -c configs/grpo.yaml -c configs/data/samples.yaml` from the SFT checkpoint, small and quick."""
-    def build(root, *extra, **options):
-        return tag_args("grpo", root, f"--model.init_args.init_from={sft_checkpoint}",
-                        "--model.init_args.max_completion_length=12", "--trainer.limit_val_batches=0",
-                        "--trainer.val_check_interval=null", "--trainer.callbacks.init_args.every_n_train_steps=1",
-                        *extra, **options)
-    return build
-
-
 def test_a_grpo_step_changes_exactly_the_trainable_weights(grpo_args, sft_checkpoint, tmp_path, length_reward):
     assert main(grpo_args(tmp_path, "--trainer.max_steps=1", '--model.init_args.rewards={"length": 1.0}')) == 0
     before, after = trained_weights(sft_checkpoint), trained_weights(newest_last_checkpoint(tmp_path))
@@ -287,6 +271,42 @@ if os.environ.get("ROLLOUT_LENGTHS"):  # record each rank's completion lengths (
             out.write(json.dumps([len(ids) for ids in rollouts.token_ids]) + "\\n")
         return rollouts
     GRPOModule._rollout = recorded
+if os.environ.get("COLLECTIVES"):  # record, per rank and step, the all-gathers of a rollout and the all-reduces
+    import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+    from tag_lightning.models.grpo import GRPOModule
+    counts = {{"all_gathers": 0, "all_reduce_rounds": 0}}
+    gather = dist.all_gather_single
+    def counted_gather(*args, **kwargs):
+        counts["all_gathers"] += 1
+        return gather(*args, **kwargs)
+    dist.all_gather_single = counted_gather
+    def counted_all_reduce(state, bucket):
+        counts["all_reduce_rounds"] += bucket.index() == 0  # a round of gradient buckets
+        return allreduce_hook(state, bucket)
+    def on_train_start(self):
+        if isinstance(self.trainer.model, DistributedDataParallel):
+            self.trainer.model.register_comm_hook(None, counted_all_reduce)
+    from torch.nn.parallel import DistributedDataParallel
+    GRPOModule.on_train_start = on_train_start
+    rollout_of_step = GRPOModule._rollout
+    def counted_rollout(self, batch):
+        before = counts["all_gathers"]
+        rollouts = rollout_of_step(self, batch)
+        record = {{"all_gathers": counts["all_gathers"] - before,
+                   "fsdp_modules": sum(isinstance(m, FSDPModule) for m in self.network.model.modules()),
+                   "decode_steps": max(len(ids) for ids in rollouts.token_ids),
+                   "resharded": all(isinstance(p, DTensor) for p in self.network.model.parameters())}}
+        with open(f"{{os.environ['COLLECTIVES']}}.rank{{self.global_rank}}", "a") as out:
+            out.write(json.dumps(record) + "\\n")
+        return rollouts
+    GRPOModule._rollout = counted_rollout
+    def on_train_end(self):
+        with open(f"{{os.environ['COLLECTIVES']}}.rank{{self.global_rank}}.reduces", "w") as out:
+            out.write(str(counts["all_reduce_rounds"]))
+    GRPOModule.on_train_end = on_train_end
 sys.exit(main(sys.argv[1:]))
 '''
 
@@ -305,11 +325,15 @@ def test_two_ddp_processes_train_exactly_as_one(grpo_args, sft_checkpoint, tmp_p
     driver.write_text(DRIVER.format(tests=str(Path(__file__).parents[1])))
     common = ['--model.init_args.rewards={"length": 1.0}', "--trainer.max_steps=1", "--trainer.accelerator=cpu",
               "--model.init_args.scale_rewards=batch", "--model.init_args.optimizer.class_path=torch.optim.SGD",
-              "--model.init_args.optimizer.init_args.lr=1.0"]
+              "--model.init_args.optimizer.init_args.lr=1.0", "--model.init_args.micro_batch_size=2"]
     single = run_python([str(driver), *grpo_args(tmp_path / "one", *common, "--data.batch_size=2")])
     assert single.returncode == 0, single.stderr[-3000:]
-    ddp = run_python([str(driver), *grpo_args(tmp_path / "two", *common, "--data.batch_size=1", strategy="ddp")])
+    ddp = run_python([str(driver), *grpo_args(tmp_path / "two", *common, "--data.batch_size=1", strategy="ddp")],
+                     env={"COLLECTIVES": str(tmp_path / "collectives")})
     assert ddp.returncode == 0, ddp.stderr[-3000:]
+    # 4 completions a rank in micro-batches of 2: the gradients are all-reduced once, with the second
+    reduces = [int(Path(f"{tmp_path / 'collectives'}.rank{rank}.reduces").read_text()) for rank in (0, 1)]
+    assert reduces == [1, 1], reduces
     one, two = (trained_weights(newest_last_checkpoint(tmp_path / name)) for name in ("one", "two"))
     start = trained_weights(sft_checkpoint)
     assert any(not torch.allclose(one[name], start[name], atol=1e-4) for name in one), "training changed nothing"
@@ -343,9 +367,11 @@ def early_ending_model(demo_dir, tmp_path) -> Path:
 def test_fsdp2_on_two_processes_trains_as_one_while_ranks_generate_different_lengths(grpo_args, early_ending_model,
                                                                                      tmp_path):
     """FSDP2 with batch 1 on each of 2 ranks == batch 2 on one process (as for DDP above), while each rank's
-    rollouts run a different number of generation steps: a rank whose completions have ended keeps serving
-    the other's forward passes, which gather weights from both. Weights within 1e-5 (gradients are
-    reduce-scattered, so summed in another order than on one process).
+    rollouts run a different number of generation steps. A rollout gathers the weights once, each sharded
+    module's (not once per token), and frees them after it: the peak is one unsharded copy of the weights,
+    as without FSDP, and between rollouts every parameter is its shard again. The ranks then decode
+    independently. Weights within 1e-5 (gradients are reduce-scattered, so summed in another order than on
+    one process).
 
     The lengths follow from the rollout seed and the images' names, which hold the session's temporary
     folder: a seed whose ranks happen to end at the same step is skipped for the next one."""
@@ -361,15 +387,20 @@ def test_fsdp2_on_two_processes_trains_as_one_while_ranks_generate_different_len
         shutil.rmtree(tmp_path / "two", ignore_errors=True)
         for rank in (0, 1):
             Path(f"{lengths['two']}.rank{rank}").unlink(missing_ok=True)
+        collectives = tmp_path / f"collectives-{seed}"
         sharded = run_python([str(driver), *grpo_args(tmp_path / "two", *common, f"--model.init_args.rollout_seed={seed}",
                                                       "--data.batch_size=1", strategy="fsdp2")],
-                             env={"ROLLOUT_LENGTHS": str(lengths["two"])})
+                             env={"ROLLOUT_LENGTHS": str(lengths["two"]), "COLLECTIVES": str(collectives)})
         assert sharded.returncode == 0, sharded.stderr[-3000:]
         ranks = [json.loads(Path(f"{lengths['two']}.rank{rank}").read_text()) for rank in (0, 1)]
         if max(ranks[0]) != max(ranks[1]):  # the ranks run different numbers of generation steps
             break
     else:
         pytest.fail(f"5 rollout seeds, and each time both ranks generated for as many steps (last: {ranks})")
+    for rank in (0, 1):
+        (record,) = [json.loads(line) for line in Path(f"{collectives}.rank{rank}").read_text().splitlines()]
+        assert record["all_gathers"] == record["fsdp_modules"] < record["decode_steps"], record
+        assert record["resharded"], record
     single = run_python([str(driver), *grpo_args(tmp_path / "one", *common, f"--model.init_args.rollout_seed={seed}",
                                                  "--data.batch_size=2")],
                         env={"ROLLOUT_LENGTHS": str(lengths["one"])})

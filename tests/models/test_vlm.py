@@ -1,5 +1,5 @@
 """VLMWrapper on a tiny random model of every registered backbone: the same numbers as plain
-Hugging Face, answer-only labels, both padding sides, generation, freezing, LoRA, checkpoints,
+Hugging Face, answer-only labels, both padding sides, freezing, LoRA, checkpoints,
 merged export, box frames, and bad configurations refused before any weight is loaded."""
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from tag_lightning.answers.grammar import Step, Trace, render_trace
 from tag_lightning.models import LoRAConfig, VLMConfig, VLMWrapper
 from tag_lightning.models import vlm as vlm_module
 from tag_lightning.models.backbones import BACKBONES
-from tag_lightning.models.tiny import build_tiny_model
 
 _rng = np.random.default_rng(0)
 IMAGES = [_rng.integers(0, 256, (61, 37, 3), dtype=np.uint8), _rng.integers(0, 256, (287, 513, 3), dtype=np.uint8)]
@@ -27,12 +26,6 @@ TARGETS = [
                        "AU12 indicates happiness.", "happiness")),
     "<answer> anger </answer>",
 ]
-
-
-@pytest.fixture(scope="module")
-def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("tiny")
-    return {name: build_tiny_model(root / name, backbone=name) for name in BACKBONES}
 
 
 @pytest.fixture(scope="module", params=list(BACKBONES))
@@ -128,28 +121,6 @@ def test_padding_right_for_training_left_for_generation(wrapper):
     assert _rows(left) == _rows(training)
     with torch.no_grad():  # positions (Qwen's 3-D rope included) ignore the padding on either side
         torch.testing.assert_close(wrapper(left).loss, wrapper(training).loss, rtol=1e-4, atol=1e-4)
-
-
-# -- generation ----------------------------------------------------------------------------------------
-
-
-def test_generate_greedy_and_sampled(wrapper):
-    greedy = wrapper.generate(IMAGES, PROMPTS, max_new_tokens=5)
-    assert greedy.texts == wrapper.generate(IMAGES, PROMPTS, max_new_tokens=5).texts
-    prompts_only = wrapper.build_inputs(IMAGES, PROMPTS)
-    assert greedy.prompt_length == prompts_only["input_ids"].shape[1]
-    with torch.no_grad():
-        next_tokens = wrapper(prompts_only).logits[:, -1].argmax(-1).tolist()
-    assert [int(ids[0]) for ids in greedy.token_ids] == next_tokens  # the cached decoding agrees with one forward
-
-    torch.manual_seed(0)
-    sampled = wrapper.generate(IMAGES, PROMPTS, max_new_tokens=5, do_sample=True, temperature=1.0, top_p=0.9,
-                               num_return_sequences=3)
-    assert len(sampled.texts) == len(sampled.token_ids) == 6
-    for ids, text in zip(sampled.token_ids, sampled.texts):
-        ended = torch.isin(ids, torch.tensor(wrapper.end_ids))
-        assert len(ids) <= 5 and not ended[:-1].any()  # nothing after the first end token
-        assert text == wrapper.processor.tokenizer.decode(ids, skip_special_tokens=True)
 
 
 # -- what trains ----------------------------------------------------------------------------------------
