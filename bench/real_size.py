@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import resource
@@ -153,10 +154,12 @@ def stage_args(stage: str, out: Path, demo: Path, accelerator: str, compute: str
             f"--trainer.default_root_dir={out / stage}"]
     if compute == "float32":  # the recipe but for the compute: no bfloat16 autocast (see compute_in_float32)
         args += ["--trainer.precision=32-true"]
+    if accelerator == "cpu":  # the GPU configs compile the decode step: hours of inductor for a 3B on a CPU
+        args += ["--model.init_args.rollout.compile=false"]
     if scale == "cpu":  # one face a step; GRPO's group of 2 short completions
         args += ["--data.batch_size=1"]
-    if stage == "grpo":
-        sft = max((out / "sft").rglob("last.ckpt"), key=lambda path: path.stat().st_mtime_ns)
+    if stage == "grpo":  # from the SFT stage's checkpoint, or the model folder where no SFT stage ran
+        sft = max((out / "sft").rglob("last.ckpt"), key=lambda path: path.stat().st_mtime_ns, default="null")
         args += [f"--model.init_args.init_from={sft}", '--model.init_args.rewards={"format": 0.5, "answer": 1.0, '
                  '"grounding": 1.0, "length": 1.0}']
         if scale == "cpu":
@@ -179,7 +182,7 @@ def run_stage(stage: str, out: Path, demo: Path, requested_compute: str, steps: 
     compute = compute_dtype(requested_compute, cuda)
     if compute == "float32":
         compute_in_float32()
-        VLMWrapper._autocast = lambda self: contextlib.nullcontext()  # the wrapper's bfloat16 autocast, off
+        VLMWrapper.autocast = lambda self: contextlib.nullcontext()  # the wrapper's bfloat16 autocast, off
     cli = TagCLI(LightningModule, FERDataModule, subclass_mode_model=True, run=False, parser_class=TagArgumentParser,
                  args=stage_args(stage, out, demo, "gpu" if cuda else "cpu", compute, steps, scale),
                  save_config_kwargs={"overwrite": True})
@@ -203,16 +206,16 @@ def run_stage(stage: str, out: Path, demo: Path, requested_compute: str, steps: 
         return time.perf_counter()
 
     step_seconds: list[float] = []
-    rollouts: list[tuple[int, float]] = []  # (tokens generated, seconds) per call of generate
-    generate = network.generate
+    rollouts: list[tuple[int, float]] = []  # (tokens generated, seconds) per rollout (one engine call a step)
+    sample = module.engine.sample
 
-    def timed_generate(*args, **kwargs):
+    def timed_sample(*args, **kwargs):
         start = now()
-        output = generate(*args, **kwargs)
+        output = sample(*args, **kwargs)
         rollouts.append((sum(len(ids) for ids in output.token_ids), now() - start))
         return output
 
-    network.generate = timed_generate
+    module.engine.sample = timed_sample
 
     class StepTimer(Callback):
         def on_train_batch_start(self, *args):
@@ -250,6 +253,9 @@ def run_stage(stage: str, out: Path, demo: Path, requested_compute: str, steps: 
     }
     if stage == "grpo":
         measured = rollouts[1:] or rollouts  # the first rollout apart, as the first step
+        figures["rollout_engine"] = dataclasses.asdict(module.engine.config)
+        figures["rollout_compiled_graphs"] = module.engine.stats.compiled_graphs
+        figures["rollout_warmup_s"] = round(module.engine.stats.warmup_seconds, 2)
         figures["generations_per_face"] = module.num_generations
         figures["max_completion_length"] = module.max_completion_length
         figures["rollout_tokens_per_s"] = round(sum(t for t, _ in measured) / max(sum(s for _, s in measured), 1e-9), 1)
@@ -276,6 +282,8 @@ def main() -> None:
                         help="cpu (the default): one face a step, GRPO groups of 2 completions of at most 16 tokens; "
                              "recipe: the configs' own batch sizes (configs/data/samples.yaml's 2 faces for SFT, "
                              "gpu_grpo.yaml's 2 faces x 8 completions of up to 512 tokens for GRPO)")
+    parser.add_argument("--stages", default="sft,grpo",
+                        help="the stages to run, in order (default sft,grpo); grpo alone starts from the model folder")
     parser.add_argument("--stage", choices=[*STAGE_CONFIGS, "build"], help=argparse.SUPPRESS)  # one child process
     args = parser.parse_args()
     if args.steps < 1:
@@ -293,7 +301,10 @@ def main() -> None:
 
     if not (demo / "traces.jsonl").is_file():
         prepare_demo_data(demo, tag=tag_main, workers=1)
-    for step in ("build", "sft", "grpo"):
+    stages = [stage.strip() for stage in args.stages.split(",") if stage.strip()]
+    if not stages or set(stages) - set(STAGE_CONFIGS):
+        parser.error(f"--stages {args.stages}: give sft, grpo or sft,grpo")
+    for step in ("build", *stages):
         if step == "build" and (out / "model" / "config.json").is_file():
             continue
         start = time.perf_counter()
