@@ -116,8 +116,15 @@ class TagCLI(LightningCLI):
             if init_args.get("init_from"):
                 init_args["init_from"] = None
             return
-        saved = read_checkpoint(ckpt_path, mmap=True).get("hyper_parameters") or {}
+        checkpoint = read_checkpoint(ckpt_path, mmap=True)
+        saved = checkpoint.get("hyper_parameters") or {}
         given = _plain(init_args)
+        overridden = restored_state_overrides(checkpoint, given)
+        if overridden:
+            raise UserError(f"resuming {ckpt_path} restores its optimizer and scheduler as they were, so "
+                            f"{'; '.join(overridden)} would not take effect: drop the option to resume, or start a "
+                            "new run from its weights with --model.init_args.init_from=CKPT (without --ckpt_path), "
+                            "whose optimizer starts afresh")
         changed = [f"{name} {given[name]!r} (its run: {value!r})" for name, value in saved.items()
                    if not name.startswith("_") and name in given and _plain(value) != given[name]]
         if changed:
@@ -243,6 +250,35 @@ class _ContinuingWriter(ExperimentWriter):
         if self._fs.isfile(self.metrics_file_path):
             with self._fs.open(self.metrics_file_path, "r", newline="") as handle:
                 self.metrics_keys = list(csv.DictReader(handle).fieldnames or [])
+
+
+def restored_state_overrides(checkpoint: dict, given: dict) -> list[str]:
+    """The optimizer and scheduler options given for a resumed fit that the checkpoint's restored states would
+    silently override, as ``model.init_args.optimizer.init_args.lr 0.5 (the checkpoint's: 1e-05)``.
+
+    Lightning restores the optimizer's state, its parameter groups' hyperparameters included, and the
+    scheduler's state over whatever the configuration built.
+    """
+    overridden = []
+    optimizer = given.get("optimizer") or {}
+    saved_classes = checkpoint.get("optimizer_classes") or []
+    class_path = optimizer.get("class_path") if isinstance(optimizer, dict) else None
+    if class_path and saved_classes and class_path.rsplit(".", 1)[-1] != saved_classes[0].rsplit(".", 1)[-1]:
+        overridden.append(f"model.init_args.optimizer.class_path {class_path} (the checkpoint's: {saved_classes[0]})")
+    groups = (checkpoint.get("optimizer_states") or [{}])[0].get("param_groups") or [{}]
+    restored = {**groups[0], "lr": groups[0].get("initial_lr", groups[0].get("lr"))}  # a scheduler moves "lr"
+    schedulers = checkpoint.get("lr_schedulers") or [{}]
+    for part, state in (("optimizer", restored), ("scheduler", schedulers[0])):
+        options = given.get(part) or {}
+        for name, value in ((options.get("init_args") or {}) if isinstance(options, dict) else {}).items():
+            if name in state and _comparable(value) != _comparable(state[name]):
+                overridden.append(f"model.init_args.{part}.init_args.{name} {value!r} (the checkpoint's: "
+                                  f"{state[name]!r})")
+    return overridden
+
+
+def _comparable(value: Any) -> Any:
+    return tuple(value) if isinstance(value, (list, tuple)) else value
 
 
 def _plain(value: Any) -> Any:

@@ -81,17 +81,23 @@ def check_fits(checkpoint: Mapping[str, Any], config: VLMConfig, what: str) -> N
 
 
 def pack_rng_states() -> dict[str, Any]:
-    """torch, numpy and Python random states as tensors and plain values (loadable with ``weights_only``)."""
+    """This process's torch (CPU and its CUDA device's), numpy and Python random states, as tensors and plain
+    values (loadable with ``weights_only``)."""
     kind, keys, position, has_gauss, gauss = np.random.get_state()
-    return {
+    states = {
         "torch": torch.get_rng_state(),
         "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss],
         "python": random.getstate(),
     }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
 
 
 def restore_rng_states(states: Mapping[str, Any]) -> None:
     torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
     kind, keys, position, has_gauss, gauss = states["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
     random.setstate(states["python"])

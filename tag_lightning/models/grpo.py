@@ -26,9 +26,11 @@ Where this differs from TRL, and why:
   falls between a rollout and its updates; there is one step axis, optimizer steps: `max_steps`
   and checkpoint intervals count them (and must be multiples of μ), and every log (CSV,
   TensorBoard, ``completions.csv``) is at the optimizer step the batch's rollouts were sampled at;
-- with LoRA the reference model is the base model with the adapters (and the trained projector)
-  switched off, as TRL does with a PEFT model: after `init_from` an SFT checkpoint, the KL term
-  anchors to the model before SFT. Without LoRA it is a frozen copy of the starting policy.
+- the reference model is the policy GRPO started from (TAG's stage 2 regularises towards the SFT
+  model): with LoRA, the trained weights (adapters, projector) as they were at the start, put back for
+  the reference pass; without LoRA, a frozen copy of the starting policy. TRL switches a PEFT model's
+  adapters off instead, which after `init_from` an SFT checkpoint anchors the KL term to the model
+  before SFT.
 """
 
 from __future__ import annotations
@@ -267,13 +269,14 @@ class GRPOModule(VLMModule):
         self.rollout_seed = rollout_seed
         self.automatic_optimization = False  # μ optimizer steps per batch of rollouts
         self.reference = None  # a frozen copy of the starting policy, made when beta > 0 without LoRA
+        self._start_weights: list[Tensor] | None = None  # the trained weights at the start, when beta > 0 with LoRA
         self._warned_nothing_counted = False
         if init_from is not None:
             self._start_from(init_from)
 
     def _start_from(self, path: str) -> None:
         try:
-            checkpoint = read_checkpoint(path)
+            checkpoint = read_checkpoint(path, mmap=True)  # its weights only are read: not its optimizer states
         except OSError as err:
             raise UserError(f"model.init_args.init_from: {describe(err)}; give the SFT run's checkpoint (e.g. "
                             "its checkpoints/last.ckpt), or --model.init_args.init_from=null to start from the "
@@ -325,25 +328,29 @@ class GRPOModule(VLMModule):
         self.trainer.fit_loop.epoch_loop._batches_that_stepped = self.global_step
 
     def configure_model(self) -> None:
-        """The frozen reference copy (full fine-tuning with beta > 0), made before any sharding."""
-        if self.beta != 0.0 and self.network.config.lora is None and self.reference is None:
+        """The reference (beta > 0): a frozen copy of the starting policy in full fine-tuning, made before any
+        sharding; with LoRA, a copy of the trained weights as they start (sharded as they are)."""
+        full = self.network.config.lora is None
+        if self.beta != 0.0 and full and self.reference is None:
             self.reference = copy.deepcopy(self.network.model).requires_grad_(False).eval()
         super().configure_model()
         if self.reference is not None and self.device_mesh is not None:
             self.shard(self.reference)
+        if self.beta != 0.0 and not full and self._start_weights is None:
+            self._start_weights = [parameter.detach().clone() for parameter in self._trained_parameters()]
 
     # -- one step: rollouts, rewards, advantages, μ optimizer steps ------------------------------
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         rollouts = self._rollout(batch)
-        everyone = self._gathered(rollouts.rewards)
+        everyone = self._from_every_rank(rollouts.rewards)
         advantages = group_advantages(everyone, self.num_generations, self.scale_rewards)
         advantages = advantages.view(self._world(), -1)[self.global_rank].to(self.device)
         chunks = self._chunks(rollouts)
         counted = ~rollouts.truncated if self.mask_truncated_completions else torch.ones_like(rollouts.truncated)
         lengths = torch.tensor([len(ids) for ids in rollouts.token_ids], dtype=torch.float32)
         tokens = (lengths * counted).sum()
-        num_items = float(self._gathered(tokens.reshape(1)).sum()) / self._world()
+        num_items = float(self._from_every_rank(tokens.reshape(1)).sum()) / self._world()
         if num_items == 0:
             self._warn_nothing_counted(rollouts)
         references = [self._reference_logprobs(inputs) for _, inputs in chunks] if self.beta else [None] * len(chunks)
@@ -439,8 +446,24 @@ class GRPOModule(VLMModule):
     def _reference_logprobs(self, inputs: Mapping[str, Tensor]) -> Tensor:
         if self.reference is not None:
             return self.network.answer_logprobs(inputs, self.temperature, model=self.reference)[0]
-        with self.network.model.disable_adapter():
+        with self._start_weights_in():
             return self.network.answer_logprobs(inputs, self.temperature)[0]
+
+    @contextlib.contextmanager
+    def _start_weights_in(self):
+        """The trained weights as GRPO started, copied in for a pass and the current ones copied back after it."""
+        trained = self._trained_parameters()
+        current = [parameter.detach().clone() for parameter in trained]
+        for parameter, start in zip(trained, self._start_weights):
+            parameter.copy_(start)
+        try:
+            yield
+        finally:
+            for parameter, value in zip(trained, current):
+                parameter.copy_(value)
+
+    def _trained_parameters(self) -> list[Tensor]:
+        return [parameter for parameter in self.network.model.parameters() if parameter.requires_grad]
 
     # -- across ranks ----------------------------------------------------------------------------
 
@@ -456,7 +479,7 @@ class GRPOModule(VLMModule):
     def _world(self) -> int:
         return self.trainer.world_size if self._trainer is not None else 1
 
-    def _gathered(self, values: Tensor) -> Tensor:
+    def _from_every_rank(self, values: Tensor) -> Tensor:
         """`values` of every rank, concatenated in rank order (a group never spans ranks)."""
         if self._world() == 1:
             return values
@@ -487,11 +510,26 @@ class GRPOModule(VLMModule):
             else:
                 figures[f"train/rewards/{name}/mean"] = float(values.mean())
                 figures[f"train/rewards/{name}/std"] = float(values.std()) if values.numel() > 1 else 0.0
-        reward = figures.pop("train/reward")
-        self.log("train/reward", reward, prog_bar=True, batch_size=size, sync_dist=self._world() > 1)
-        self.log_dict(figures, batch_size=size, sync_dist=self._world() > 1)
+        if self._world() > 1:  # each rank's figures of its own rollouts, averaged (the gathered ones are equal)
+            averaged = self._from_every_rank(torch.tensor(list(figures.values()))).view(self._world(), -1).mean(dim=0)
+            figures = dict(zip(figures, averaged.tolist()))
+        self.log("train/reward", figures["train/reward"], prog_bar=True, logger=False, batch_size=size)
+        self.log_dict({name: value for name, value in figures.items() if name != "train/reward"}, logger=False,
+                      batch_size=size)  # for callbacks (a checkpoint monitoring train/reward); the loggers below
+        if self._logs_this_batch():
+            for logger in self.loggers:
+                logger.log_metrics({**figures, "epoch": self.current_epoch}, step=rollouts.step)
         if self.log_completions and self.global_rank == 0:
             self._write_completions(rollouts)
+
+    def _logs_this_batch(self) -> bool:
+        """Whether the loggers get this batch's figures: when its μ optimizer steps reach a multiple of
+        `log_every_n_steps` (with μ = 1, Lightning's own rule). Lightning's rule counts batches from the
+        step axis set in `on_train_batch_start` (0, μ, 2μ, ...): at μ = 2 and `log_every_n_steps` 2 it would
+        never log."""
+        every = self.trainer.log_every_n_steps
+        start = self.global_step - self.num_iterations  # the optimizer steps of this batch: start + 1 .. global_step
+        return every > 0 and (self.global_step // every > start // every or self.trainer.should_stop)
 
     def _write_completions(self, rollouts: Rollouts) -> None:
         """Append this step's first completions with their rewards to ``completions.csv`` (and TensorBoard)."""

@@ -257,7 +257,7 @@ class VLMModule(LightningModule):
             about["sampled"] = {"answers_per_image": self.sampled_answers, "temperature": self.sampled_temperature,
                                 "seed": self.sampled_seed, **self.sampled_metrics.compute()}
             self.log_dict({f"test/sampled/{name}": value for name, value in about["sampled"]["figures"].items()})
-        rows, scores = self._gathered(self._test_rows), self._gathered(self._test_scores)
+        rows, scores = self._on_rank_zero(self._test_rows), self._on_rank_zero(self._test_scores)
         log_dir = self.trainer.log_dir  # on every rank: a collective (the loggers' folder is broadcast)
         if self.global_rank == 0:
             folder = new_run_folder(log_dir or ".")
@@ -302,13 +302,26 @@ class VLMModule(LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         return [asdict(exclusion) for exclusion in getattr(datamodule, "exclusions", {}).get("test", [])]
 
-    def _gathered(self, values: list) -> list:
-        """Every rank's per-image `values` (in rank order) on every rank."""
+    def _on_rank_zero(self, values: list) -> list:
+        """Every rank's per-image `values` (in rank order) on rank 0, which writes them; [] on the others.
+
+        Only rank 0 receives them: at 10^5 images with sampled answers, a copy on every rank would be
+        gigabytes each for nothing.
+        """
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return values
-        everyone: list[list] = [[] for _ in range(torch.distributed.get_world_size())]
-        torch.distributed.all_gather_object(everyone, values)
-        return [value for rank_values in everyone for value in rank_values]
+        everyone: list[list] | None = [[] for _ in range(torch.distributed.get_world_size())] if self.global_rank == 0 \
+            else None
+        torch.distributed.gather_object(values, everyone, dst=0)
+        return [value for rank_values in everyone or [] for value in rank_values]
+
+    def _every_rank(self, value) -> list:
+        """`value` of every rank, in rank order (one element without a process group)."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return [value]
+        everyone: list = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(everyone, value)
+        return everyone
 
     # -- checkpoints -----------------------------------------------------------------------------
 
@@ -319,7 +332,9 @@ class VLMModule(LightningModule):
         trainable = self._trainable_names()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint["vlm_config"] = asdict(self.network.config)
-        checkpoint["rng_states"] = pack_rng_states()
+        checkpoint["rng_states"] = self._every_rank(pack_rng_states())  # each rank's: they differ (dropout, data)
+        checkpoint["optimizer_classes"] = [f"{type(optimizer).__module__}.{type(optimizer).__qualname__}"
+                                           for optimizer in self.trainer.optimizers]  # what resuming restores
         checkpoint["log_dir"] = self.logger.log_dir if self.logger is not None else None  # where a resumed run logs on
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -328,8 +343,11 @@ class VLMModule(LightningModule):
         if missing:
             raise BadValue(f"the checkpoint lacks {len(missing)} trainable weights of this model (e.g. {missing[:3]}); "
                            "was it trained with the same model, LoRA and freezing settings?")
-        if checkpoint.get("rng_states"):
-            restore_rng_states(checkpoint["rng_states"])
+        states = checkpoint.get("rng_states")
+        if isinstance(states, list):  # one a rank; a run resumed on fewer ranks takes the first ones
+            restore_rng_states(states[min(self.global_rank, len(states) - 1)])
+        elif states:  # a checkpoint written before states were kept per rank: rank 0's
+            restore_rng_states(states)
 
 
 def _check_master_weights(parameters: list[torch.Tensor], precision: str) -> None:

@@ -247,10 +247,11 @@ class VLMWrapper(nn.Module):
     def forward(self, batch: Mapping[str, Tensor]) -> ModelOutput:
         """The model's outputs on a `build_inputs` batch.
 
-        With `labels`, `loss` is the mean cross-entropy of the answer tokens, and the LM head
-        runs only on positions that predict an answer token: `logits` then cover the last
-        K = (length - first label column + 1) positions, so ``logits[:, :-1]`` predicts
-        ``labels[:, -K + 1:]``. Without labels, `logits` cover every position.
+        With `labels`, `loss` is the mean cross-entropy of the answer tokens and `answer_tokens` how
+        many there are (so ``loss * answer_tokens`` is their sum), and the LM head runs only on
+        positions that predict an answer token: `logits` then cover the last K = (length - first
+        label column + 1) positions, so ``logits[:, :-1]`` predicts ``labels[:, -K + 1:]``. Without
+        labels, `logits` cover every position.
         """
         inputs = self.on_device(batch)
         if "labels" not in inputs:
@@ -258,6 +259,7 @@ class VLMWrapper(nn.Module):
                 return self.model(**inputs, use_cache=False)
         outputs, logits, answers = self._answer_logits(self.model, inputs)
         outputs["loss"] = F.cross_entropy(logits.flatten(0, 1), answers.flatten(), ignore_index=IGNORE_INDEX)
+        outputs["answer_tokens"] = (answers != IGNORE_INDEX).sum()
         return outputs
 
     def answer_logprobs(

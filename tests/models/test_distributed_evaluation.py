@@ -1,6 +1,7 @@
-"""Evaluation on 2 processes (DDP, gloo) through the real `tag` command: it finishes, scores each of
-3 images once (2 do not split evenly: one rank's slice is padded with a repeat) and gives the
-figures of 1 process, in `tag test`'s files (its per-dataset table included) and in the validation `tag fit` logs."""
+"""Evaluation on 2 processes (DDP, gloo) through the real `tag` command, for both modules: it finishes,
+scores each of 3 images once (2 do not split evenly: one rank's slice is padded with a repeat) and gives
+the figures of 1 process, in `tag test`'s files (its per-dataset table, sampled answers and occlusion
+test included) and in the validation `tag fit` logs."""
 
 from __future__ import annotations
 
@@ -44,15 +45,24 @@ def evaluation(root: Path) -> tuple[dict, list[dict], str]:
 
 
 @pytest.mark.slow
-def test_tag_test_on_two_processes_scores_and_writes_each_image_once(tag_args, sft_checkpoint, three_faces, tmp_path):
+@pytest.mark.parametrize("module", ["sft", "grpo"])
+def test_tag_test_on_two_processes_scores_and_writes_each_image_once(module, tag_args, sft_checkpoint, three_faces,
+                                                                      tmp_path):
+    """Both modules (GRPO's checkpoint loaded by `init_from`, as its evaluation after training does), with the
+    occlusion test and 2 sampled answers per face: the files of 1 process, each image once. Only rank 0
+    receives the rows (it writes them)."""
+    weights = f"--ckpt_path={sft_checkpoint}" if module == "sft" else f"--model.init_args.init_from={sft_checkpoint}"
     for processes in (1, 2):
-        tag(tag_args("sft", tmp_path / str(processes), f"--ckpt_path={sft_checkpoint}", *three_faces,
-                     command="test"), processes)
+        tag(tag_args(module, tmp_path / str(processes), weights, *three_faces, "--model.init_args.occlusion_test=true",
+                     "--model.init_args.sampled_answers=2", command="test"), processes)
     (one, one_rows, one_table), (two, two_rows, two_table) = evaluation(tmp_path / "1"), evaluation(tmp_path / "2")
     assert two["counts"]["answers"] == 3 and [row["image"] for row in two_rows] == [row["image"] for row in one_rows]
     assert len({row["image"] for row in two_rows}) == 3
     assert (two["figures"], two["counts"], two["confusion_matrix"]) == (one["figures"], one["counts"],
                                                                         one["confusion_matrix"])
+    assert (two["sampled"], two["evidence_necessity"]) == (one["sampled"], one["evidence_necessity"])
+    assert [(row["text"], row["samples"], row["occlusion"]) for row in two_rows] == \
+        [(row["text"], row["samples"], row["occlusion"]) for row in one_rows]
     assert two_table == one_table  # the per-dataset table too
 
 

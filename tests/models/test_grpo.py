@@ -198,19 +198,22 @@ def test_a_step_does_not_depend_on_how_it_is_split_into_micro_batches(grpo_args,
     assert loss_split == pytest.approx(loss_whole, rel=1e-5, abs=1e-7)
 
 
-def test_one_step_axis_with_several_optimizer_steps_a_batch(grpo_args, tmp_path, length_reward):
-    """μ = 2: two batches of rollouts are optimizer steps 0-1 and 2-3; every log says 0 and 2, a
-    checkpoint every 2 steps is written at 2 and 4, the run ends at 4; a count that is not a multiple
-    of μ is refused before training."""
+@pytest.mark.parametrize("log_every, logged_steps", [(1, [0, 2]), (2, [0, 2]), (3, [2])])
+def test_one_step_axis_with_several_optimizer_steps_a_batch(grpo_args, tmp_path, length_reward, log_every,
+                                                            logged_steps):
+    """μ = 2: two batches of rollouts are optimizer steps 0-1 and 2-3; every log says 0 or 2 (a batch is
+    logged when its steps reach a multiple of `log_every_n_steps`: with 3, only the second), a checkpoint
+    every 2 steps is written at 2 and 4, the run ends at 4; a count that is not a multiple of μ is refused
+    before training."""
     common = ['--model.init_args.rewards={"length": 1.0}', "--model.init_args.num_iterations=2",
-              "--data.batch_size=1", "--model.init_args.num_generations=2"]
+              "--data.batch_size=1", "--model.init_args.num_generations=2", f"--trainer.log_every_n_steps={log_every}"]
     assert main(grpo_args(tmp_path, *common, "--trainer.max_steps=4",
                           "--trainer.callbacks.init_args.every_n_train_steps=2")) == 0
-    assert [step for step, _ in logged(tmp_path, "train/loss")] == [0, 2]
+    assert [step for step, _ in logged(tmp_path, "train/loss")] == logged_steps
     assert [int(row["step"]) for row in csv.DictReader(open(next(tmp_path.rglob("completions.csv"))))] == [0, 0, 2, 2]
     events = EventAccumulator(str(next(tmp_path.rglob("completions.csv")).parent))
     events.Reload()
-    assert [event.step for event in events.Scalars("train/reward")] == [0, 2]
+    assert [event.step for event in events.Scalars("train/reward")] == logged_steps
     assert [event.step for event in events.Tensors("train/completions/text_summary")] == [0, 2]
     assert sorted(path.name for path in tmp_path.rglob("*step=*.ckpt")) == ["epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt"]
     assert torch.load(newest_last_checkpoint(tmp_path), weights_only=True)["global_step"] == 4
@@ -412,7 +415,10 @@ def test_fsdp2_on_two_processes_trains_as_one_while_ranks_generate_different_len
         assert torch.allclose(one[name], two[name], atol=1e-5), name
 
 
-def test_the_reference_is_the_base_model_under_lora_and_a_frozen_copy_of_the_start_otherwise(demo_dir):
+@pytest.mark.parametrize("lora", [True, False])
+def test_the_reference_is_the_policy_grpo_started_from(demo_dir, lora):
+    """With LoRA (adapters that change the answers, as after SFT) and in full fine-tuning: the reference pass
+    scores as the policy did when GRPO's model was configured, not as the base model, however it trains on."""
     import numpy as np
 
     from tag_lightning.answers.prompts import user_prompt
@@ -421,29 +427,40 @@ def test_the_reference_is_the_base_model_under_lora_and_a_frozen_copy_of_the_sta
 
     folder = str(demo_dir / "tiny-qwen2.5-vl")
     image = np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8)
-    base = VLMWrapper(VLMConfig(folder))
-    inputs = base.build_inputs([image], [user_prompt(["happiness", "anger"])], ["Global analysis: a calm face."])
-    base_logps = base.answer_logprobs(inputs)[0]
-
-    lora = VLMWrapper(VLMConfig(folder, lora=LoRAConfig(r=4, alpha=8, dropout=0.0)))
+    network = VLMWrapper(VLMConfig(folder, lora=LoRAConfig(r=4, alpha=8, dropout=0.0) if lora else None))
+    inputs = network.build_inputs([image], [user_prompt(["happiness", "anger"])], ["Global analysis: a calm face."])
+    base_logps = network.answer_logprobs(inputs)[0]
+    trained = [parameter for name, parameter in network.named_parameters() if parameter.requires_grad]
     with torch.no_grad():
-        for name, parameter in lora.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_()  # adapters that change the answer
-    module = GRPOModule(lora, beta=0.1, num_generations=2)
-    assert not torch.allclose(lora.answer_logprobs(inputs)[0], base_logps, atol=1e-3)
-    assert torch.allclose(module._reference_logprobs(inputs), base_logps, atol=1e-5)
-
-    full = VLMWrapper(VLMConfig(folder))
-    module = GRPOModule(full, beta=0.1, num_generations=2)
-    module.configure_model()  # the frozen copy is taken here, before any training
-    assert torch.allclose(module._reference_logprobs(inputs), base_logps, atol=1e-6)
+        for name, parameter in network.named_parameters():
+            if "lora_B" in name or (not lora and parameter.requires_grad):
+                parameter.add_(torch.randn_like(parameter) * (1.0 if lora else 0.05))  # the start: not the base
+    start_logps = network.answer_logprobs(inputs)[0]
+    assert not torch.allclose(start_logps, base_logps, atol=1e-3)
+    module = GRPOModule(network, beta=0.1, num_generations=2)
+    module.configure_model()  # the reference is taken here, before any training
+    assert torch.equal(module._reference_logprobs(inputs), start_logps)
     with torch.no_grad():
-        for parameter in full.parameters():
-            if parameter.requires_grad:
-                parameter.add_(0.05)  # the policy trains on
-    assert not torch.allclose(full.answer_logprobs(inputs)[0], base_logps, atol=1e-3)
-    assert torch.allclose(module._reference_logprobs(inputs), base_logps, atol=1e-6)
+        for parameter in trained:
+            parameter.add_(0.05)  # the policy trains on
+    moved = network.answer_logprobs(inputs)[0]
+    assert not torch.allclose(moved, start_logps, atol=1e-3)
+    assert torch.allclose(module._reference_logprobs(inputs), start_logps, atol=1e-6)
+    assert torch.equal(network.answer_logprobs(inputs)[0], moved)  # and the policy's weights are back
+
+
+def test_the_kl_of_the_first_step_after_init_from_is_zero(grpo_args, sft_checkpoint, tmp_path, length_reward):
+    """GRPO with beta > 0 from an SFT checkpoint whose adapters moved the model far from the base: the KL to the
+    reference at the first step, before any update, is 0 (it was the KL to the model before SFT)."""
+    checkpoint = torch.load(sft_checkpoint, weights_only=True)
+    for name, value in checkpoint["state_dict"].items():
+        if "lora_B" in name:
+            checkpoint["state_dict"][name] = torch.randn_like(value)
+    moved = tmp_path / "moved-sft.ckpt"
+    torch.save(checkpoint, moved)
+    assert main(grpo_args(tmp_path, '--model.init_args.rewards={"length": 1.0}', "--trainer.max_steps=1",
+                          "--model.init_args.beta=0.04", f"--model.init_args.init_from={moved}")) == 0
+    assert logged(tmp_path, "train/kl") == [(0, 0.0)]
 
 
 def test_a_small_step_raises_the_completions_with_advantage_and_lowers_the_others(demo_dir, sft_checkpoint,

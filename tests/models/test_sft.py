@@ -103,6 +103,25 @@ def test_a_resumed_fit_logs_on_in_its_folder_says_which_options_changed_and_no_f
     assert [row["step"] for row in rows if row["train/loss"]] == ["0", "1"]
 
 
+@pytest.mark.parametrize("override, told", [
+    ("--model.init_args.optimizer.init_args.lr=0.5", "model.init_args.optimizer.init_args.lr 0.5 (the checkpoint's: 0.0001)"),
+    ("--model.init_args.optimizer.class_path=torch.optim.SGD", "model.init_args.optimizer.class_path torch.optim.SGD "
+                                                               "(the checkpoint's: torch.optim.adamw.AdamW)"),
+])
+def test_resuming_with_another_optimizer_setting_is_refused_in_one_line(fit_args, tmp_path, capsys, override, told):
+    """Lightning restores the checkpoint's optimizer state over the configured one: a changed learning rate or
+    optimizer would be silently ignored, so it is refused, with both ways out."""
+    common = ["--data.batch_size=1", "--trainer.limit_val_batches=0", "--trainer.val_check_interval=null"]
+    assert main(fit_args(tmp_path, *common, "--trainer.max_steps=1")) == 0
+    checkpoint = newest_last_checkpoint(tmp_path)
+    capsys.readouterr()
+    assert main(fit_args(tmp_path, *common, "--trainer.max_steps=2", override, f"--ckpt_path={checkpoint}")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and told in err and "--model.init_args.init_from=CKPT" in err, err
+    state = torch.load(checkpoint, weights_only=True)
+    assert state["optimizer_classes"] == ["torch.optim.adamw.AdamW"] and len(state["rng_states"]) == 1
+
+
 @pytest.mark.parametrize("override, message", [
     ("--model.init_args.network.init_args.config.backbone=llama9", "known backbones"),
     ("--model.init_args.network.init_args.config.model_path=/nowhere/model", "tag prepare tiny-model"),
@@ -170,7 +189,7 @@ def test_two_cpu_processes(fit_args, tmp_path, strategy):
 @pytest.mark.slow
 def test_fsdp2_on_two_processes_trains_the_weights_of_one(fit_args, tmp_path):
     """One step of FSDP2 with batch 1 on each of 2 processes == one process accumulating 2 batches of 1: the
-    same two faces (the sampler shards one permutation), each face's mean loss averaged over the two. SGD at
+    same two faces (the sampler shards one permutation), the mean over both faces' answer tokens. SGD at
     lr 1.0, so the step is the gradient itself; weights within 1e-5 (FSDP2 reduce-scatters the gradients,
     summing in another order)."""
     common = ["--trainer.max_steps=1", "--trainer.limit_val_batches=0", "--trainer.val_check_interval=null",
@@ -185,6 +204,23 @@ def test_fsdp2_on_two_processes_trains_the_weights_of_one(fit_args, tmp_path):
     assert set(one) == set(two) and any("lora_B" in name and one[name].any() for name in one), "nothing trained"
     for name in one:
         assert torch.allclose(one[name], two[name], atol=1e-5), (name, float((one[name] - two[name]).abs().max()))
+
+
+def test_a_step_s_update_does_not_depend_on_how_its_traces_are_split(fit_args, demo_dir, tmp_path):
+    """The four faces' traces (of different lengths) in one batch of 4, or in 4 batches of 1 accumulated: the
+    same update, the gradient of the mean over all 4 traces' answer tokens (SGD at lr 1.0: the step is the
+    gradient). A mean per micro-batch, averaged, would weigh the short traces' tokens more."""
+    lengths = {len(json.loads(line)["trace"]) for line in (demo_dir / "traces.jsonl").read_text().splitlines()}
+    assert len(lengths) == 4  # four lengths
+    common = ["--trainer.max_steps=1", "--trainer.limit_val_batches=0", "--trainer.val_check_interval=null",
+              "--trainer.callbacks.init_args.every_n_train_steps=1",
+              "--model.init_args.optimizer.class_path=torch.optim.SGD", "--model.init_args.optimizer.init_args.lr=1.0"]
+    assert main(fit_args(tmp_path / "whole", *common, "--data.batch_size=4")) == 0
+    assert main(fit_args(tmp_path / "split", *common, "--data.batch_size=1", "--trainer.accumulate_grad_batches=4")) == 0
+    whole, split = (trained_weights(newest_last_checkpoint(tmp_path / name)) for name in ("whole", "split"))
+    assert any(whole[name].any() for name in whole if "lora_B" in name), "nothing trained"
+    for name in whole:
+        assert torch.allclose(whole[name], split[name], atol=1e-6, rtol=0), (name, float((whole[name] - split[name]).abs().max()))
 
 
 def test_export_refuses_a_missing_or_garbage_checkpoint(tmp_path, capsys):
