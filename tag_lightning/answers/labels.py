@@ -74,8 +74,10 @@ DATASET_CLASSES: dict[str, tuple[str, ...]] = {
     "rafdb": _in_emotion_order(set(RAFDB_LABELS.values())),
     "ferplus": _in_emotion_order(set(FERPLUS_EMOTION_COLUMNS)),
     "affectnet": _in_emotion_order(set(AFFECTNET_LABELS.values())),
+    "affectnet7": _in_emotion_order(set(AFFECTNET_LABELS.values()) - {"contempt"}),
 }
-"""The unified labels each native dataset can produce, in class-id order (RAF-DB has no contempt)."""
+"""The unified labels each native dataset can produce, in class-id order (RAF-DB has no contempt;
+``affectnet7`` is AffectNet as the literature's 7-class figures read it, contempt left out)."""
 
 _SYNONYMS: dict[str, str] = {
     "happy": "happiness",

@@ -209,7 +209,7 @@ def answer_report(row: dict, letterbox: Letterbox) -> dict:
                     for claim in row["claims"] if claim["step"] == number]}
         for number, step in enumerate(trace["steps"], start=1)
     ]
-    return {"image": row["image"], "status": "answered", "label": row["label"], "answer": row["answer"],
-            "correct": row["correct"], "original_size": row["original_size"],
+    return {"image": row["image"], "status": "answered", "labels_offered": row["labels_offered"], "label": row["label"],
+            "answer": row["answer"], "correct": row["correct"], "original_size": row["original_size"],
             "global_analysis": trace["global_analysis"], "steps": steps, "conclusion": trace["conclusion"],
             "format_errors": row["format_errors"], "text": row["text"]}

@@ -273,14 +273,15 @@ def _trace_teacher(args: argparse.Namespace):
 
 
 def _traces(args: argparse.Namespace) -> int:
-    from tag_lightning.answers.labels import normalize_label
+    from tag_lightning.answers.labels import EMOTIONS, normalize_label
     from tag_lightning.au.cache import AUCache
     from tag_lightning.traces.builder import RejectionConfig, build_traces, sidecar_paths
 
     cache = AUCache(args.cache)
     cache.use_settings(args.au_settings)
     samples = _dataset(args.data, args.split)
-    candidates = [normalize_label(name) for name in args.candidates.split(",")] if args.candidates else samples.classes
+    candidates = ([normalize_label(name) for name in args.candidates.split(",")] if args.candidates
+                  else samples.classes or EMOTIONS)  # a manifest or folder: every emotion unless --candidates
     if len(candidates) < 2:
         raise UserError(f"the candidate labels are {list(candidates)}; a teacher needs at least two: "
                         "name them with --candidates")
@@ -473,7 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="template: offline, grounded by construction; openai: an OpenAI-compatible endpoint; "
                              "hf: a local Hugging Face VLM")
     traces.add_argument("--candidates", default=None,
-                        help="comma-separated candidate labels offered to the teacher (unset: the dataset's classes)")
+                        help="comma-separated candidate labels offered to the teacher (unset: the dataset's classes; "
+                             "for a manifest or folder, all eight emotions)")
     traces.add_argument("--top-k", type=int, default=3, help="activated AUs cited by the template / shown to a VLM")
     traces.add_argument("--min-intensity", type=float, default=1.0,
                         help="an AU at or above this intensity (0-5) counts as activated")

@@ -32,7 +32,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from tag_lightning.commands.allocator import keep_freed_memory
 from tag_lightning.commands.callbacks import StepProgressBar
 from tag_lightning.commands.quiet import quiet_library_noise
-from tag_lightning.data.datamodule import FERDataModule
+from tag_lightning.data.datamodule import FERDataModule, checkpoint_labels
 from tag_lightning.errors import UserError, describe
 from tag_lightning.models.checkpoints import network_weights, read_checkpoint, saved_vlm_config
 from tag_lightning.models.vlm import VLMWrapper
@@ -97,6 +97,7 @@ class TagCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         super().parse_arguments(parser, args)
         self._check_checkpoint_choice()  # before anything reads the checkpoint
+        self._ask_what_the_checkpoint_was_asked()
 
     def _parse_ckpt_path(self) -> None:
         """The options given win over the hyperparameters saved in ``--ckpt_path`` (LightningCLI would
@@ -167,6 +168,22 @@ class TagCLI(LightningCLI):
         if log_dir is None or Path(log_dir).parent.resolve() != (Path(root) / "lightning_logs").resolve():
             return None
         return Path(log_dir).name
+
+    def _ask_what_the_checkpoint_was_asked(self) -> None:
+        """Without ``--data.labels``, a manifest or folder is asked the question the weights were trained on:
+        the label set recorded in the checkpoint the run evaluates, resumes or starts from (``init_from``)."""
+        subcommand = self.config.get("subcommand")
+        if subcommand is None or self.config[subcommand].get("data", {}).get("labels") is not None:
+            return
+        config = self.config[subcommand]
+        ckpt_path = config.get("ckpt_path")
+        source = ckpt_path if ckpt_path and ckpt_path not in _LIGHTNING_CHECKPOINT_NAMES else \
+            (config.model.get("init_args") or {}).get("init_from")
+        if source and Path(source).is_file():
+            try:
+                config["data"]["labels"] = checkpoint_labels(read_checkpoint(source, mmap=True))
+            except ValueError:  # not a tag_lightning checkpoint: refused where it is loaded, with what to do
+                return
 
     def _check_checkpoint_choice(self) -> None:
         """A checkpoint that cannot load, or a prediction without one, fails before the model is built."""

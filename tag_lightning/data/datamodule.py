@@ -64,7 +64,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from tag_lightning.answers.grammar import PER_STEP, TRACE_FORMATS, Trace, line_format, render_trace
-from tag_lightning.answers.labels import DATASET_CLASSES
+from tag_lightning.answers.labels import DATASET_CLASSES, EMOTIONS, normalize_label
 from tag_lightning.answers.prompts import user_prompt
 from tag_lightning.au.cache import AUCache
 from tag_lightning.au.record import STATUSES, AURecord
@@ -114,6 +114,7 @@ class FERItems(Dataset):
         seed: int = 0,
         activation_threshold: float = 1.0,
         trace_format: str = PER_STEP,
+        labels: Sequence[tuple[str, ...]] = (),
     ) -> None:
         self.datasets = list(datasets)
         self.names = list(names)
@@ -124,7 +125,8 @@ class FERItems(Dataset):
         self.seed = seed
         self.activation_threshold = activation_threshold
         self.trace_format = trace_format
-        self.prompts = [user_prompt(dataset.classes, trace_format) for dataset in self.datasets]
+        self.labels = list(labels)  # the answers each dataset's question offers
+        self.prompts = [user_prompt(offered, trace_format) for offered in self.labels]
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -145,7 +147,7 @@ class FERItems(Dataset):
         rng = np.random.default_rng([self.seed, epoch, index])
         item = {"image_name": sample.image.name, "dataset": self.names[entry.dataset],
                 "prompt": self.prompts[entry.dataset], "trace_format": self.trace_format, "label": sample.label,
-                "labels": self.datasets[entry.dataset].classes, "original_size": entry.size, "counted": not repeat}
+                "labels": self.labels[entry.dataset], "original_size": entry.size, "counted": not repeat}
         if self.kind == "sft":
             out = self.augment(image, size, rng, trace=entry.trace)
             item.update(trace=out.trace, target=render_trace(out.trace, self.trace_format))
@@ -197,6 +199,12 @@ class FERDataModule(LightningDataModule):
         num_workers: dataloader worker processes (0: load in the main process).
         seed: base of the augmentation randomness (combined with torch's per-worker seed).
         lenient: skip malformed dataset rows (listed by the adapters) instead of failing.
+        labels: the answers the question offers for a manifest, a folder or a photo (sources with no fixed
+            label set), in any form `normalize_label` accepts; None: the label set of the checkpoint a run
+            evaluates or starts from (`tag test`, `tag predict`, GRPO's ``init_from``; `tag` fills it in),
+            else all eight unified emotions. Never the labels a split happens to hold. RAF-DB, FERPlus and
+            AffectNet offer their own classes (``affectnet7:ROOT``: AffectNet's 7 without contempt).
+            Samples labelled with an answer not offered are left out (``label_not_offered``).
     """
 
     def __init__(
@@ -221,6 +229,7 @@ class FERDataModule(LightningDataModule):
         num_workers: int = 2,
         seed: int = 0,
         lenient: bool = False,
+        labels: list[str] | None = None,
     ) -> None:
         super().__init__()
         unknown = set(exclude_statuses) - set(STATUSES)
@@ -250,6 +259,7 @@ class FERDataModule(LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.lenient = lenient
+        self.labels = declared_labels(labels)
         self.items: dict[str, FERItems] = {}
         self._consumed = (0, 0)  # (epoch, training samples consumed in it), for mid-epoch resumption
         self._resume: tuple[int, int] | None = None
@@ -310,6 +320,7 @@ class FERDataModule(LightningDataModule):
             check_trace_grounding(self.train_traces, self.au_settings, self.activation_threshold)
             check_trace_format(self.train_traces, self.trace_format)
         datasets = [self._read(spec, split) for spec in self.specs[split]]
+        offered = [self.offered(dataset) for dataset in datasets]
         entries, counts, exclusions = [], Counter(), []
         for dataset in datasets:  # rows the reader left out (lenient reading, files that are not images)
             for row in dataset.skipped:
@@ -322,7 +333,8 @@ class FERDataModule(LightningDataModule):
         for number, dataset in enumerate(datasets):
             for index, sample in enumerate(dataset):
                 record = _find_record(cache, sample.image)
-                reason = self._exclusion(record, sample.label, traces, needs_label=split != "predict")
+                reason = self._exclusion(record, sample.label, traces, needs_label=split != "predict",
+                                         offered=offered[number])
                 counts[reason or "kept"] += 1
                 if reason is None:  # in SFT, one entry per trace of the image that fits it
                     targets = [None] if traces is None else [
@@ -338,11 +350,21 @@ class FERDataModule(LightningDataModule):
             raise BadValue(f"FERDataModule {split}: no usable sample, {_describe(counts)}{self._how_to_cache(split, counts)}")
         augment = FaceAugment(self.image_size, self.augment if split == "train" else None)
         items = FERItems(datasets, dataset_names(self.specs[split], datasets), entries, cache, kind, augment,
-                         self.seed, self.activation_threshold, self.trace_format)
+                         self.seed, self.activation_threshold, self.trace_format, offered)
         return items, counts, exclusions
 
+    def offered(self, dataset: FERDataset) -> tuple[str, ...]:
+        """The answers `dataset`'s question offers: its fixed classes, else the run's `labels`, else all eight."""
+        return dataset.classes or self.labels or EMOTIONS
+
+    def offered_labels(self, split: str) -> dict[str, list[str]]:
+        """The answers each dataset of a split was asked to choose from, by name: what an evaluation records."""
+        items = self._items(split)
+        return {name: list(labels) for name, labels in zip(items.names, items.labels)}
+
     def _exclusion(
-        self, record: AURecord | None, label: str | None, traces: dict[str, list[Trace]] | None, needs_label: bool
+        self, record: AURecord | None, label: str | None, traces: dict[str, list[Trace]] | None, needs_label: bool,
+        offered: Sequence[str],
     ) -> str | None:
         """Why a sample is left out, or None when it is kept."""
         if record is None:
@@ -351,6 +373,8 @@ class FERDataModule(LightningDataModule):
             return record.status
         if label is None and needs_label:
             return "unlabeled"
+        if label is not None and label not in offered:
+            return "label_not_offered"  # its question could not be answered right
         if traces is None:
             return None
         found = traces.get(record.content_hash)
@@ -419,9 +443,13 @@ class FERDataModule(LightningDataModule):
         return batch
 
     def state_dict(self) -> dict:
-        """Saved in training checkpoints: how far into which epoch training got (on this rank), and the
-        AU settings trained on."""
-        return {"epoch": self._consumed[0], "samples_done": self._consumed[1], "au_settings": self.au_settings}
+        """Saved in training checkpoints: how far into which epoch training got (on this rank), the AU
+        settings trained on, and the answers the training questions offered (a manifest evaluated with the
+        checkpoint is asked the same question: `checkpoint_labels`)."""
+        offered = self.items["train"].labels if "train" in self.items else []
+        trained = {label for labels in offered for label in labels}
+        return {"epoch": self._consumed[0], "samples_done": self._consumed[1], "au_settings": self.au_settings,
+                "labels": [label for label in EMOTIONS if label in trained] or None}
 
     def load_state_dict(self, state: dict) -> None:
         """Refuses a checkpoint trained on other AU records than this run reads (restored after `setup`)."""
@@ -432,6 +460,24 @@ class FERDataModule(LightningDataModule):
                             "cache with the checkpoint's detector settings")
         self._consumed = (state["epoch"], state["samples_done"])
         self._resume = self._consumed
+
+
+def declared_labels(labels: Sequence[str] | None) -> tuple[str, ...] | None:
+    """`labels` as unified names in class-id order, or a clear error (unknown, or fewer than two)."""
+    if labels is None:
+        return None
+    try:
+        names = {normalize_label(label) for label in labels}
+    except ValueError as err:
+        raise BadValue(f"data.labels: {err}") from None
+    if len(names) < 2:
+        raise BadValue(f"data.labels {list(labels)} offers fewer than two answers: name at least two expressions")
+    return tuple(label for label in EMOTIONS if label in names)
+
+
+def checkpoint_labels(checkpoint: dict) -> list[str] | None:
+    """The answers the training questions of a checkpoint offered (`FERDataModule.state_dict`); None if unknown."""
+    return (checkpoint.get(FERDataModule.__qualname__) or {}).get("labels")
 
 
 def load_traces(path: str | Path) -> dict[str, list[Trace]]:

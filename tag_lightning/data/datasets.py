@@ -86,9 +86,11 @@ class FERDataset(Sequence[FERSample]):
         self._samples: list[FERSample] = []
 
     @property
-    def classes(self) -> tuple[str, ...]:
-        """The unified labels this dataset can produce, in class-id order."""
-        return DATASET_CLASSES[self.name]
+    def classes(self) -> tuple[str, ...] | None:
+        """The unified labels this dataset can produce, in class-id order: a native dataset's fixed set;
+        None for a manifest, folder or photo, whose label set is declared by the run (never read off
+        the rows that happen to be present: a split without happiness would not be asked about it)."""
+        return DATASET_CLASSES.get(self.name)
 
     def __len__(self) -> int:
         return len(self._samples)
@@ -412,19 +414,21 @@ class AffectNet(FERDataset):
             return None
 
 
-class _PresentClasses:
-    """Mixin for generic sources: the classes are the labels that actually occur, or every unified
-    emotion when none is labelled (an unlabeled photo may show any, and its prompt must offer some)."""
+class AffectNet7(AffectNet):
+    """AffectNet read as the literature's 7-class figures read it: the 7 basic expressions, its contempt images
+    left out (counted in `dropped`), so a 7-class evaluation asks the 7-class question."""
 
-    _samples: list[FERSample]
+    name = "affectnet7"
 
-    @property
-    def classes(self) -> tuple[str, ...]:
-        present = {sample.label for sample in self._samples} - {None}
-        return tuple(name for name in EMOTIONS if name in present) if present else EMOTIONS
+    def _label(self, code: str, source: str, images: int = 1) -> str | None:
+        label = super()._label(code, source, images)
+        if label == "contempt":
+            self.dropped["contempt"] += images
+            return None
+        return label
 
 
-class ManifestCSV(_PresentClasses, FERDataset):
+class ManifestCSV(FERDataset):
     """A CSV listing images: column ``path`` (relative paths resolve against the CSV's folder),
     optional ``label`` (any form `normalize_label` accepts; empty: unlabeled) and optional ``split``.
 
@@ -459,7 +463,7 @@ class ManifestCSV(_PresentClasses, FERDataset):
         return Counter(sample.split for sample in self._samples) or super().split_sizes()
 
 
-class ImageFolder(_PresentClasses, FERDataset):
+class ImageFolder(FERDataset):
     """Images in ``root/<label>/`` (label names in any form `normalize_label` accepts); images
     directly in ``root`` are unlabeled. The folder is one split; `split` only names it."""
 
@@ -482,7 +486,7 @@ class ImageFolder(_PresentClasses, FERDataset):
                 self._add_file(path, label, str(path))
 
 
-class PhotoFolder(_PresentClasses, FERDataset):
+class PhotoFolder(FERDataset):
     """Every image under ``root``, however nested, as `tag prepare au-cache` reads a folder: what `tag
     predict` answers. An image in a folder named after an emotion is labelled with it, any other is
     unlabeled; a file that is not an image is skipped and listed in `skipped` (not an error)."""
@@ -511,7 +515,7 @@ def _folder_label(folder: Path) -> str | None:
         return None
 
 
-class ImageFile(_PresentClasses, FERDataset):
+class ImageFile(FERDataset):
     """One unlabeled image file: a photo to answer (`tag predict --data.predict_data photo.jpg`)."""
 
     name = "image"
@@ -523,10 +527,11 @@ class ImageFile(_PresentClasses, FERDataset):
 
 
 ADAPTERS: dict[str, type[FERDataset]] = {
-    adapter.name: adapter for adapter in (RafDB, FERPlus, AffectNet, ManifestCSV, ImageFolder, ImageFile)
+    adapter.name: adapter
+    for adapter in (RafDB, FERPlus, AffectNet, AffectNet7, ManifestCSV, ImageFolder, ImageFile)
 }
-_SPEC_FORMS = ("rafdb:ROOT, ferplus:ROOT, affectnet:ROOT, manifest:FILE.csv, folder:DIR, image:FILE, "
-               "or a YAML data config")
+_SPEC_FORMS = ("rafdb:ROOT, ferplus:ROOT, affectnet:ROOT, affectnet7:ROOT, manifest:FILE.csv, folder:DIR, "
+               "image:FILE, or a YAML data config")
 
 
 class CombinedDataset(FERDataset):
@@ -544,9 +549,11 @@ class CombinedDataset(FERDataset):
             self.dropped.update(part.dropped)
 
     @property
-    def classes(self) -> tuple[str, ...]:
-        present = {label for part in self.parts for label in part.classes}
-        return tuple(label for label in EMOTIONS if label in present)
+    def classes(self) -> tuple[str, ...] | None:
+        """Every part's labels, when each part has a fixed set; else None (declared by the run)."""
+        if any(part.classes is None for part in self.parts):
+            return None
+        return tuple(label for label in EMOTIONS if any(label in part.classes for part in self.parts))
 
     def __len__(self) -> int:
         return self._starts[-1]

@@ -10,10 +10,10 @@ writes, beside `reports.py`'s files:
 
 Rows: each dataset of the test split in spec order (named as `datamodule.dataset_names` names
 them), then ``pooled``, which is the run's own pooled figures (metrics.json), so one spec gives its
-row and an identical pooled row. A dataset read by an adapter of `SCORED_WITHOUT_CONTEMPT`
-(AffectNet) gets two rows: ``<name> (8 classes)`` and ``<name> (7 classes, no contempt)``, the
-latter over its images not labelled contempt. The question is the same in both (its labels offer
-contempt), so a contempt answer to another image counts as wrong there too.
+row and an identical pooled row. An AffectNet row says how many classes its question offered:
+``affectnet (8 classes)``, or ``affectnet7 (7 classes)`` for ``affectnet7:ROOT``, which asks the
+literature's 7-class question and leaves the contempt images out (a 7-class figure computed from
+answers to the 8-class question would count a contempt answer against the model that was offered it).
 
 Each dataset's figures are `AnswerMetrics`' own, over the scores gathered onto one process.
 Answers are read strictly (`claims.read_completion`): one that names no emotion is counted in
@@ -26,6 +26,7 @@ import csv
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from tag_lightning.answers.labels import DATASET_CLASSES
 from tag_lightning.grounding.metrics import CLASSIFICATION, FAITHFULNESS, AnswerMetrics, AnswerScore
 
 SHARES = ("acc", "uar", "macro_f1", "format_valid", "hallucination_rate", "au_precision", "au_recall")
@@ -40,11 +41,8 @@ MEANING = {
     **{name: FAITHFULNESS[name] for name in ("box_iou", "hallucination_rate", "au_precision", "au_recall")},
 }
 POOLED = "pooled"
-SCORED_WITHOUT_CONTEMPT = ("affectnet",)
-"""Adapters whose datasets are reported with and without contempt (the literature's 7-class AffectNet)."""
-CONTEMPT = "contempt"
-ALL_CLASSES, NO_CONTEMPT = " (8 classes)", " (7 classes, no contempt)"
-"""What the two rows of such a dataset add to its name."""
+CLASSES_NAMED = ("affectnet", "affectnet7")
+"""Adapters whose rows name the number of classes their question offered (AffectNet is reported with 8 and 7)."""
 WEIGHTS = {"checkpoint": "checkpoint {checkpoint}", "init_from": "init_from {init_from}",
            "bare model": "bare model {model} (zero-shot)"}
 
@@ -58,11 +56,9 @@ def results_table(scored: Sequence[tuple[str, AnswerScore]], pooled: Mapping, da
         by_dataset[name].append(score)
     rows = []
     for name, scores in by_dataset.items():
-        if datasets[name] in SCORED_WITHOUT_CONTEMPT:
-            rows.append(_row(name + ALL_CLASSES, scores))
-            rows.append(_row(name + NO_CONTEMPT, [score for score in scores if score.label != CONTEMPT]))
-        else:
-            rows.append(_row(name, scores))
+        adapter = datasets[name]
+        shown = f"{name} ({len(DATASET_CLASSES[adapter])} classes)" if adapter in CLASSES_NAMED else name
+        rows.append(_row(shown, scores))
     return [*rows, _table_row(POOLED, pooled)]
 
 
@@ -97,9 +93,9 @@ def results_markdown(rows: Sequence[dict], about: Mapping) -> str:
     lines += ["| " + " | ".join([row["dataset"], *(_shown(column, row.get(column)) for column in COLUMNS)]) + " |"
               for row in rows]
     lines += ["", "Shares in percent; box_iou from 0 to 1. One row per test dataset, then all of them pooled."]
-    if any(row["dataset"].endswith(NO_CONTEMPT) for row in rows):
-        lines.append("The 7-class AffectNet row leaves out the images labelled contempt (as the literature "
-                     "reports AffectNet); its questions still offer contempt, and a contempt answer counts as wrong.")
+    if any(row["dataset"].endswith("(7 classes)") for row in rows):
+        lines.append("The 7-class AffectNet row asked the 7-class question and left out the images labelled "
+                     "contempt, as the literature reports AffectNet.")
     lines += ["", *(f"- {column}: {meaning}" for column, meaning in MEANING.items())]
     return "\n".join(lines) + "\n"
 

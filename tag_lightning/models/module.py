@@ -235,10 +235,10 @@ class VLMModule(LightningModule):
         """One JSON-ready row per counted image: the generated text, its reasoning and what it is worth, boxes
         in pixels of the delivered image (`original_size` maps them back, `augment.Letterbox`)."""
         return counted(batch, [
-            {"image": name, "original_size": list(size), "text": text, "trace": completion.trace.to_dict(),
-             "format_errors": list(completion.errors), **score.to_dict()}
-            for name, size, (text, completion, score) in zip(batch["image_name"], batch["original_size"],
-                                                             self._answer(batch))
+            {"image": name, "original_size": list(size), "labels_offered": list(offered), "text": text,
+             "trace": completion.trace.to_dict(), "format_errors": list(completion.errors), **score.to_dict()}
+            for name, size, offered, (text, completion, score) in zip(
+                batch["image_name"], batch["original_size"], batch["labels"], self._answer(batch))
         ])
 
     def on_validation_epoch_end(self) -> None:
@@ -293,7 +293,8 @@ class VLMModule(LightningModule):
         data = None
         if datamodule is not None and hasattr(datamodule, "specs"):
             data = {"specs": datamodule.specs["test"], "split": datamodule.split_names["test"],
-                    "au_cache": str(datamodule.au_cache), "counts": dict(datamodule.counts.get("test", {}))}
+                    "au_cache": str(datamodule.au_cache), "counts": dict(datamodule.counts.get("test", {})),
+                    "labels_offered": datamodule.offered_labels("test")}  # the question each dataset was asked
         return {**self.provenance(), "vlm_config": asdict(self.network.config), "data": data,
                 "module": type(self).__name__}
 

@@ -17,6 +17,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.demos.boring_classes import BoringModel
 
 from tag_lightning.answers.grammar import PAPER, Step, Trace, parse_trace, render_trace
+from tag_lightning.answers.labels import EMOTIONS
 from tag_lightning.answers.prompts import user_prompt
 from tag_lightning.au.build import build_au_cache
 from tag_lightning.au.cache import AUCache
@@ -94,7 +95,7 @@ def workspace(tmp_path_factory, samples_dir) -> Workspace:
 def datamodule(ws: Workspace, **overrides) -> FERDataModule:
     spec = f"manifest:{ws.manifest}"
     options = {"au_cache": str(ws.cache), "train_data": spec, "val_data": spec, "train_traces": str(ws.traces),
-               "image_size": SIZE, "batch_size": 2, "num_workers": 0}
+               "image_size": SIZE, "batch_size": 2, "num_workers": 0, "labels": list(ws.classes)}
     module = FERDataModule(**{**options, **overrides})
     module.setup("fit")
     return module
@@ -110,6 +111,19 @@ def test_setup_counts_every_exclusion(workspace):
     assert len(keep_faceless) == 7
     faceless = [keep_faceless[i] for i in range(7) if Path(keep_faceless[i]["image_name"]).name == NO_FACE]
     assert faceless[0]["detector_aus"] == {} and faceless[0]["activated_aus"] == []
+
+
+def test_a_manifest_offers_the_declared_labels_else_every_emotion_never_those_present(workspace):
+    """The workspace's manifest holds 5 of the 8 labels; a declared set adds those absent and leaves out the samples
+    labelled otherwise; without one, the question offers all eight."""
+    declared = datamodule(workspace, labels=["Happy", "sad", "surprise", "anger", "disgust"])
+    assert list(declared.offered_labels("val").values()) == [["happiness", "sadness", "surprise", "disgust", "anger"]]
+    assert declared.counts["val"]["label_not_offered"] == 1  # the neutral face
+    assert list(datamodule(workspace, labels=None).offered_labels("val").values()) == [list(EMOTIONS)]
+    with pytest.raises(ValueError, match="unknown emotion label 'grumpy'"):
+        datamodule(workspace, labels=["grumpy", "anger"])
+    with pytest.raises(ValueError, match="fewer than two answers"):
+        datamodule(workspace, labels=["anger"])
 
 
 def test_sft_training_items_carry_the_trace_and_its_text(workspace):

@@ -290,7 +290,7 @@ def test_manifest_resolves_paths_normalizes_labels_and_filters_splits(tmp_path, 
     assert [sample.label for sample in everything] == ["happiness", None, "anger"]
     assert [sample.split for sample in everything] == ["train", "test", "all"]
     assert Path(everything[0].image.path).resolve() == (tmp_path / "imgs" / "a.jpg").resolve()
-    assert everything.classes == ("happiness", "anger")
+    assert everything.classes is None  # declared by the run (`data.labels`), never read off the rows
     assert [sample.label for sample in ManifestCSV(manifest, "train")] == ["happiness", "anger"]
     assert [sample.image.name.endswith("b.png") for sample in ManifestCSV(manifest, "test")] == [True, False]
 
@@ -318,7 +318,7 @@ def test_image_folder_labels_from_folder_names_and_unlabeled_root_images(tmp_pat
     assert sorted((Path(s.image.path).name, s.label) for s in dataset) == [
         ("1.jpg", "happiness"), ("2.png", "sadness"), ("loose.jpg", None),
     ]
-    assert dataset.classes == ("happiness", "sadness")
+    assert dataset.classes is None
     make_face(tmp_path / "grumpy" / "3.jpg")
     with pytest.raises(DatasetFormatError, match=re.escape(str(tmp_path / "grumpy"))):
         ImageFolder(tmp_path)
@@ -339,26 +339,29 @@ def test_parse_data_spec_builds_each_adapter(tmp_path, make_rafdb, make_ferplus,
     assert parse_data_spec(f"rafdb:{rafdb}", "test").split == "test"
     assert parse_data_spec(f"FERPlus:{ferplus}", split="test")[0].image.name == "ferplus:FER2013Test:1"
     assert len(parse_data_spec(f"affectnet:{affectnet}", split="val")) == 2
+    seven = parse_data_spec(f"affectnet7:{affectnet}", split="val")
+    assert seven.classes == tuple(label for label in EMOTIONS if label != "contempt")
     assert isinstance(parse_data_spec(f"manifest:{tmp_path / 'm.csv'}"), ManifestCSV)
     assert parse_data_spec(f"folder:{tmp_path / 'folder'}")[0].label == "happiness"
 
 
 
-def test_an_image_file_is_a_one_image_dataset_whose_prompt_offers_every_emotion(tmp_path, make_face):
+def test_an_image_file_is_a_one_image_dataset_with_no_fixed_label_set(tmp_path, make_face):
     make_face(tmp_path / "photo.JPG")
     for spec in (str(tmp_path / "photo.JPG"), f"image:{tmp_path / 'photo.JPG'}"):
         dataset = parse_data_spec(spec)
         assert isinstance(dataset, ImageFile) and [(s.image.path, s.label) for s in dataset] == [
             (str(tmp_path / "photo.JPG"), None)]
-        assert dataset.classes == EMOTIONS  # nothing labelled: any emotion may be the answer
-    assert ImageFolder(tmp_path).classes == EMOTIONS
+        assert dataset.classes is None  # the run's `data.labels`, else every emotion (`FERDataModule.offered`)
+    assert ImageFolder(tmp_path).classes is None
     with pytest.raises(DatasetFormatError, match="image file not found"):
         parse_data_spec(f"image:{tmp_path / 'gone.jpg'}")
 
 
 @pytest.mark.parametrize("spec", ["raf:/data", "rafdb:", ""])
 def test_parse_data_spec_rejects_unknown_forms_listing_the_accepted_ones(spec):
-    with pytest.raises(ValueError, match=re.escape("rafdb:ROOT, ferplus:ROOT, affectnet:ROOT, manifest:FILE.csv")):
+    with pytest.raises(ValueError, match=re.escape("rafdb:ROOT, ferplus:ROOT, affectnet:ROOT, affectnet7:ROOT, "
+                                                   "manifest:FILE.csv")):
         parse_data_spec(spec)
 
 

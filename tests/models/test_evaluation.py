@@ -12,6 +12,7 @@ from helpers import build_affectnet, newest_last_checkpoint
 from PIL import Image
 
 from tag_lightning.commands.cli import main
+from tag_lightning.answers.labels import EMOTIONS
 from tag_lightning.data.samples import ANGER, DISGUST, HAPPINESS, SURPRISE
 from tag_lightning.grounding.metrics import CLASSIFICATION, FAITHFULNESS
 
@@ -116,6 +117,21 @@ def test_sampled_answers_of_trained_weights_are_scored_and_reported(tag_args, sf
     assert [row["samples"] for row in again] == [row["samples"] for row in rows]  # seeded
 
 
+def test_a_test_set_without_happiness_is_still_asked_about_it(tag_args, sft_checkpoint, demo_dir, tmp_path):
+    """A manifest of three faces, none happy: the question offers what the checkpoint was trained to answer (the
+    four of configs/data/samples.yaml), or every emotion for a bare model, not the three labels present."""
+    photos = demo_dir / "samples"
+    manifest = tmp_path / "three.csv"
+    manifest.write_text("path,label\n" + "".join(f"{photos / name},{label}\n" for name, label in
+                                                 ((SURPRISE, "surprise"), (ANGER, "anger"), (DISGUST, "disgust"))))
+    common = [f"--data.test_data=manifest:{manifest}", "--data.labels=null"]
+    assert main(tag_args("sft", tmp_path / "trained", f"--ckpt_path={sft_checkpoint}", *common, command="test")) == 0
+    assert main(tag_args("sft", tmp_path / "bare", *common, command="test")) == 0
+    offered = {run: list(json.loads((evaluation_of(tmp_path / run) / "metrics.json").read_text())["data"]
+                         ["labels_offered"].values()) for run in ("trained", "bare")}
+    assert offered == {"trained": [["happiness", "surprise", "disgust", "anger"]], "bare": [list(EMOTIONS)]}
+
+
 @pytest.fixture(scope="module")
 def affectnet(demo_dir, tmp_path_factory) -> Path:
     """AffectNet's validation split in its native layout: the four posed sample photos with their expression codes,
@@ -133,10 +149,13 @@ def tables(tag_args, demo_dir, affectnet, tmp_path_factory) -> dict[str, Path]:
     (``both``), and over each alone. AffectNet is given as a data config, which reads it in its own split
     (val), as the README's per-dataset table over RAF-DB's test and AffectNet's val split does."""
     root = tmp_path_factory.mktemp("tables")
-    config = root / "affectnet.yaml"
-    config.write_text(f"data:\n  test_data: affectnet:{affectnet}\n  test_split: val\n")
-    specs = {"manifest": f"manifest:{demo_dir / 'samples' / 'manifest.csv'}", "affectnet": str(config)}
-    runs = {"both": list(specs.values()), "manifest": [specs["manifest"]], "affectnet": [specs["affectnet"]]}
+    specs = {"manifest": f"manifest:{demo_dir / 'samples' / 'manifest.csv'}"}
+    for adapter in ("affectnet", "affectnet7"):
+        config = root / f"{adapter}.yaml"
+        config.write_text(f"data:\n  test_data: {adapter}:{affectnet}\n  test_split: val\n")
+        specs[adapter] = str(config)
+    runs = {"both": [specs["manifest"], specs["affectnet"]], "manifest": [specs["manifest"]],
+            "affectnet": [specs["affectnet"]], "affectnet7": [specs["affectnet7"]]}
     for run, given in runs.items():
         assert main(tag_args("sft", root / run, f"--data.test_data={json.dumps(given)}",
                              "--model.init_args.max_new_tokens=4", command="test")) == 0
@@ -150,7 +169,7 @@ def table(folder: Path) -> dict[str, dict]:
 def test_two_test_sets_give_one_row_each_and_the_pooled_row_with_the_figures_of_separate_runs(tables, demo_dir):
     both, manifest, affectnet = (table(tables[run]) for run in ("both", "manifest", "affectnet"))
     name = f"manifest:{demo_dir / 'samples' / 'manifest.csv'}"
-    assert list(both) == [name, "affectnet (8 classes)", "affectnet (7 classes, no contempt)", "pooled"]
+    assert list(both) == [name, "affectnet (8 classes)", "pooled"]
     assert list(manifest) == [name, "pooled"] and manifest[name] == manifest["pooled"]
     pooled = manifest.pop("pooled"), affectnet.pop("pooled"), both.pop("pooled")
     assert both == {**manifest, **affectnet}  # each dataset's figures, as if evaluated alone
@@ -165,13 +184,17 @@ def test_two_test_sets_give_one_row_each_and_the_pooled_row_with_the_figures_of_
     assert markdown.startswith(f"# Results: bare model {demo_dir / 'tiny-qwen2.5-vl'} (zero-shot)\n")
 
 
-def test_affectnet_is_scored_with_8_classes_and_with_7_without_its_contempt_faces(tables):
-    rows = table(tables["affectnet"])
-    assert list(rows) == ["affectnet (8 classes)", "affectnet (7 classes, no contempt)", "pooled"]
-    assert (rows["affectnet (8 classes)"]["images"], rows["affectnet (7 classes, no contempt)"]["images"]) == ("6", "4")
-    assert rows["affectnet (8 classes)"] == rows["pooled"]
-    answers = [json.loads(line) for line in (tables["affectnet"] / "predictions.jsonl").read_text().splitlines()]
-    kept = [row for row in answers if row["label"] != "contempt"]
-    assert int(rows["affectnet (7 classes, no contempt)"]["unparsed"]) == sum(row["answer"] is None for row in kept)
-    assert float(rows["affectnet (7 classes, no contempt)"]["acc"]) == sum(row["correct"] for row in kept) / 4
-    assert "leaves out the images labelled contempt" in (tables["affectnet"] / "results.md").read_text()
+def test_affectnet_is_asked_the_8_class_question_and_as_affectnet7_the_7_class_one(tables):
+    """The literature's 7-class AffectNet figure asks the 7-class question (contempt not offered) over the images
+    not labelled contempt; every evaluation records the answers its question offered."""
+    eight, seven = table(tables["affectnet"]), table(tables["affectnet7"])
+    assert list(eight) == ["affectnet (8 classes)", "pooled"] and list(seven) == ["affectnet7 (7 classes)", "pooled"]
+    assert (eight["affectnet (8 classes)"]["images"], seven["affectnet7 (7 classes)"]["images"]) == ("6", "4")
+    offered = {run: json.loads((tables[run] / "metrics.json").read_text())["data"]["labels_offered"]
+               for run in ("affectnet", "affectnet7", "both")}
+    assert offered["affectnet"] == {"affectnet": list(EMOTIONS)}
+    assert offered["affectnet7"] == {"affectnet7": [label for label in EMOTIONS if label != "contempt"]}
+    assert list(offered["both"].values())[0] == ["happiness", "surprise", "disgust", "anger"]  # samples.yaml's
+    report = json.loads((tables["affectnet7"] / "metrics.json").read_text())
+    assert report["data"]["counts"]["samples"] == 4  # the two contempt faces are not read
+    assert "asked the 7-class question" in (tables["affectnet7"] / "results.md").read_text()

@@ -95,6 +95,25 @@ def test_a_folder_with_a_faceless_and_an_uncached_photo(predict, demo_dir, sft_c
     assert len(list((out / "images").glob("*.png"))) == 2  # none for the rejected
 
 
+def test_a_folder_of_one_label_is_asked_the_question_the_checkpoint_was_trained_on(tag_args, sft_checkpoint, demo_dir,
+                                                                                   tmp_path):
+    """One photo in anger/: the question does not shrink to "Choose one of: anger". Without --data.labels it offers
+    what the checkpoint's training questions offered (configs/data/samples.yaml's four); with them, those."""
+    folder = tmp_path / "photos" / "anger"
+    folder.mkdir(parents=True)
+    shutil.copy(demo_dir / "samples" / DISGUST, folder / "face.jpg")
+    offered = {}
+    for name, labels in (("checkpoint", "null"), ("declared", "[anger, sadness, fear]")):
+        out = tmp_path / name
+        assert main(tag_args("sft", tmp_path, "-c", str(CONFIGS / "predict.yaml"), f"--ckpt_path={sft_checkpoint}",
+                             f"--data.predict_data={tmp_path / 'photos'}", f"--data.labels={labels}",
+                             f"--trainer.callbacks.init_args.output_dir={out}", command="predict")) == 0
+        (report,) = reports(out).values()
+        offered[name] = report["labels_offered"]
+    assert offered == {"checkpoint": ["happiness", "surprise", "disgust", "anger"],
+                       "declared": ["sadness", "fear", "anger"]}
+
+
 def test_nothing_to_answer_is_no_error(predict, demo_dir):
     out = predict(demo_dir / "samples" / NO_FACE)
     assert [report["reason"] for report in reports(out).values()] == ["no_face"]
@@ -113,7 +132,7 @@ def test_reports_tell_boxes_in_original_pixels(tmp_path):
     answered = SimpleNamespace(_answer=lambda batch: [(completion.text, completion,
                                                        score_answer(completion, references))])
     batch = {"image": torch.zeros((1, 224, 224, 3), dtype=torch.uint8), "image_name": ["photos/a.jpg"],
-             "original_size": [(572, 562)], "counted": [True]}
+             "original_size": [(572, 562)], "labels": [EMOTIONS], "counted": [True]}
     rows = VLMModule.predict_step(answered, batch, 0)
     writer = JSONLPredictionWriter(str(tmp_path))
     writer.write_on_batch_end(SimpleNamespace(global_rank=0), None, rows, [0], batch, 0, 0)
