@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import time
 from collections import Counter
 from collections.abc import Generator, Iterator, Sequence
@@ -372,6 +373,35 @@ class _AppendLog:
         self._file.close()
 
 
+class _SameTraces:
+    """Warns once, in one line, when a teacher that samples writes the same trace twice for an image.
+
+    Its further traces per image are then copies: it decodes near-greedily, most likely by the defaults
+    of its server or model folder (see `teachers.py`). Only the texts' hashes are kept, so a long job
+    holds no trace text.
+    """
+
+    def __init__(self, sampling: dict[str, Any], traces_per_image: int):
+        self.sampling, self.traces_per_image = sampling, traces_per_image
+        self.seen: dict[str, set[int]] | None = {}  # this run's kept traces by image content; None once warned
+
+    def add(self, digest: str, image: str, trace: str) -> None:
+        if self.seen is None:
+            return
+        traces = self.seen.setdefault(digest, set())
+        if hash(trace) not in traces:
+            traces.add(hash(trace))
+            return
+        self.seen = None
+        asked = ", ".join(f"{key} {value}" for key, value in self.sampling.items())
+        tqdm.write(f"warning: two traces of {image} are identical: the teacher decodes near-greedily, so "
+                   f"--traces-per-image {self.traces_per_image} writes copies. It was asked for {asked}; likely cause: "
+                   "the server's or model folder's near-greedy defaults used instead (a generation_config.json with "
+                   "top_k 1 and top_p 0.001, as Qwen2.5-VL-Instruct's). Check the server's start-up log (vLLM: "
+                   "'Default sampling parameters have been overridden'; restart it with --generation-config vllm) and "
+                   "that no proxy drops top_k. (Warned once.)", file=sys.stderr)
+
+
 @dataclass(frozen=True)
 class _Job:
     """One trace to ask for: trace `index` of `sample`, whose content hash is `digest`."""
@@ -409,7 +439,8 @@ def build_traces(
     the job with `TeacherSetupError`, abandoning the conversations still in flight. Only the first
     `limit` samples are considered, so a limited run covers the same images each time. Every line
     records the AU cache's settings key and the minimum intensity it was grounded on. The
-    statistics are returned and written to ``<out>.stats.json``.
+    statistics are returned and written to ``<out>.stats.json``. With several traces per image, a
+    teacher that samples and writes one trace twice draws a one-line warning (`_SameTraces`).
 
     `concurrency` conversations run at once on threads (an HTTP teacher mostly waits), or, with
     `batch_size` > 1, that many in lockstep through the teacher's `propose_many` (a local model
@@ -443,6 +474,8 @@ def build_traces(
                                  "teacher": teacher_settings(teacher)})
     count = len(samples) if limit is None else min(limit, len(samples))
     per_image = config.traces_per_image
+    sampling = getattr(teacher, "sampling", None)  # a deterministic teacher may repeat itself
+    same_traces = _SameTraces(sampling(), per_image) if sampling is not None and per_image > 1 else None
     bar = tqdm(total=count * per_image, desc="traces", unit="trace", disable=not progress, smoothing=0.1)
 
     def jobs() -> Iterator[_Job]:
@@ -481,6 +514,8 @@ def build_traces(
         in_flight.discard(job.key)
         if outcome.status == "kept":  # the same content under another name is not asked about again
             done.add(job.key)
+            if same_traces is not None:
+                same_traces.add(job.digest, job.sample.image.name, line["trace"])
         elif outcome.status == "rejected":
             given_up.add(job.key)
         bar.update()
