@@ -425,7 +425,7 @@ def test_the_openai_teacher_states_every_sampling_parameter_so_a_near_greedy_ser
     sent = SENT | {"top_p": 0.95}
     assert len(server.bodies) == 8 and all(body | sent == body for body in server.bodies)
     assert [len(traces) for traces in _traces_by_image(out)] == [4, 4]  # four draws, not four copies
-    teacher = json.loads(sidecar_paths(out)[1].read_text())["settings"]["teacher"]
+    teacher = json.loads(sidecar_paths(out)[1].read_text())["last_run"]["settings"]["teacher"]
     assert teacher | sent == teacher
     assert "warning" not in capsys.readouterr().err
 
@@ -538,7 +538,7 @@ def test_prepare_traces_with_a_batched_hf_teacher_writes_what_one_at_a_time_writ
                      "--out", str(out), "--quiet", "--teacher", "hf", "--hf-model", str(tiny_qwen2_vl),
                      "--temperature", "0", "--max-new-tokens", "8", "--max-format-retries", "1",
                      "--batch-size", str(batch_size)]) == 0
-        assert json.loads(sidecar_paths(out)[1].read_text())["settings"]["batch_size"] == batch_size
+        assert json.loads(sidecar_paths(out)[1].read_text())["last_run"]["settings"]["batch_size"] == batch_size
         written[batch_size] = [sorted(json.dumps(line, sort_keys=True) for line in read_jsonl(path))
                                for path in (out, sidecar_paths(out)[0])]
     assert written[3] == written[1] and len(written[1][1]) == len(LABELLED)  # the tiny model's garbage: rejected
@@ -566,7 +566,7 @@ def test_the_hf_teacher_samples_despite_a_near_greedy_generation_config(samples_
     assert _prepare_traces(samples_dir, au_cache, out, "--teacher", "hf", "--hf-model", str(folder),
                            "--batch-size", "4", "--max-new-tokens", "8", "--max-format-retries", "0") == 0
     assert len(answers) == len(set(answers)) == 8  # the tiny model's garbage, drawn four times per image
-    teacher = json.loads(sidecar_paths(out)[1].read_text())["settings"]["teacher"]
+    teacher = json.loads(sidecar_paths(out)[1].read_text())["last_run"]["settings"]["teacher"]
     sampled = {"do_sample": True, "temperature": 0.7, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
     assert teacher | sampled == teacher
 
