@@ -263,13 +263,14 @@ def _trace_teacher(args: argparse.Namespace):
             raise UserError("--teacher openai needs --base-url (e.g. http://localhost:8000/v1) and --model")
         teacher = teachers.OpenAITeacher(args.base_url, args.model, args.api_key_env, timeout=args.timeout,
                                          retry=teachers.RetryPolicy(max_retries=args.max_http_retries),
-                                         temperature=args.temperature, max_tokens=args.max_new_tokens, seed=args.seed)
+                                         temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_new_tokens,
+                                         seed=args.seed)
         teacher.probe()  # a dead endpoint stops the job now, not after hours of backoff
         return teacher
     if not args.hf_model:
         raise UserError("--teacher hf needs --hf-model (a local folder saved with save_pretrained)")
     return teachers.HFTeacher.from_pretrained(args.hf_model, device=args.device, temperature=args.temperature,
-                                              max_new_tokens=args.max_new_tokens)
+                                              top_p=args.top_p, max_new_tokens=args.max_new_tokens)
 
 
 def _traces(args: argparse.Namespace) -> int:
@@ -510,6 +511,11 @@ def build_parser() -> argparse.ArgumentParser:
     traces.add_argument("--hf-model", default=None, help="hf: a local model folder with its processor")
     traces.add_argument("--device", default="cpu", help="hf: torch device (cpu, cuda, cuda:1)")
     traces.add_argument("--temperature", type=float, default=0.7, help="openai/hf: sampling temperature (0: greedy)")
+    traces.add_argument("--top-p", type=float, default=1.0,
+                        help="openai/hf: nucleus sampling, from the most likely tokens that make up this share of the "
+                             "probability (1: every token). It is sent with top_k off and repetition_penalty 1, so no "
+                             "default of the server or model folder applies (Qwen2.5-VL-Instruct's "
+                             "generation_config.json has top_k 1 and top_p 0.001: near-greedy, every trace the same)")
     traces.add_argument("--max-new-tokens", type=int, default=1024, help="openai/hf: longest answer in tokens")
     traces.add_argument("--seed", type=int, default=0,
                         help="template: seed of the phrasing choices (and of the flaws, with --error-rate); openai: "

@@ -25,11 +25,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import time
 from collections import Counter
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from contextlib import closing
 from dataclasses import asdict, dataclass, field, is_dataclass, replace
+from itertools import chain
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -259,23 +261,19 @@ class RecordSource(Protocol):
 
 
 @dataclass
-class TraceStats:
-    """What one run of `build_traces` did; `describe` is the line printed at the end."""
+class Tally:
+    """Finished conversations counted: traces kept (and the deliberate flaws they carry), given up by
+    reason, failed, and what they cost in requests, tokens and retries."""
 
-    samples: int = 0
     kept: int = 0
     rejected: Counter = field(default_factory=Counter)  # reason -> traces
     failed: int = 0
-    skipped: Counter = field(default_factory=Counter)  # reason -> samples
     format_retries: int = 0
     label_retries: int = 0
     http_retries: int = 0
     requests: int = 0  # sent to the teacher, retries included
     tokens_received: int | None = None  # answer tokens, as the teacher's `usage` reports them (None: never)
-    seconds: float = 0.0
-    cpu_seconds: float = 0.0  # this process's CPU time (all threads) over the run
     flawed: Counter = field(default_factory=Counter)  # flaw kind -> kept traces carrying it
-    settings: dict = field(default_factory=dict)  # filter, traces per image, concurrency, the teacher's settings
 
     def add(self, outcome: Outcome) -> None:
         if outcome.status == "kept":
@@ -299,8 +297,33 @@ class TraceStats:
         return self.kept + self.failed + sum(self.rejected.values())
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "rejected": dict(self.rejected), "skipped": dict(self.skipped),
-                "flawed": dict(self.flawed)}
+        return {**asdict(self), "rejected": dict(self.rejected), "flawed": dict(self.flawed)}
+
+
+@dataclass
+class TraceStats(Tally):
+    """What one run of `build_traces` did (its tally, the samples it skipped, its time and settings), and
+    `output`: the tally of the whole output after it.
+
+    A resumed job's run asks only for what is missing, so its own counts are not the output's. The
+    output's are counted from the lines of the output and its sidecar, which record every finished
+    conversation of every run, killed ones included (a failed trace asked again on a later run counts
+    once as failed, once as what it became). `describe` is the line printed at the end.
+    """
+
+    samples: int = 0
+    skipped: Counter = field(default_factory=Counter)  # reason -> samples
+    seconds: float = 0.0
+    cpu_seconds: float = 0.0  # this process's CPU time (all threads) over the run
+    settings: dict = field(default_factory=dict)  # filter, traces per image, concurrency, the teacher's settings
+    output: Tally = field(default_factory=Tally)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The statistics file: the output's tally on top (its `kept` counts the lines of the output), this
+        run's statistics under ``last_run``."""
+        last_run = {**super().to_dict(), "skipped": dict(self.skipped)}
+        del last_run["output"]
+        return {**self.output.to_dict(), "last_run": last_run}
 
     def describe(self) -> str:
         def counts(counter: Counter) -> str:
@@ -309,12 +332,15 @@ class TraceStats:
         def rate(count: int) -> float:
             return count / self.seconds if self.seconds > 0 else 0.0
 
+        whole = self.output
         return (
             f"{self.samples} samples: kept {self.kept}, rejected {sum(self.rejected.values())} "
             f"({counts(self.rejected)}), failed {self.failed} | skipped {sum(self.skipped.values())} "
             f"({counts(self.skipped)}) | retries: format {self.format_retries}, label {self.label_retries}, "
             f"http {self.http_retries} | {rate(self.asked):.2f} traces/s, {rate(self.requests):.2f} requests/s"
             + (f" | kept with a deliberate flaw: {counts(self.flawed)}" if self.flawed else "")
+            + (f" | the output, with earlier runs: kept {whole.kept}, rejected {sum(whole.rejected.values())}, "
+               f"failed {whole.failed}" if whole.asked > self.asked else "")
         )
 
 
@@ -372,6 +398,35 @@ class _AppendLog:
         self._file.close()
 
 
+class _SameTraces:
+    """Warns once, in one line, when a teacher that samples writes the same trace twice for an image.
+
+    Its further traces per image are then copies: it decodes near-greedily, most likely by the defaults
+    of its server or model folder (see `teachers.py`). Only the texts' hashes are kept, so a long job
+    holds no trace text.
+    """
+
+    def __init__(self, sampling: dict[str, Any], traces_per_image: int):
+        self.sampling, self.traces_per_image = sampling, traces_per_image
+        self.seen: dict[str, set[int]] | None = {}  # this run's kept traces by image content; None once warned
+
+    def add(self, digest: str, image: str, trace: str) -> None:
+        if self.seen is None:
+            return
+        traces = self.seen.setdefault(digest, set())
+        if hash(trace) not in traces:
+            traces.add(hash(trace))
+            return
+        self.seen = None
+        asked = ", ".join(f"{key} {value}" for key, value in self.sampling.items())
+        tqdm.write(f"warning: two traces of {image} are identical: the teacher decodes near-greedily, so "
+                   f"--traces-per-image {self.traces_per_image} writes copies. It was asked for {asked}; likely cause: "
+                   "the server's or model folder's near-greedy defaults used instead (a generation_config.json with "
+                   "top_k 1 and top_p 0.001, as Qwen2.5-VL-Instruct's). Check the server's start-up log (vLLM: "
+                   "'Default sampling parameters have been overridden'; restart it with --generation-config vllm) and "
+                   "that no proxy drops top_k. (Warned once.)", file=sys.stderr)
+
+
 @dataclass(frozen=True)
 class _Job:
     """One trace to ask for: trace `index` of `sample`, whose content hash is `digest`."""
@@ -408,8 +463,10 @@ def build_traces(
     again on the next run; `max_failures_in_a_row` of them in a row (in the order they finish) stop
     the job with `TeacherSetupError`, abandoning the conversations still in flight. Only the first
     `limit` samples are considered, so a limited run covers the same images each time. Every line
-    records the AU cache's settings key and the minimum intensity it was grounded on. The
-    statistics are returned and written to ``<out>.stats.json``.
+    records the AU cache's settings key and the minimum intensity it was grounded on. The run's
+    statistics, with those of the whole output (`TraceStats.output`), are returned and written to
+    ``<out>.stats.json``. With several traces per image, a teacher that samples and writes one
+    trace twice draws a one-line warning (`_SameTraces`).
 
     `concurrency` conversations run at once on threads (an HTTP teacher mostly waits), or, with
     `batch_size` > 1, that many in lockstep through the teacher's `propose_many` (a local model
@@ -430,7 +487,8 @@ def build_traces(
     written = read_jsonl(out)  # reading also repairs a torn last line
     _check_same_format(out, written, config.trace_format)
     done = {_key(line) for line in written}
-    given_up = {_key(line) for line in read_jsonl(rejected_path) if line["status"] == "rejected"} - done
+    sidecar = read_jsonl(rejected_path)
+    given_up = {_key(line) for line in sidecar if line["status"] == "rejected"} - done
     if retry_rejected:
         given_up.clear()
     in_flight: set[tuple[str, int]] = set()
@@ -440,9 +498,12 @@ def build_traces(
                                  "min_intensity": config.min_intensity, "min_box_iou": config.min_box_iou,
                                  "trace_format": config.trace_format, "concurrency": concurrency,
                                  "batch_size": batch_size,
-                                 "teacher": teacher_settings(teacher)})
+                                 "teacher": teacher_settings(teacher)},
+                       output=_tally(chain(written, sidecar)))
     count = len(samples) if limit is None else min(limit, len(samples))
     per_image = config.traces_per_image
+    sampling = getattr(teacher, "sampling", None)  # a deterministic teacher may repeat itself
+    same_traces = _SameTraces(sampling(), per_image) if sampling is not None and per_image > 1 else None
     bar = tqdm(total=count * per_image, desc="traces", unit="trace", disable=not progress, smoothing=0.1)
 
     def jobs() -> Iterator[_Job]:
@@ -475,12 +536,15 @@ def build_traces(
     def write(job: _Job, outcome: Outcome) -> None:
         """One finished conversation: its line, the statistics, what is done, the progress bar."""
         stats.add(outcome)
+        stats.output.add(outcome)
         line = _line(job.sample, job.record, job.digest, job.index, teacher.name, outcome, config.trace_format)
         line |= grounded_on
         (kept_log if outcome.status == "kept" else rejected_log).append(line)
         in_flight.discard(job.key)
         if outcome.status == "kept":  # the same content under another name is not asked about again
             done.add(job.key)
+            if same_traces is not None:
+                same_traces.add(job.digest, job.sample.image.name, line["trace"])
         elif outcome.status == "rejected":
             given_up.add(job.key)
         bar.update()
@@ -556,6 +620,15 @@ def _screen(
     if record.status != "ok":
         return f"AU record {record.status}", None, None
     return None, record, digest
+
+
+def _tally(lines: Iterable[dict]) -> Tally:
+    """The tally of the conversations that lines of the output or its sidecar record (one each)."""
+    tally = Tally()
+    for line in lines:
+        tally.add(Outcome(line.get("status", "kept"), Attempts(**line["attempts"]), reason=line.get("reason"),
+                          flaw=line.get("flaw")))
+    return tally
 
 
 def _line(sample: FERSample, record: AURecord, digest: str, index: int, teacher: str, outcome: Outcome,

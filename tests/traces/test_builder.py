@@ -264,7 +264,7 @@ def test_prepare_traces_writes_tag310k_style_jsonl(samples_dir, au_cache, tmp_pa
     printed = capsys.readouterr().out
     assert "kept 4" in printed and "no label 3" in printed and "retries: format 0, label 0, http 0" in printed
     stats = json.loads(sidecar_paths(out)[1].read_text())
-    assert stats["kept"] == 4 and stats["skipped"] == {"no label": 3}
+    assert stats["kept"] == 4 and stats["last_run"]["skipped"] == {"no label": 3}
 
 
 def test_prepare_traces_in_the_paper_s_format_writes_and_records_it(samples_dir, au_cache, tmp_path, capsys):
@@ -276,11 +276,11 @@ def test_prepare_traces_in_the_paper_s_format_writes_and_records_it(samples_dir,
         parsed = parse_trace(line["trace"], image_size=tuple(line["image_size"]), labels=CANDIDATES)
         assert (line["trace_format"], parsed.trace_format, parsed.errors) == (PAPER, PAPER, ())
         assert render_trace(Trace.from_dict(line["trace_struct"]), PAPER) == line["trace"]
-    assert json.loads(sidecar_paths(out)[1].read_text())["settings"]["trace_format"] == PAPER
+    assert json.loads(sidecar_paths(out)[1].read_text())["last_run"]["settings"]["trace_format"] == PAPER
     ours = tmp_path / "per_step.jsonl"
     assert _prepare_traces(samples_dir, au_cache, ours) == 0
     assert {line["trace_format"] for line in _lines(ours)} == {PER_STEP}
-    assert json.loads(sidecar_paths(ours)[1].read_text())["settings"]["trace_format"] == PER_STEP
+    assert json.loads(sidecar_paths(ours)[1].read_text())["last_run"]["settings"]["trace_format"] == PER_STEP
     capsys.readouterr()
     assert _prepare_traces(samples_dir, au_cache, out, "--limit", "1") == 2  # per_step lines into a paper file
     assert capsys.readouterr().err == (f"error: {out} holds paper traces, and --trace-format is per_step: write "
@@ -298,8 +298,8 @@ def test_prepare_traces_resumes_after_a_kill_without_duplicates(samples_dir, au_
     assert len(resumed) == len(complete) == 4
     assert len({line["image"] for line in resumed}) == 4
     assert resumed[:2] == complete[:2] and sorted(map(json.dumps, resumed)) == sorted(map(json.dumps, complete))
-    stats = json.loads(sidecar_paths(out)[1].read_text())
-    assert stats["kept"] == 2 and stats["skipped"]["already written"] == 2
+    last_run = json.loads(sidecar_paths(out)[1].read_text())["last_run"]
+    assert last_run["kept"] == 2 and last_run["skipped"]["already written"] == 2
 
 
 def test_given_up_images_are_not_retried_unless_asked(samples_dir, au_cache, tmp_path):
@@ -309,7 +309,9 @@ def test_given_up_images_are_not_retried_unless_asked(samples_dir, au_cache, tmp
     given_up = read_jsonl(sidecar_paths(out)[0])
     assert [(line["status"], line["reason"]) for line in given_up] == [("rejected", "declined")] * 4
     assert _prepare_traces(samples_dir, au_cache, out) == 0
-    assert json.loads(sidecar_paths(out)[1].read_text())["skipped"]["rejected earlier"] == 4
+    stats = json.loads(sidecar_paths(out)[1].read_text())
+    assert stats["last_run"]["skipped"]["rejected earlier"] == 4 and stats["last_run"]["rejected"] == {}
+    assert stats["rejected"] == {"declined": 4}  # the output's, from the sidecar that the first run wrote
     assert _prepare_traces(samples_dir, au_cache, out, "--retry-rejected", "--limit", "2") == 0
     assert len(_lines(out)) == 2  # the first two manifest rows are labelled
 
@@ -338,19 +340,40 @@ def test_several_traces_per_image_are_written_resumed_and_recorded(samples_dir, 
         assert len({json.dumps(line["flaw"]) for line in lines if "flaw" in line}) == 1  # one flaw per face
     stats = json.loads(sidecar_paths(out)[1].read_text())
     assert sum(stats["flawed"].values()) == 12
-    assert stats["settings"]["filter"] == "paper" and stats["settings"]["traces_per_image"] == 4
-    assert stats["settings"]["teacher"] | {"error_rate": 0.75, "name": "template"} == stats["settings"]["teacher"]
+    settings = stats["last_run"]["settings"]
+    assert settings["filter"] == "paper" and settings["traces_per_image"] == 4
+    assert settings["teacher"] | {"error_rate": 0.75, "name": "template"} == settings["teacher"]
     assert "kept with a deliberate flaw" in capsys.readouterr().out
     written = out.read_bytes().splitlines(keepends=True)
     out.write_bytes(b"".join(written[:6]) + written[6][:40])  # killed while writing the 7th trace
     assert _prepare_traces(samples_dir, au_cache, out, *options) == 0
     resumed = _lines(out)
     assert sorted(map(json.dumps, resumed)) == sorted(map(json.dumps, complete))
-    assert json.loads(sidecar_paths(out)[1].read_text())["kept"] == 10  # only what was lost is asked for
+    assert json.loads(sidecar_paths(out)[1].read_text())["last_run"]["kept"] == 10  # only what was lost is asked for
     assert _prepare_traces(samples_dir, au_cache, out, "--filter", "grounded", "--traces-per-image", "4",
                            "--error-rate", "0.75") == 0
-    again = json.loads(sidecar_paths(out)[1].read_text())
+    again = json.loads(sidecar_paths(out)[1].read_text())["last_run"]
     assert again["kept"] == 0 and again["skipped"]["already written"] == 4
+
+
+def test_after_a_resume_the_statistics_count_the_whole_output_and_the_last_run(
+        samples_dir, au_cache, tmp_path, capsys):
+    """Issue 27: a resumed job's statistics said "kept 13" beside 16 traces in the file."""
+    out = tmp_path / "traces.jsonl"
+    options = ("--traces-per-image", "4", "--error-rate", "0.75", "--filter", "paper")
+    assert _prepare_traces(samples_dir, au_cache, out, *options) == 0
+    written = out.read_bytes().splitlines(keepends=True)
+    out.write_bytes(b"".join(written[:3]) + written[3][:40])  # killed while writing the 4th trace,
+    sidecar_paths(out)[1].unlink()  # before it wrote any statistics
+    capsys.readouterr()
+    assert _prepare_traces(samples_dir, au_cache, out, *options) == 0
+    lines = _lines(out)
+    stats = json.loads(sidecar_paths(out)[1].read_text())
+    assert (stats["kept"], stats["last_run"]["kept"]) == (len(lines), 13) == (16, 13)
+    assert stats["requests"] == sum(line["attempts"]["requests"] for line in lines)
+    assert sum(stats["flawed"].values()) == sum("flaw" in line for line in lines) == 12
+    printed = capsys.readouterr().out
+    assert "kept 13," in printed and "the output, with earlier runs: kept 16, rejected 0, failed 0" in printed
 
 
 def test_the_error_rate_belongs_to_the_template_teacher(samples_dir, au_cache, tmp_path, capsys):

@@ -53,9 +53,10 @@ def test_n_in_flight_keep_exactly_the_traces_of_one_on_kept_alive_connections(re
         assert len(endpoint.arrivals) == IMAGES and endpoint.most_in_flight <= concurrency
         assert endpoint.connections <= 1 + concurrency  # the probe, then one kept-alive connection per thread
         stats = json.loads(sidecar_paths(outs[concurrency])[1].read_text())
-        assert (stats["kept"], stats["requests"], stats["settings"]["concurrency"]) == (IMAGES, IMAGES, concurrency)
-        assert stats["tokens_received"] > 0 and stats["cpu_seconds"] > 0
-        assert stats["settings"]["teacher"] | {"seed": 0, "temperature": 0.7} == stats["settings"]["teacher"]
+        settings = stats["last_run"]["settings"]
+        assert (stats["kept"], stats["requests"], settings["concurrency"]) == (IMAGES, IMAGES, concurrency)
+        assert stats["tokens_received"] > 0 and stats["last_run"]["cpu_seconds"] > 0
+        assert settings["teacher"] | {"seed": 0, "temperature": 0.7} == settings["teacher"]
     assert endpoint.most_in_flight > 1, "nothing was in flight at once"
     assert len(read_jsonl(outs[1])) == IMAGES
     assert _sorted_lines(outs[1]) == _sorted_lines(outs[8])

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tag_lightning.answers.grammar import PAPER, PER_STEP, conclusion_aus, parse_trace, render_trace
+from tag_lightning.answers.grammar import GLOBAL_HEADER, PAPER, PER_STEP, conclusion_aus, parse_trace, render_trace
 from tag_lightning.answers.prompts import format_spec
 from tag_lightning.au.taxonomy import EMOTION_PROTOTYPES
 from tag_lightning.data.datasets import FERSample
-from tag_lightning.data.samples import DISGUST, HAPPINESS, SAMPLE_LABELS, SINGLE_FACE, SURPRISE
+from tag_lightning.data.samples import DISGUST, HAPPINESS, MANIFEST_NAME, SAMPLE_LABELS, SINGLE_FACE, SURPRISE
 from tag_lightning.grounding.claims import References, read_completion
 from tag_lightning.grounding.rewards import format_reward
 from tag_lightning.images import ImageRef
@@ -49,6 +49,9 @@ from tag_lightning.traces.template_endpoint import TemplateEndpoint
 LABELLED = sorted(name for name, label in SAMPLE_LABELS.items() if label)
 CANDIDATES = ("surprise", "fear", "happiness", "anger", "disgust")
 AU_MENTION = re.compile(r"\bAU(\d+)\b")
+# What the openai teacher sends by default, and what Qwen2.5-VL-Instruct's generation_config.json says.
+SENT = {"temperature": 0.7, "top_p": 1.0, "top_k": -1, "repetition_penalty": 1.0}
+QWEN_SAMPLING = {"temperature": 0.1, "top_p": 0.001, "top_k": 1, "repetition_penalty": 1.05}
 
 
 def _intensity(record, au: int) -> float | None:
@@ -204,7 +207,7 @@ class ChatServer(TemplateEndpoint):
         super().__init__(records={}, labels={})
         self.script: list[tuple[int, str]] = []  # (HTTP status, assistant text or error body)
         self.prompts: list[str] = []
-        self.sampling: list[dict] = []  # each request's temperature, max_tokens and seed
+        self.sampling: list[dict] = []  # each request's max_tokens, sampling fields and seed
         self.expected_image = expected_image
 
     def respond(self, request, headers):
@@ -212,7 +215,7 @@ class ChatServer(TemplateEndpoint):
         if problem:
             return 400, {}, {"error": problem}
         self.prompts.append(request["messages"][0]["content"][1]["text"])
-        self.sampling.append({key: request.get(key) for key in ("temperature", "max_tokens", "seed")})
+        self.sampling.append({key: request.get(key) for key in ("max_tokens", *SENT, "seed")})
         status, text = self.script.pop(0) if self.script else (500, "script exhausted")
         if status != 200:
             return status, {}, {"error": text}
@@ -273,7 +276,7 @@ def test_openai_teacher_retries_format_eliminates_wrong_labels_and_backs_off(sam
     assert asked[2] == asked[3] == [label for label in CANDIDATES if label != "fear"]
     seeds = [sampling.pop("seed") for sampling in chat_server.sampling]
     assert seeds[2] == seeds[3] and len(set(seeds)) == 3  # a fresh draw per answer; a transport retry resends
-    assert chat_server.sampling == [{"temperature": 0.7, "max_tokens": 1024}] * 4
+    assert chat_server.sampling == [{"max_tokens": 1024} | SENT] * 4
 
 
 def test_the_template_endpoint_answers_in_the_trace_format_it_is_asked_for(sample_records):
@@ -369,6 +372,81 @@ def test_retry_policy_backs_off_exponentially_up_to_a_cap_with_jitter_and_never_
     assert len({policy.delay(4) for _ in range(20)}) > 1  # many conversations do not retry in the same instant
 
 
+# -- sampling: every parameter stated, identical traces warned about ----------------------------
+class VLLMLike(TemplateEndpoint):
+    """The template endpoint sampling as vLLM samples a Qwen2.5-VL-Instruct folder: a sampling field that a request
+    leaves out (or that `dropped` loses on the way, as a proxy passing on only OpenAI's fields does) comes from the
+    folder's generation_config.json, whose top_k 1 decodes greedily: the template trace, every time. A request that
+    samples gets the trace with its seed's draw written into the global analysis."""
+
+    def __init__(self, records, labels, dropped=()):
+        super().__init__(records, labels)
+        self.dropped = set(dropped)
+        self.bodies: list[dict] = []
+
+    def respond(self, request, headers):
+        self.bodies.append(request)
+        status, extra, answer = super().respond(request, headers)
+        sampling = QWEN_SAMPLING | {key: value for key, value in request.items() if key not in self.dropped}
+        if sampling["temperature"] > 0 and sampling["top_k"] != 1 and sampling["top_p"] > 0.01:
+            message = answer["choices"][0]["message"]
+            message["content"] = message["content"].replace(GLOBAL_HEADER, f"{GLOBAL_HEADER} Draw {request['seed']}.")
+        return status, extra, answer
+
+
+@pytest.fixture
+def vllm_like(sample_records):
+    records = {record.content_hash: record for record in sample_records.values()}
+    labels = {record.content_hash: SAMPLE_LABELS[name] for name, record in sample_records.items()}
+    return lambda dropped=(): VLLMLike(records, labels, dropped)
+
+
+def _prepare_traces(samples_dir, au_cache, out, *options) -> int:
+    """`tag prepare traces` on the first two (labelled) sample photos, four traces each."""
+    from tag_lightning.commands.cli import main
+
+    return main(["prepare", "traces", "--data", str(samples_dir / MANIFEST_NAME), "--cache", str(au_cache), "--out",
+                 str(out), "--quiet", "--limit", "2", "--traces-per-image", "4", *options])
+
+
+def _traces_by_image(out: Path) -> list[set[str]]:
+    by_image: dict[str, set[str]] = {}
+    for line in read_jsonl(out):
+        by_image.setdefault(line["content_hash"], set()).add(line["trace"])
+    return list(by_image.values())
+
+
+def test_the_openai_teacher_states_every_sampling_parameter_so_a_near_greedy_server_samples(
+        samples_dir, au_cache, vllm_like, tmp_path, capsys):
+    out = tmp_path / "traces.jsonl"
+    with vllm_like() as server:
+        assert _prepare_traces(samples_dir, au_cache, out, "--teacher", "openai", "--base-url", server.base_url,
+                               "--model", "template", "--top-p", "0.95") == 0
+    sent = SENT | {"top_p": 0.95}
+    assert len(server.bodies) == 8 and all(body | sent == body for body in server.bodies)
+    assert [len(traces) for traces in _traces_by_image(out)] == [4, 4]  # four draws, not four copies
+    teacher = json.loads(sidecar_paths(out)[1].read_text())["last_run"]["settings"]["teacher"]
+    assert teacher | sent == teacher
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_identical_traces_of_an_image_draw_one_warning_that_names_the_likely_cause(
+        samples_dir, au_cache, vllm_like, tmp_path, capsys):
+    with vllm_like(dropped=("top_k", "repetition_penalty")) as server:  # the folder's top_k 1 applies
+        command = ("--teacher", "openai", "--base-url", server.base_url, "--model", "template")
+        assert _prepare_traces(samples_dir, au_cache, tmp_path / "copies.jsonl", *command) == 0
+        assert [len(traces) for traces in _traces_by_image(tmp_path / "copies.jsonl")] == [1, 1]
+        warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+        assert len(warnings) == 1, "once per job, not per image"
+        assert "identical" in warnings[0] and "generation_config.json with top_k 1" in warnings[0]
+        assert "top_k -1" in warnings[0] and "--generation-config vllm" in warnings[0]
+        assert _prepare_traces(samples_dir, au_cache, tmp_path / "one.jsonl", *command, "--traces-per-image", "1") == 0
+    # the template teacher writes one grounded trace per face, by design
+    assert _prepare_traces(samples_dir, au_cache, tmp_path / "template.jsonl") == 0
+    assert [len(traces) for traces in _traces_by_image(tmp_path / "template.jsonl")] == [1, 1]
+    assert "warning" not in capsys.readouterr().err
+
+
 # -- the local Hugging Face teacher --------------------------------------------------------------
 def test_hf_teacher_says_what_folder_it_needs(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
@@ -460,10 +538,37 @@ def test_prepare_traces_with_a_batched_hf_teacher_writes_what_one_at_a_time_writ
                      "--out", str(out), "--quiet", "--teacher", "hf", "--hf-model", str(tiny_qwen2_vl),
                      "--temperature", "0", "--max-new-tokens", "8", "--max-format-retries", "1",
                      "--batch-size", str(batch_size)]) == 0
-        assert json.loads(sidecar_paths(out)[1].read_text())["settings"]["batch_size"] == batch_size
+        assert json.loads(sidecar_paths(out)[1].read_text())["last_run"]["settings"]["batch_size"] == batch_size
         written[batch_size] = [sorted(json.dumps(line, sort_keys=True) for line in read_jsonl(path))
                                for path in (out, sidecar_paths(out)[0])]
     assert written[3] == written[1] and len(written[1][1]) == len(LABELLED)  # the tiny model's garbage: rejected
+
+
+@pytest.mark.slow
+def test_the_hf_teacher_samples_despite_a_near_greedy_generation_config(samples_dir, au_cache, tmp_path, monkeypatch):
+    """Measured on an exported checkpoint whose generation_config.json said top_k 1, top_p 0.001: 1 distinct
+    answer in 4 at temperature 0.7. `generate` took them from the folder; now every parameter is passed."""
+    from tag_lightning.models.tiny import build_tiny_model
+
+    folder = build_tiny_model(tmp_path / "tiny")
+    generation_config = folder / "generation_config.json"
+    generation_config.write_text(json.dumps(json.loads(generation_config.read_text()) | {"top_k": 1, "top_p": 0.001}))
+    answers: list[str] = []
+    propose_many = HFTeacher.propose_many
+
+    def answered(teacher, requests):
+        proposals = propose_many(teacher, requests)
+        answers.extend(proposal.text for proposal in proposals)
+        return proposals
+
+    monkeypatch.setattr(HFTeacher, "propose_many", answered)
+    out = tmp_path / "traces.jsonl"
+    assert _prepare_traces(samples_dir, au_cache, out, "--teacher", "hf", "--hf-model", str(folder),
+                           "--batch-size", "4", "--max-new-tokens", "8", "--max-format-retries", "0") == 0
+    assert len(answers) == len(set(answers)) == 8  # the tiny model's garbage, drawn four times per image
+    teacher = json.loads(sidecar_paths(out)[1].read_text())["last_run"]["settings"]["teacher"]
+    sampled = {"do_sample": True, "temperature": 0.7, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
+    assert teacher | sampled == teacher
 
 
 # -- the template teacher's controlled experiment (error_rate) -----------------------------------
