@@ -137,10 +137,11 @@ class FERItems(Dataset):
         entry = self.entries[index]
         sample = self.datasets[entry.dataset][entry.index]
         data = sample.image.read_bytes()
-        if content_hash(data) != entry.content_hash:
-            raise RuntimeError(
-                f"{sample.image.name} changed since its AU record (and trace) were made; rebuild the AU cache "
-                f"(`tag prepare au-cache`) and its traces"
+        if content_hash(data) != entry.content_hash:  # the user's file changed under a finished cache
+            raise UserError(
+                f"{sample.image.name} changed since the AU cache {self.cache.root} recorded it: rebuild the cache over "
+                f"the data that holds it (`tag prepare au-cache --images DATA --out {self.cache.root}`, and the traces "
+                "made from it for training), then run again"
             )
         image, size = _decode(data, sample.image.name, max(entry.size), self.augment.image_size)
         # A function of (seed, epoch, sample): the same whatever the worker, prefetching or resumption.
@@ -570,7 +571,8 @@ def dataset_names(specs: Sequence[str], datasets: Sequence[FERDataset]) -> list[
 
 
 def _as_list(specs: str | list[str] | None) -> list[str]:
-    return [specs] if isinstance(specs, str) else list(specs or [])
+    """The specs given, each once: a spec given twice would count every image twice."""
+    return list(dict.fromkeys([specs] if isinstance(specs, str) else specs or []))
 
 
 def _describe(counts: Counter) -> str:

@@ -132,6 +132,36 @@ def test_a_test_set_without_happiness_is_still_asked_about_it(tag_args, sft_chec
     assert offered == {"trained": [["happiness", "surprise", "disgust", "anger"]], "bare": [list(EMOTIONS)]}
 
 
+def test_a_spec_given_twice_counts_its_images_once(tag_args, sft_checkpoint, demo_dir, tmp_path):
+    manifest = f"manifest:{demo_dir / 'samples' / 'manifest.csv'}"
+    assert main(tag_args("sft", tmp_path, f"--ckpt_path={sft_checkpoint}", f"--data.test_data=[{manifest}, {manifest}]",
+                         command="test")) == 0
+    assert json.loads((evaluation_of(tmp_path) / "metrics.json").read_text())["counts"]["answers"] == 4
+
+
+def test_an_image_changed_after_its_au_record_is_one_line_naming_the_rebuild(tag_args, sft_checkpoint, demo_dir,
+                                                                            tmp_path, capsys):
+    """The sample photos copied and cached; one photo is then edited: `tag test` stops with one line that names the
+    photo and the command that rebuilds the cache, not a traceback calling it a bug."""
+    import shutil
+
+    from PIL import Image
+
+    shutil.copytree(demo_dir / "samples", tmp_path / "samples")
+    assert main(["prepare", "au-cache", "--images", str(tmp_path / "samples" / "manifest.csv"), "--out",
+                 str(tmp_path / "au_cache"), "--workers", "1"]) == 0
+    photo = tmp_path / "samples" / ANGER
+    with Image.open(photo) as image:
+        image.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(photo)
+    capsys.readouterr()
+    assert main(tag_args("sft", tmp_path / "run", f"--ckpt_path={sft_checkpoint}", f"--data.au_cache={tmp_path / 'au_cache'}",
+                         f"--data.test_data=manifest:{tmp_path / 'samples' / 'manifest.csv'}", command="test")) == 2
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+    assert "Traceback" not in err and "this is a bug" not in err, err
+    assert ANGER in line and f"tag prepare au-cache --images DATA --out {tmp_path / 'au_cache'}" in line
+
+
 @pytest.fixture(scope="module")
 def affectnet(demo_dir, tmp_path_factory) -> Path:
     """AffectNet's validation split in its native layout: the four posed sample photos with their expression codes,
