@@ -46,3 +46,12 @@ def test_steps_reuse_freed_pages_unless_the_user_set_glibc_himself():
     assert reusing < 0.8 * plain
     user_set, _ = page_faults("tune", MALLOC_ARENA_MAX="2")
     assert user_set == "False"  # the user's own MALLOC_ settings win
+
+
+def test_a_machine_with_a_cuda_device_keeps_glibc_as_it_is():
+    """Its large tensors live on the GPU; the process-wide change was never measured there, so it is not made."""
+    probe = ("import torch; torch.cuda.is_available = lambda: True\n"
+             "from tag_lightning.commands.allocator import keep_freed_memory; print(keep_freed_memory())")
+    clean = {name: value for name, value in os.environ.items() if not name.startswith("MALLOC_")}
+    assert subprocess.run([sys.executable, "-c", probe], env=clean, capture_output=True, text=True,
+                          check=True).stdout.strip() == "False"
