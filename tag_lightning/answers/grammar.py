@@ -250,6 +250,11 @@ def conclusion_aus(trace: Trace) -> tuple[int, ...]:
     return _named_aus(trace.conclusion)
 
 
+def prose_aus(trace: Trace) -> tuple[int, ...]:
+    """The AUs the global analysis and the conclusion name, once each, in order of appearance."""
+    return tuple(dict.fromkeys(_named_aus(trace.global_analysis) + _named_aus(trace.conclusion)))
+
+
 def trace_format(trace: Trace) -> str:
     """PAPER when the trace has steps, none names an AU and the conclusion names some; else PER_STEP."""
     return _format_of(trace.steps, trace.conclusion)

@@ -8,6 +8,10 @@ What is claimed, and with which box, depends on the trace's format (`answers/gra
 
 - ``per_step``: a step ``Inspect <region> (AU6, AU12) → … → <bbox>[…]</bbox>`` makes one claim per
   AU it names, with its box.
+- anywhere, either format: an AU the global analysis or the conclusion names that no step boxes
+  (per step: no step names it; paper: not in the conclusion) is a claim without a box (IoU 0): an
+  answer asserts it, so it is checked, and a hallucinated one counts as a hallucination. Otherwise a
+  step could be dropped while its AU stayed asserted in the conclusion, and read as "flaw removed".
 - ``paper``: each AU the conclusion names is one claim, with the box of the step it is matched to:
   among the steps whose region name refers to the AU's region (`au.taxonomy.regions_named`, e.g.
   "mouth region" for AU14), the one whose box agrees best with the detector's box of the AU (the
@@ -28,9 +32,11 @@ What is claimed, and with which box, depends on the trace's format (`answers/gra
 
 The polarity of a claim follows from the answer, as the traces are built (`traces/teachers.py`):
 in a trace whose answer is not neutral, every named AU is *claimed active* (kept traces cite only
-activated AUs); in a neutral trace every named AU is *claimed inactive* (neutral traces inspect
-relaxed regions). An answer that names no emotion is treated as not neutral: its AUs are
-claimed active. Against the detector:
+activated AUs); in a neutral trace every AU its steps name is *claimed inactive* (neutral traces
+inspect relaxed regions), while an AU it names only in prose is stated as the face has it (a
+neutral face's global analysis says what little is active), so it is checked to be measured. An
+answer that names no emotion is treated as not neutral: its AUs are claimed active. Against the
+detector:
 
 - claimed active, detector activates it: ``supported``; detector does not: ``hallucination``;
 - claimed inactive, detector does not activate it: ``supported``; detector does: ``miss``;
@@ -47,13 +53,18 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import dataclass
 
-from tag_lightning.answers.grammar import PAPER, Step, Trace, conclusion_aus, parse_trace, trace_format
+from tag_lightning.answers.grammar import PAPER, Step, Trace, conclusion_aus, parse_trace, prose_aus, trace_format
 from tag_lightning.answers.labels import find_label
-from tag_lightning.au.taxonomy import AU_BY_ID, regions_named
+from tag_lightning.au.taxonomy import AU_BY_ID, EMOTION_PROTOTYPES, parse_au_key, regions_named
 from tag_lightning.boxes import box_iou
 
 NEUTRAL = "neutral"
 ACTIVE, INACTIVE = "active", "inactive"
+EVIDENCE_AUS = 3
+"""The activated AUs an answer is paid for at most: the template teacher cites the label's top 3 and the VLM
+teacher is shown the top 3 (`tag prepare traces --top-k`)."""
+RELAXED_REGIONS = 2
+"""The relaxed regions a neutral answer is paid for at most: the template teacher inspects 2."""
 SUPPORTED, HALLUCINATION, MISS, UNVERIFIED = "supported", "hallucination", "miss", "unverified"
 
 
@@ -108,7 +119,7 @@ def read_completion(text: object, to_image_frame: Callable[[Trace], Trace] | Non
 class Claim:
     """One claimed AU, with the box of its step, that box's agreement with the detector and the verdict."""
 
-    step: int | None  # 1-based; None for a paper-format AU that no step is matched to
+    step: int | None  # 1-based; None for an AU no step boxes (named only in prose, or unmatched in the paper's format)
     au: int
     polarity: str  # ACTIVE or INACTIVE
     box: tuple[int, int, int, int] | None  # the step's box (None when it was missing or malformed)
@@ -150,9 +161,52 @@ def trace_claims(trace: Trace, detector_aus: Mapping[str, dict], activated: Set[
                      _verdict(polarity, f"AU{au}" in activated, detector_box is not None))
 
     if trace_format(trace) == PAPER:
-        return [judge(_matching_step(trace.steps, au, _detector_box(detector_aus, au)), au)
-                for au in conclusion_aus(trace)]
-    return [judge(number, au) for number, step in enumerate(trace.steps, start=1) for au in step.aus]
+        claims = [judge(_matching_step(trace.steps, au, _detector_box(detector_aus, au)), au)
+                  for au in conclusion_aus(trace)]
+    else:
+        claims = [judge(number, au) for number, step in enumerate(trace.steps, start=1) for au in step.aus]
+    boxed = {claim.au for claim in claims}
+    for au in prose_aus(trace):
+        if au in boxed:
+            continue
+        detector_box = _detector_box(detector_aus, au)
+        stated = polarity if polarity == ACTIVE else (ACTIVE if f"AU{au}" in activated else INACTIVE)
+        claims.append(Claim(None, au, stated, None, detector_box, 0.0,
+                            _verdict(stated, f"AU{au}" in activated, detector_box is not None)))
+    return claims
+
+
+def evidence(answer: str | None, detector_aus: Mapping[str, dict], activated: Set[str]) -> tuple[str, ...]:
+    """The evidence the face offers for `answer`, as the template teacher cites it (`traces/teachers.py`): the
+    activated AUs of the emotion's EMFACS prototype, strongest first, at most `EVIDENCE_AUS`; when none of
+    them is active, the `EVIDENCE_AUS` strongest activated AUs. A neutral answer's evidence is relaxed
+    regions, any of them (`relaxed_regions`), so it has no AUs here.
+
+    It depends on the face and the answer's label alone, never on which claims the answer makes: what
+    `rewards.grounding_reward` pays for cannot move when a claim is dropped.
+    """
+    if answer == NEUTRAL:
+        return ()
+    def strength(key: str) -> float:
+        return float((detector_aus.get(key) or {}).get("intensity") or 0.0)
+
+    strongest = sorted((key for key in activated if _au_id(key) is not None), key=lambda key: (-strength(key), key))
+    prototype = EMOTION_PROTOTYPES.get(answer or "", ())
+    return tuple(([key for key in strongest if _au_id(key) in prototype] or strongest)[:EVIDENCE_AUS])
+
+
+def relaxed_regions(detector_aus: Mapping[str, dict], activated: Set[str]) -> set[str]:
+    """The face regions with a measured AU and no activated one: where a neutral answer's evidence lies."""
+    regions = {AU_BY_ID[au].region for au in map(_au_id, detector_aus) if au is not None}
+    return regions - {AU_BY_ID[au].region for au in map(_au_id, activated) if au is not None}
+
+
+def _au_id(key: str) -> int | None:
+    """The id of an ``AU<n>`` key of a known AU; None for anything else."""
+    try:
+        return parse_au_key(key)
+    except (ValueError, AttributeError):
+        return None
 
 
 def unverified_steps(trace: Trace, claims: Sequence[Claim]) -> tuple[int, ...]:

@@ -84,14 +84,15 @@ class AnswerScore:
 
     @property
     def matched(self) -> tuple[Claim, ...]:
-        """The claims the detector backs (verdict ``supported``): TAG's matched AU boxes.
+        """The boxed claims the detector backs (verdict ``supported``): TAG's matched AU boxes (an AU named only
+        in prose has no box to measure).
 
         Box agreement is measured on these alone. A hallucinated claim's box can sit exactly on its
         AU's region; counted here, it would raise `box_iou`, so citing every region would pay and
         removing a hallucination would look like a loss of localisation. Hallucinations are
         `hallucination_rate`'s to count.
         """
-        return tuple(claim for claim in self.claims if claim.verdict == SUPPORTED)
+        return tuple(claim for claim in self.claims if claim.verdict == SUPPORTED and claim.box is not None)
 
     @property
     def box_iou(self) -> float | None:

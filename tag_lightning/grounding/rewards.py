@@ -17,13 +17,21 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from tag_lightning.errors import BadValue
+from tag_lightning.au.taxonomy import AU_BY_ID
 from tag_lightning.grounding.claims import (
+    ACTIVE,
     HALLUCINATION,
     MISS,
+    NEUTRAL,
+    RELAXED_REGIONS,
+    SUPPORTED,
+    Claim,
     Completion,
     References,
     claims_of,
+    evidence,
     passed_over_steps,
+    relaxed_regions,
     unverified_steps,
 )
 
@@ -68,10 +76,22 @@ def answer_reward(completion: Completion, references: References) -> RewardResul
 
 
 def grounding_reward(completion: Completion, references: References) -> RewardResult:
-    """0..1: the mean over claims of the box IoU with the detector's box, hallucinated and missed
-    claims scoring 0, and each passed-over step of a paper-format answer (a rival box for a region
-    another step grounds) counting as a claim worth 0 (`claims.py`); an answer that claims nothing
-    scores 0, and so does one the grammar rejects.
+    """0..1: how well the answer boxes the evidence the face offers for it, less what it asserts wrongly.
+
+    ``Σ_{a in E} IoU_a / (|E| + wrong)``. `E` is the evidence the face offers for the answer's emotion
+    (`claims.evidence`: its activated prototype AUs, else the strongest activated ones, at most 3, as
+    the template teacher cites them); each counts with the IoU of the answer's best supported box for
+    it (0 when the answer does not cite it, or names it only in prose). For a neutral answer `E` is its
+    relaxed face regions (at most 2, any of them), each counting with its best supported box. Every
+    hallucinated, missed or unverifiable claim, wherever the answer asserts it, and every passed-over
+    step of a paper-format answer (a rival box for a region another step grounds) adds a slot worth 0
+    to the denominator. An answer the grammar rejects scores 0, and so does a face with no evidence.
+
+    Why this shape: `E` does not depend on what the answer claims, so dropping a supported claim can
+    only lower the reward (the paper's mean of the claims' IoUs paid for dropping a correct AU with
+    a loose box: 0.768 to 1.0). True AUs beyond `E` neither pay nor cost (a grounded extra step is
+    indifferent). For an answer that cites exactly `E`, it is the mean IoU of its claims with the
+    hallucinated ones scoring 0, as before.
 
     Only an answer the grammar reads whole has evidence that can all be checked. Scoring the
     readable part of a broken one pays for hiding a claim where the claim rule cannot see it:
@@ -81,6 +101,17 @@ def grounding_reward(completion: Completion, references: References) -> RewardRe
     """
     claims = claims_of(completion, references)
     passed_over = len(passed_over_steps(completion.trace, claims))
+    wrong = sum(claim.verdict != SUPPORTED for claim in claims) + passed_over
+    cited = _best_supported(claims, completion.answer == NEUTRAL)
+    if completion.answer == NEUTRAL:
+        regions = relaxed_regions(references.detector_aus, references.activated)
+        slots = min(RELAXED_REGIONS, len(regions))
+        filled = sorted((iou for region, iou in cited.items() if region in regions), reverse=True)[:slots]
+    else:
+        wanted = evidence(completion.answer, references.detector_aus, references.activated)
+        slots = len(wanted)
+        filled = [cited[key] for key in wanted if key in cited]
+    claimed_active = {f"AU{claim.au}" for claim in claims if claim.polarity == ACTIVE}
     parts = {
         "mean_iou": sum(claim.iou for claim in claims) / len(claims) if claims else 0.0,
         "hallucinations": float(sum(claim.verdict == HALLUCINATION for claim in claims)),
@@ -89,16 +120,44 @@ def grounding_reward(completion: Completion, references: References) -> RewardRe
         "unverified_steps": float(len(unverified_steps(completion.trace, claims))),
         "passed_over_steps": float(passed_over),
         "readable": float(completion.valid),
+        "evidence": float(slots),
+        "recall": len(filled) / slots if slots else 0.0,  # the share of the evidence cited with a backed box
+        "au_recall": (len(claimed_active & references.activated) / len(references.activated)
+                      if references.activated else 0.0),  # as the evaluation's au_recall
     }
-    if not claims or not completion.valid:
+    if not completion.valid or slots == 0:
         return RewardResult(0.0, parts)
-    return RewardResult(sum(claim.score for claim in claims) / (len(claims) + passed_over), parts)
+    return RewardResult(sum(filled) / (slots + wrong), parts)
+
+
+def _best_supported(claims: list[Claim], by_region: bool) -> dict[str, float]:
+    """The best IoU of the answer's supported boxed claims, by AU key (``AU12``), or by face region."""
+    best: dict[str, float] = {}
+    for claim in claims:
+        if claim.verdict != SUPPORTED or claim.box is None or claim.au not in AU_BY_ID:
+            continue
+        key = AU_BY_ID[claim.au].region if by_region else f"AU{claim.au}"
+        best[key] = max(best.get(key, 0.0), claim.iou)
+    return best
+
+
+def au_f1_reward(completion: Completion, references: References) -> RewardResult:
+    """-1..1: Facial-R1's AU reward, 2 x F1 - 1, between the AUs the answer claims active (wherever it names
+    them, boxed or not) and those the detector activates. Both empty: F1 1; one empty: 0."""
+    claimed = {f"AU{claim.au}" for claim in claims_of(completion, references) if claim.polarity == ACTIVE}
+    activated = set(references.activated)
+    agreed = len(claimed & activated)
+    precision = agreed / len(claimed) if claimed else float(not activated)
+    recall = agreed / len(activated) if activated else float(not claimed)
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return RewardResult(2 * f1 - 1, {"precision": precision, "recall": recall, "f1": f1})
 
 
 REWARDS: dict[str, Reward] = {
     "format": format_reward,
     "answer": answer_reward,
     "grounding": grounding_reward,
+    "au_f1": au_f1_reward,
 }
 """Every reward by the name its weight is given under in the config; the one place a name is resolved."""
 

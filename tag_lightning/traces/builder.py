@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 import time
 from collections import Counter
@@ -38,13 +37,16 @@ from typing import Any, Protocol
 from tqdm import tqdm
 
 from tag_lightning.answers.grammar import (
+    PAPER,
     PER_STEP,
     TRACE_FORMATS,
     ParsedTrace,
     Trace,
+    conclusion_aus,
     line_format,
     parse_trace,
     render_trace,
+    trace_format,
 )
 from tag_lightning.au.record import AURecord
 from tag_lightning.data.datasets import FERSample
@@ -53,7 +55,6 @@ from tag_lightning.grounding.claims import HALLUCINATION, MISS, SUPPORTED, trace
 from tag_lightning.images import ImageRef, UnreadableImage, content_hash
 from tag_lightning.traces import inflight
 from tag_lightning.traces.teachers import (
-    NEUTRAL,
     Proposal,
     Teacher,
     TeacherDeclined,
@@ -62,9 +63,6 @@ from tag_lightning.traces.teachers import (
     TeacherSetupError,
     activated_aus,
 )
-
-_AU_MENTION_RE = re.compile(r"\bAU([1-9][0-9]?)\b")
-
 
 @dataclass(frozen=True)
 class RejectionConfig:
@@ -144,20 +142,23 @@ def check_answer(text: str, record: AURecord, candidates: Sequence[str], config:
 def grounding_errors(trace: Trace, record: AURecord, min_intensity: float, min_box_iou: float) -> list[str]:
     """Claims the AU detector does not back.
 
-    Every step's claims are judged by the claim rule the rewards and the metrics use
-    (`claims.py`, AUs activated at `min_intensity`): each must be supported, so a neutral trace
-    may inspect AUs only to report them relaxed, and one that calls an activated AU relaxed is a
-    miss. Every step's box must overlap the region box of each of its AUs by at least
-    `min_box_iou`; in the paper's format, where the conclusion names the AUs, each must be matched
-    to a step that inspects its region. AUs the global analysis and the conclusion name must be
+    Every claim is judged by the claim rule the rewards and the metrics use (`claims.py`, AUs
+    activated at `min_intensity`), wherever the trace asserts it: a step, the global analysis or the
+    conclusion. Each must be supported, so a neutral trace may inspect AUs only to report them
+    relaxed, and one that calls an activated AU relaxed is a miss; an AU named only in prose must be
     measured on this face and, unless the answer is neutral (which may say what little is active),
-    activated.
+    activated. Every step's box must overlap the region box of each of its AUs by at least
+    `min_box_iou`; in the paper's format, where the conclusion names the AUs, each must be matched
+    to a step that inspects its region.
     """
     errors: list[str] = []
     activated = {key for key, _ in record.activated(min_intensity)}
+    concluded = set(conclusion_aus(trace)) if trace_format(trace) == PAPER else set()
     for claim in trace_claims(trace, record.aus, activated):
-        where, au = ("the conclusion" if claim.step is None else f"step {claim.step}"), f"AU{claim.au}"
-        if claim.step is None:
+        au = f"AU{claim.au}"
+        where = f"step {claim.step}" if claim.step is not None else "the conclusion" if claim.au in concluded else \
+            "the global analysis or conclusion"
+        if claim.step is None and claim.au in concluded:
             errors.append(f"{where}: no step inspects the region of {au}, so nothing boxes it")
         intensity = record.intensity(au)
         if claim.verdict == HALLUCINATION and intensity is not None:
@@ -170,14 +171,6 @@ def grounding_errors(trace: Trace, record: AURecord, min_intensity: float, min_b
         if claim.box is not None and claim.detector_box is not None and claim.iou < min_box_iou:
             errors.append(f"{where}: box {list(claim.box)} misses the {au} region {claim.detector_box} "
                           f"(IoU below {min_box_iou})")
-    neutral = (trace.answer or "").strip().casefold() == NEUTRAL
-    for where, text in (("global analysis", trace.global_analysis), ("conclusion", trace.conclusion)):
-        for au in (f"AU{number}" for number in _AU_MENTION_RE.findall(text)):
-            intensity = record.intensity(au)
-            if intensity is None:
-                errors.append(f"{where}: {au} was not measured on this face")
-            elif not neutral and intensity < min_intensity:
-                errors.append(f"{where}: {au} is not activated (intensity {intensity:.2f} < {min_intensity})")
     return errors
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 
 import pytest
@@ -18,7 +19,9 @@ HAPPY_FACE = References("happiness", LABELS, {"AU6": {"box": CHEEK}, "AU12": {"b
 
 
 def trace(*steps: str, answer: str | None = "happiness") -> str:
-    lines = ["Global analysis: The cheeks are raised.", "Verification loop:", *steps, "Final conclusion: AU6 + AU12."]
+    """An answer whose conclusion names the AUs its steps box (so every claim is a step's)."""
+    concluded = " + ".join(re.findall(r"\((AU\d+)\)", "\n".join(steps)))
+    lines = ["Global analysis: The cheeks are raised.", "Verification loop:", *steps, f"Final conclusion: {concluded}."]
     return "\n".join(lines + ([f"<answer> {answer} </answer>"] if answer else []))
 
 
@@ -108,9 +111,9 @@ def test_sampled_answers_are_counted_as_answers_and_each_reward_is_averaged():
     figures = result["figures"]
     assert figures["hallucination_rate"] == pytest.approx(1 / 5) and figures["format_valid"] == pytest.approx(3 / 5)
     assert figures["box_iou"] == pytest.approx(4 / 5) and result["counts"]["answers"] == 5
-    # grounding: perfect 1, AU4 hallucinated 1/2, box off the face 0, missing answer 0 (the grammar rejects it,
-    # whatever its AU6 claim), garbage 0
-    assert figures["reward/grounding"] == pytest.approx(1.5 / 5)
+    # grounding, the face's evidence being AU6 and AU12: perfect 2/2, AU4 hallucinated 1/(2 + 1) (AU12 boxed, AU6
+    # not cited, one wrong claim), box off the face 0, missing answer 0 (the grammar rejects it), garbage 0
+    assert figures["reward/grounding"] == pytest.approx((1 + 1 / 3) / 5)
     assert figures["reward/answer"] == pytest.approx(3 / 5)
     # format: perfect, hallucinated and off-the-face pass all four checks; the missing answer fails grammar and
     # answer (2/4); garbage passes none

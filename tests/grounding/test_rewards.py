@@ -73,8 +73,11 @@ def test_a_trace_citing_an_au_the_detector_does_not_see_is_a_hallucination(sampl
     assert [claim.verdict for claim in claims].count(HALLUCINATION) == 1
     result = rewards.grounding_reward(completion, references)
     assert result.parts["hallucinations"] == 1
-    assert result.parts["mean_iou"] == pytest.approx(1.0)  # the box is right, the claim is not
-    assert result.value == pytest.approx((len(claims) - 1) / len(claims))
+    (wrong,) = [claim for claim in claims if claim.verdict == HALLUCINATION]
+    assert wrong.iou == pytest.approx(1.0)  # the box is right, the claim is not
+    clean = rewards.grounding_reward(read_completion(render_trace(trace)), references)
+    evidence = clean.parts["evidence"]
+    assert result.value == pytest.approx(clean.value * evidence / (evidence + 1))  # one more slot, worth 0
 
 
 def test_a_neutral_trace_inspecting_an_activated_au_is_a_miss(samples):

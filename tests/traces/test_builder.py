@@ -98,7 +98,7 @@ def test_a_neutral_step_calling_an_activated_au_relaxed_is_rejected_as_the_claim
     assert "AU12" in activated
     trace = TemplateTeacher().write(record, "happiness")
     miss = replace(trace, steps=(Step("lip corner", (12,), "relaxed", tuple(au12["box"])),), answer="neutral")
-    assert [claim.verdict for claim in trace_claims(miss, record.aus, activated)] == [MISS]
+    assert [claim.verdict for claim in trace_claims(miss, record.aus, activated) if claim.step is not None] == [MISS]
     assert any("calls AU12 relaxed, but it is activated" in error for error in grounding_errors(miss, record, 1.0, 0.5))
     for honest in (trace, TemplateTeacher().write(record, "neutral")):
         assert {claim.verdict for claim in trace_claims(honest, record.aus, activated)} == {SUPPORTED}
