@@ -18,7 +18,7 @@ from tag_lightning.answers.grammar import PER_STEP, TRACE_FORMATS
 from tag_lightning.errors import UserError, describe, read_yaml
 from tag_lightning.images import IMAGE_SUFFIXES, ImageRef, content_hash
 from tag_lightning.traces.builder import FILTERS
-from tag_lightning.traces.teachers import FLAW_KINDS
+from tag_lightning.traces.teachers import DEFAULT_FLAW_KINDS, FLAW_KINDS
 
 # Handled by LightningCLI (tag_lightning/commands/training.py), which imports torch and lightning: kept
 # here as names so that `tag prepare ...` starts without them.
@@ -61,6 +61,16 @@ def _error_kinds(text: str) -> str:
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown flaw kind(s) {unknown}; choose from {', '.join(FLAW_KINDS)}")
     return text
+
+
+def _seeds(text: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(dict.fromkeys(int(part) for part in text.split(",")))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers such as 0,1,2, got {text!r}") from None
+    if any(seed < 0 for seed in seeds):
+        raise argparse.ArgumentTypeError(f"seeds are 0 or more, got {text!r}")
+    return seeds
 
 
 def _image_file(text: str) -> Path:
@@ -155,7 +165,7 @@ def _demo(args: argparse.Namespace) -> int:
                           sft_steps=args.sft_steps, grpo_steps=args.grpo_steps, workers=args.workers,
                           libreface_weights=args.libreface_weights, experiment=args.experiment,
                           error_kinds=tuple(args.error_kinds.split(",")), sampled_answers=args.sampled_answers,
-                          ablation=args.ablation, rollout_seed=args.rollout_seed, trace_format=args.trace_format,
+                          ablation=args.ablation, rollout_seeds=args.rollout_seeds, trace_format=args.trace_format,
                           **{**experiment, **chosen}),
              tag=main)
     return 0
@@ -383,12 +393,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--sampled-answers", type=int, default=8,
                       help="answers sampled per face (at GRPO's temperature) in the evaluations after SFT and GRPO, "
                            "besides the greedy one: the share of flawed evidence in what the model tends to say")
-    demo.add_argument("--rollout-seed", type=int, default=0,
-                      help="GRPO's rollout seed (its samples are a function of this seed, the step and the face); "
-                           "the experiment's figures in the README are those of seeds 0, 1 and 2")
+    demo.add_argument("--rollout-seeds", type=_seeds, default=(0,),
+                      help="GRPO's rollout seeds, comma-separated (a run's samples are a function of its seed, the step "
+                           "and the face): each seed gets its own GRPO run (and ablation) from the same SFT "
+                           "checkpoint; the README's experiment figures are those of 0,1,2 (default: 0)")
     demo.add_argument("--ablation", action="store_true",
-                      help="also run GRPO without the grounding reward (configs/ablation/no_grounding.yaml), same "
-                           "SFT start, steps and seeds, and evaluate it: is the effect the grounding reward's?")
+                      help="also run the matched-variance ablation (configs/ablation/matched_noise.yaml): the same "
+                           "GRPO, same SFT start, steps and seeds, with a reward blind to the evidence in the grounding "
+                           "reward's place, weighted to the grounding reward's spread on the SFT model's samples: is "
+                           "the effect the grounding reward's?")
     demo.add_argument("--libreface-weights", default=None,
                       help="LibreFace's combined_resnet.pt; without it AU intensities come from blendshapes")
     demo.add_argument("--trace-format", choices=TRACE_FORMATS, default=PER_STEP,
@@ -538,10 +551,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "deliberate flaw while naming the right label, as a VLM teacher's traces do (one flaw "
                              "per face, seeded; see --error-kinds). Use with --traces-per-image and --filter paper, "
                              "which keeps them; the grounded filter drops them")
-    traces.add_argument("--error-kinds", type=_error_kinds, default=",".join(FLAW_KINDS),
+    traces.add_argument("--error-kinds", type=_error_kinds, default=",".join(DEFAULT_FLAW_KINDS),
                         help="with --error-rate: comma-separated flaw kinds to draw from; hallucination: an extra "
-                             "step cites an AU the detector does not activate; wrong_box: a cited step carries "
-                             "another region's box")
+                             "last step cites an AU the detector does not activate; wrong_box: a cited step carries "
+                             "another region's box; swapped_au: a cited step names an inactive AU in place of its own, "
+                             "its words and box kept; grounded_extra (a placebo): an extra last step cites an "
+                             "activated AU the others do not, with its own box")
     traces.add_argument("--limit", type=int, default=None, help="consider only the first N samples of the data")
     traces.add_argument("--retry-rejected", action="store_true",
                         help="ask again about images an earlier run gave up on")

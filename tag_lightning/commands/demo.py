@@ -9,8 +9,10 @@
 5. SFT on the traces (`tag fit -c configs/sft.yaml`), then its evaluation: greedy answers and
    sampled ones (the model learns the teacher's mix, flaws included);
 6. GRPO from the SFT checkpoint (`tag fit -c configs/grpo.yaml`), then its evaluation: does the
-   grounding reward remove the flawed evidence? With ``ablation``, the same GRPO without the
-   grounding reward (`configs/ablation/no_grounding.yaml`) and its evaluation, for comparison;
+   grounding reward remove the flawed evidence? With ``ablation``, the same GRPO with a reward of
+   the grounding reward's spread but blind to the evidence in its place
+   (`configs/ablation/matched_noise.yaml`) and its evaluation, for comparison; once per rollout seed
+   (`rollout_seeds`), every run from the same SFT checkpoint;
 7. the report: ``report.html`` (one self-contained page) and ``metrics.json``.
 
 The demo runs each command in this process, exactly as typed, through the `tag` it is given
@@ -62,8 +64,11 @@ class DemoSettings:
             grounded, kept by our grounding filter instead of TAG's).
         error_kinds: the flaw kinds drawn from (`teachers.FLAW_KINDS`).
         sampled_answers: sampled answers per face scored after each training stage (0: greedy only).
-        ablation: also run GRPO without the grounding reward, from the same SFT checkpoint.
-        rollout_seed: GRPO's rollout seed, the same for both GRPO runs.
+        ablation: also run the matched-variance ablation: GRPO with a reward blind to the evidence in the
+            grounding reward's place, weighted to its spread on the SFT model's sampled answers, from
+            the same SFT checkpoint.
+        rollout_seeds: GRPO's rollout seeds: each gets its GRPO run (and ablation) from the same SFT
+            checkpoint, so each figure has its spread over seeds.
         trace_format: the traces' format (`answers.grammar.TRACE_FORMATS`): the teacher writes it, SFT
             teaches it, and every stage's prompt asks for it.
     """
@@ -82,12 +87,12 @@ class DemoSettings:
     error_kinds: tuple[str, ...] = ("hallucination",)
     sampled_answers: int = 8
     ablation: bool = False
-    rollout_seed: int = 0
+    rollout_seeds: tuple[int, ...] = (0,)
     trace_format: str = PER_STEP
 
     def to_json(self) -> dict:
         return {**asdict(self), "out": str(self.out), "configs": list(self.configs),
-                "error_kinds": list(self.error_kinds)}
+                "error_kinds": list(self.error_kinds), "rollout_seeds": list(self.rollout_seeds)}
 
 
 @dataclass
@@ -125,6 +130,8 @@ class DemoState:
             raise UserError(f"{path} is not a readable demo state ({err}): delete it to run every phase again in "
                             f"{settings.out}, or give another --out") from None
         saved["settings"].setdefault("trace_format", PER_STEP)  # a folder from before the option had ours
+        if "rollout_seed" in saved["settings"]:  # and one seed
+            saved["settings"]["rollout_seeds"] = [saved["settings"].pop("rollout_seed")]
         if saved["settings"] != settings.to_json():
             changed = sorted(key for key, value in settings.to_json().items() if saved["settings"].get(key) != value)
             raise UserError(f"{settings.out} holds a demo run with other settings ({', '.join(changed)}): rerun it "
@@ -191,10 +198,7 @@ class Demo:
                   lambda: [self.test_command("after_sft", "sft", self.checkpoints("sft") / "last.ckpt")],
                   lambda: self.evaluation("after_sft") is not None),
         ]
-        grpo_runs = {"grpo": "GRPO with the format, answer and grounding rewards"}
-        if self.settings.ablation:
-            grpo_runs["grpo_ablation"] = "the ablation: the same GRPO without the grounding reward"
-        for run, title in grpo_runs.items():
+        for run, (title, _, _) in self.grpo_runs().items():
             phases += [
                 Phase(run, title, lambda run=run: [self.fit_command(run)],
                       (self.checkpoints(run) / "last.ckpt").is_file),
@@ -203,6 +207,38 @@ class Demo:
                       lambda run=run: self.evaluation(f"after_{run}") is not None),
             ]
         return phases
+
+    def grpo_runs(self) -> dict[str, tuple[str, int, bool]]:
+        """Every GRPO run by stage name: (title, rollout seed, whether it is the ablation). One seed keeps the
+        plain names (grpo, grpo_ablation); several add ``_seed<N>``."""
+        seeds = self.settings.rollout_seeds
+        runs = {}
+        for seed in seeds:
+            suffix = "" if len(seeds) == 1 else f"_seed{seed}"
+            runs[f"grpo{suffix}"] = (f"GRPO with the format, answer and grounding rewards{suffix.replace('_', ', ')}",
+                                     seed, False)
+            if self.settings.ablation:
+                runs[f"grpo_ablation{suffix}"] = (
+                    f"the ablation: the same GRPO with a reward of matched spread, blind to the evidence, in the "
+                    f"grounding reward's place{suffix.replace('_', ', ')}", seed, True)
+        return runs
+
+    def noise_weight(self) -> float:
+        """The weight that gives the ablation's noise reward the grounding reward's spread: the mean, over faces, of
+        the grounding reward's std among the SFT model's sampled answers to the face, over the noise's std."""
+        from statistics import mean, stdev
+
+        from tag_lightning.grounding.rewards import NOISE_STD
+
+        folder = self.evaluation("after_sft")
+        rows = [] if folder is None else [json.loads(line) for line in
+                                          (folder / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+        spreads = [stdev(sample["rewards"]["grounding"] for sample in row["samples"])
+                   for row in rows if len(row.get("samples") or []) > 1]
+        if not spreads:
+            raise UserError("the ablation's noise is weighted by the spread of the SFT model's sampled grounding "
+                            "rewards, and the evaluation after SFT sampled none: give --sampled-answers 2 or more")
+        return round(mean(spreads) / NOISE_STD, 4)
 
     def _data_commands(self) -> list[list[str]]:
         commands = []
@@ -255,16 +291,20 @@ class Demo:
         return pieces + paths
 
     def fit_command(self, stage: str) -> list[str]:
-        """`tag fit` of a training stage (sft, grpo, grpo_ablation); a killed run's last checkpoint is resumed."""
+        """`tag fit` of a training stage (sft, or one of `grpo_runs`); a killed run's last checkpoint is resumed."""
         steps = self.settings.sft_steps if stage == "sft" else self.settings.grpo_steps
         config = "sft.yaml" if stage == "sft" else "grpo.yaml"
-        ablation = ["-c", str(CONFIGS / "ablation" / "no_grounding.yaml")] if stage == "grpo_ablation" else []
-        argv = ["fit", *self._common(config), *ablation, *([f"--trainer.max_steps={steps}"] if steps else []),
+        _, seed, ablation = self.grpo_runs().get(stage, ("", 0, False))
+        control = []
+        if ablation:  # the noise reward weighted to the grounding reward's measured spread
+            rewards = json.dumps({"format": 0.5, "answer": 1.0, "grounding": 0.0, "noise": self.noise_weight()})
+            control = ["-c", str(CONFIGS / "ablation" / "matched_noise.yaml"), f"--model.init_args.rewards={rewards}"]
+        argv = ["fit", *self._common(config), *control, *([f"--trainer.max_steps={steps}"] if steps else []),
                 f"--trainer.default_root_dir={self.out / stage}",
                 f"--trainer.callbacks.init_args.dirpath={self.checkpoints(stage)}"]
-        if stage != "sft":  # both GRPO runs start from the same SFT checkpoint, with the same seeds
+        if stage != "sft":  # every GRPO run starts from the same SFT checkpoint, its seed the run's
             argv += [f"--model.init_args.init_from={self.checkpoints('sft') / 'last.ckpt'}",
-                     f"--model.init_args.rollout_seed={self.settings.rollout_seed}"]
+                     f"--model.init_args.rollout_seed={seed}"]
         last = self.checkpoints(stage) / "last.ckpt"
         if last.is_file():  # a killed run: go on from its last checkpoint, not from the start
             argv.append(f"--ckpt_path={last}")
@@ -368,4 +408,7 @@ def run_demo(settings: DemoSettings, tag: TagCommand) -> Path:
     if not (CONFIGS / "sft.yaml").is_file():
         raise UserError(f"no configs folder at {CONFIGS}: `tag demo` runs from a clone of the repository "
                         "installed with `pip install -e .`")
+    if settings.ablation and settings.sampled_answers < 2:
+        raise UserError("--ablation weights its control reward by the spread of the SFT model's sampled answers: "
+                        "give --sampled-answers 2 or more")
     return Demo(settings).run(tag)

@@ -25,8 +25,19 @@ from PIL import Image
 from tag_lightning.grounding.metrics import CLASSIFICATION, FAITHFULNESS
 
 STAGES = {"before_sft": "untrained", "after_sft": "after SFT", "after_grpo": "after GRPO",
-          "after_grpo_ablation": "after GRPO without the grounding reward"}
-"""The evaluated stages of a demo, in order, with the names the report gives them (the last with --ablation only)."""
+          "after_grpo_ablation": "after the matched-variance ablation"}
+"""The names the report gives a demo's evaluated stages (a GRPO run of several seeds adds ``_seed<N>``)."""
+
+
+def stage_title(stage: str) -> str:
+    """``after_grpo_seed1`` -> "after GRPO, seed 1"."""
+    base, _, seed = stage.partition("_seed")
+    return STAGES[base] + (f", seed {seed}" if seed else "")
+
+
+def evaluated_stages(demo) -> list[str]:
+    """The demo's evaluated stages, in order: before and after SFT, then after each GRPO run."""
+    return ["before_sft", "after_sft", *(f"after_{run}" for run in demo.grpo_runs())]
 SAMPLED_SHOWN = ("hallucination_rate", "box_iou", "format_valid", "acc", "reward/grounding", "reward/format",
                  "reward/answer")
 """The figures of the sampled answers the report shows."""
@@ -52,7 +63,7 @@ TINY_MODEL_NOTE = ("The model is a tiny randomly initialised Qwen2.5-VL (about 1
 
 def write_report(demo, state) -> Path:
     """Write ``metrics.json`` and ``report.html`` into the demo's folder; returns the page's path."""
-    evaluations = {stage: folder for stage in STAGES if (folder := demo.evaluation(stage)) is not None}
+    evaluations = {stage: folder for stage in evaluated_stages(demo) if (folder := demo.evaluation(stage)) is not None}
     documents = {stage: json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
                  for stage, folder in evaluations.items()}
     rows = {stage: _read_rows(folder) for stage, folder in evaluations.items()}
@@ -60,10 +71,15 @@ def write_report(demo, state) -> Path:
     metrics = {
         "model": demo.model, "tiny_random_model": demo.settings.model is None, "data": demo.data,
         "experiment": {"traces_per_image": demo.settings.traces_per_image, "error_rate": demo.settings.error_rate,
-                       "filter": "paper" if demo.settings.error_rate else "grounded", "ablation": demo.settings.ablation},
+                       "error_kinds": list(demo.settings.error_kinds),
+                       "filter": "paper" if demo.settings.error_rate else "grounded", "ablation": demo.settings.ablation,
+                       "rollout_seeds": list(demo.settings.rollout_seeds),
+                       "ablation_noise_weight": demo.noise_weight() if demo.settings.ablation and
+                       demo.evaluation("after_sft") is not None else None},
         "stages": {stage: document["figures"] for stage, document in documents.items()},
         "sampled": {stage: document["sampled"] for stage, document in documents.items() if "sampled" in document},
         "faces": face_fates(flaws, rows),
+        "over_seeds": over_seeds(documents, face_fates(flaws, rows)),
         "weights": {stage: {key: document.get(key) for key in ("weights", "checkpoint", "init_from")}
                     for stage, document in documents.items()},
         "meaning": MEANINGS,
@@ -72,8 +88,9 @@ def write_report(demo, state) -> Path:
     (demo.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
 
     sections = [
-        _section("What was measured", _experiment_note(demo, metrics) + _metrics_table(metrics["stages"])
-                 + _sampled_table(metrics["sampled"]) + _weights_list(metrics["weights"])),
+        _section("What was measured", _experiment_note(demo, metrics) + _seeds_table(metrics["over_seeds"])
+                 + _metrics_table(metrics["stages"]) + _sampled_table(metrics["sampled"])
+                 + _weights_list(metrics["weights"])),
         _section("The flawed evidence, face by face", _fates_table(metrics["faces"], list(rows))),
         _section("Training curves", _curves(demo)),
         _section("The evidence, face by face", _faces(demo, evaluations)),
@@ -92,7 +109,7 @@ def write_report(demo, state) -> Path:
 
 def _metrics_table(stages: dict[str, dict]) -> str:
     names = [name for name in MEANINGS if any(name in figures for figures in stages.values())]
-    head = "".join(f"<th>{html.escape(STAGES[stage])}</th>" for stage in stages)
+    head = "".join(f"<th>{html.escape(stage_title(stage))}</th>" for stage in stages)
     rows = []
     for name in names:
         cells = "".join(f"<td class='num'>{_number(figures.get(name))}</td>" for figures in stages.values())
@@ -100,9 +117,26 @@ def _metrics_table(stages: dict[str, dict]) -> str:
     return f"<table><tr><th>metric</th>{head}<th>what it means</th></tr>{''.join(rows)}</table>"
 
 
+def _seeds_table(summary: dict[str, dict]) -> str:
+    """The experiment's figures after SFT, and after GRPO and the ablation as mean [min, max] over the seeds."""
+    runs = [run for run in ("after_grpo", "after_grpo_ablation") if run in summary]
+    if not runs or "after_sft" not in summary:
+        return ""
+    seeds = len(next(iter(summary[runs[0]].values()))["seeds"])
+    head = "".join(f"<th>{html.escape(STAGES[run])}</th>" for run in runs)
+    rows = []
+    for name, before in summary["after_sft"].items():
+        cells = "".join("<td class='num'>" + (f"{summary[run][name]['mean']:.3f} [{summary[run][name]['min']:.3f}, "
+                                              f"{summary[run][name]['max']:.3f}]" if name in summary[run] else "-")
+                        + "</td>" for run in runs)
+        rows.append(f"<tr><th>{html.escape(name)}</th><td class='num'>{before['mean']:.3f}</td>{cells}</tr>")
+    return (f"<h3>Over {seeds} rollout seed(s): mean [min, max]</h3><table><tr><th>figure</th><th>after SFT</th>"
+            f"{head}</tr>{''.join(rows)}</table>")
+
+
 def _weights_list(weights: dict[str, dict]) -> str:
     """Which weights answered in each stage: a checkpoint, the init_from it started from, or the bare model."""
-    items = "".join(f"<li>{html.escape(STAGES[stage])}: {html.escape(used['weights'] or '?')}"
+    items = "".join(f"<li>{html.escape(stage_title(stage))}: {html.escape(used['weights'] or '?')}"
                     + (f" <code>{html.escape(used[used['weights']])}</code>" if used["weights"] in used else "")
                     + "</li>" for stage, used in weights.items())
     return f"<p>Weights evaluated:</p><ul>{items}</ul>"
@@ -125,7 +159,7 @@ def _experiment_note(demo, metrics: dict) -> str:
 def _sampled_table(sampled: dict[str, dict]) -> str:
     if not sampled:
         return ""
-    head = "".join(f"<th>{html.escape(STAGES[stage])}</th>" for stage in sampled)
+    head = "".join(f"<th>{html.escape(stage_title(stage))}</th>" for stage in sampled)
     rows = "".join(
         f"<tr><th>{name}</th>" + "".join(f"<td class='num'>{_number(s['figures'].get(name))}</td>" for s in sampled.values())
         + "</tr>" for name in SAMPLED_SHOWN)
@@ -156,7 +190,7 @@ def flawed_claims(claims: Sequence[dict]) -> list[str]:
     AUs, and boxes that miss their AU's region (IoU below 0.5)."""
     return [f"{claim['au']} {claim['verdict']}" if claim["verdict"] in ("hallucination", "miss")
             else f"{claim['au']} box IoU {claim['iou']:.2f}" for claim in claims
-            if claim["verdict"] in ("hallucination", "miss") or claim["iou"] < 0.5]
+            if claim["verdict"] in ("hallucination", "miss") or (claim["box"] is not None and claim["iou"] < 0.5)]
 
 
 def face_fates(flaws: dict[str, dict], rows: dict[str, list[dict]]) -> list[dict]:
@@ -174,8 +208,55 @@ def face_fates(flaws: dict[str, dict], rows: dict[str, list[dict]]) -> list[dict
             fate[stage] = {"greedy": flawed_claims(row["claims"]),
                            "sampled_flawed": (sum(bool(flawed_claims(s["claims"])) for s in samples) / len(samples)
                                               if samples else None)}
+            extra = (fate["teacher_flaw"] or {}).get("au") if (fate["teacher_flaw"] or {}).get("kind") == \
+                "grounded_extra" else None
+            if extra is not None:  # the placebo: does the answer keep the teacher's grounded extra step?
+                fate[stage]["greedy_extra"] = cites(row["claims"], extra)
+                fate[stage]["sampled_extra"] = (sum(cites(s["claims"], extra) for s in samples) / len(samples)
+                                                if samples else None)
         faces.append(fate)
     return faces
+
+
+def cites(claims: Sequence[dict], au: str) -> bool:
+    """Whether an answer's step claims `au` (a boxed claim: the extra step, not a mention in prose)."""
+    return any(claim["au"] == au and claim["step"] is not None for claim in claims)
+
+
+def over_seeds(documents: dict[str, dict], faces: list[dict]) -> dict[str, dict]:
+    """For GRPO and its ablation, each figure's mean, minimum and maximum over the rollout seeds, beside after SFT.
+
+    Figures: the greedy ``hallucination_rate``, the sampled answers' ``hallucination_rate``, ``au_recall``,
+    ``box_iou`` and rewards, and for the placebo the share of sampled answers keeping the grounded extra step
+    (``extra_step``, over the faces that have one).
+    """
+    def figures(stage: str) -> dict[str, float]:
+        document = documents[stage]
+        sampled = (document.get("sampled") or {}).get("figures", {})
+        found = {"greedy/hallucination_rate": document["figures"]["hallucination_rate"],
+                 **{f"sampled/{name}": sampled[name] for name in ("hallucination_rate", "au_recall", "box_iou",
+                                                                  "reward/grounding") if name in sampled}}
+        shares = [face[stage]["sampled_extra"] for face in faces
+                  if face.get(stage, {}).get("sampled_extra") is not None]
+        if shares:
+            found["sampled/extra_step"] = sum(shares) / len(shares)
+        return found
+
+    summary = {}
+    if "after_sft" in documents:
+        summary["after_sft"] = {name: {"mean": value, "min": value, "max": value, "seeds": [value]}
+                                for name, value in figures("after_sft").items()}
+    for kind in ("after_grpo", "after_grpo_ablation"):
+        stages = [stage for stage in documents if stage == kind or (stage.startswith(kind + "_seed"))]
+        if not stages:
+            continue
+        per_seed = [figures(stage) for stage in stages]
+        summary[kind] = {name: {"mean": sum(found[name] for found in per_seed) / len(per_seed),
+                                "min": min(found[name] for found in per_seed),
+                                "max": max(found[name] for found in per_seed),
+                                "seeds": [found[name] for found in per_seed]}
+                         for name in per_seed[0] if all(name in found for found in per_seed)}
+    return summary
 
 
 def _describe_flaw(flaw: dict | None) -> str:
@@ -183,6 +264,11 @@ def _describe_flaw(flaw: dict | None) -> str:
         return "none"
     if flaw["kind"] == "hallucination":
         return f"claims {flaw['au']} (measured intensity {flaw['measured_intensity']})"
+    if flaw["kind"] == "grounded_extra":
+        return f"a grounded extra step on {flaw['au']} (a placebo; intensity {flaw['measured_intensity']})"
+    if flaw["kind"] == "swapped_au":
+        return (f"step {flaw['step']} names {flaw['au']} (measured intensity {flaw['measured_intensity']}) in place of "
+                f"{', '.join(flaw['aus'])}")
     return f"step {flaw['step']} ({', '.join(flaw['aus'])}) boxed on another region"
 
 
@@ -190,7 +276,7 @@ def _fates_table(faces: list[dict], stages: list[str]) -> str:
     trained = [stage for stage in stages if stage != "before_sft"]
     if not faces or not trained:
         return "<p>No trained stage was evaluated.</p>"
-    head = "".join(f"<th>{html.escape(STAGES[stage])}</th>" for stage in trained)
+    head = "".join(f"<th>{html.escape(stage_title(stage))}</th>" for stage in trained)
     body = []
     for face in faces:
         cells = []
@@ -308,7 +394,7 @@ def _faces(demo, evaluations: dict[str, Path | None]) -> str:
     """Per face, the answer of each trained stage drawn over the image it saw, and its text."""
     from tag_lightning.grounding.viz import draw_answer
 
-    shown = [stage for stage in STAGES if stage != "before_sft" and evaluations.get(stage) is not None]
+    shown = [stage for stage in evaluations if stage != "before_sft"]
     if not shown:
         return "<p>No trained stage was evaluated.</p>"
     answers = {stage: {row["image"]: row for row in _read_rows(evaluations[stage])} for stage in shown}
@@ -324,7 +410,7 @@ def _faces(demo, evaluations: dict[str, Path | None]) -> str:
             picture = "" if answer["image"] not in images else _png(draw_answer(
                 images[answer["image"]], answer["trace"]["steps"], answer["claims"], answer["answer"],
                 answer["label"], answer.get("format_errors", ())))
-            figures.append(f"<figure>{picture}<figcaption>{html.escape(STAGES[stage])}: "
+            figures.append(f"<figure>{picture}<figcaption>{html.escape(stage_title(stage))}: "
                            f"<pre>{html.escape(answer['text'])}</pre></figcaption></figure>")
         blocks.append(f"<h3>{html.escape(Path(face['image']).name)} (label: {html.escape(str(face['label']))})</h3>"
                       + "".join(figures))

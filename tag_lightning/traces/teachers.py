@@ -206,11 +206,15 @@ _CONCLUDE_NEUTRAL = (
 _DEGREES = ((4.0, "intense"), (3.0, "pronounced"), (2.0, "moderate"), (1.0, "slight"), (float("-inf"), "faint"))
 
 
-FLAW_KINDS = ("hallucination", "wrong_box")
-"""The mistakes the template teacher can be told to make (`TemplateTeacher.error_rate`):
+FLAW_KINDS = ("hallucination", "wrong_box", "swapped_au", "grounded_extra")
+"""The deviations the template teacher can be told to make (`TemplateTeacher.error_rate`):
 ``hallucination``: an extra step after the grounded ones cites an AU the detector does not activate
 (with that AU's region box), described as active and counted in the conclusion; ``wrong_box``:
-one cited step carries the box of another face region.
+one cited step carries the box of another face region; ``swapped_au``: one cited step names an AU
+the detector does not activate in place of its own, its wording and box kept (a flaw of the same
+length as the grounded trace, in place); ``grounded_extra``: a placebo, not a flaw: an extra last
+step cites an activated AU the others do not, with its own box (as long as the hallucination, and
+grounded).
 
 The extra step comes last, not in the top-to-bottom order of the others, so that the flawed and the
 grounded traces of a face share every token up to one choice: one more step, or the conclusion.
@@ -219,6 +223,8 @@ and 1 grounded trace per face): where the step fell mid-trace (surprise's AU5, h
 the model sampled the grounded path in few of 8 answers and then lost its place, repeating a step,
 so 30 GRPO steps found no clean grounded answer to prefer and the flaw stayed in 8 of 8 samples;
 where it fell last (anger's AU23, disgust's AU10) GRPO removed it from the greedy answer."""
+DEFAULT_FLAW_KINDS = ("hallucination", "wrong_box")
+"""The kinds `tag prepare traces --error-rate` draws from unless told otherwise."""
 
 
 @dataclass(frozen=True)
@@ -299,13 +305,19 @@ class TemplateTeacher:
         )
         flaw = self._flaw(record, label, measured, cited) if flawed else None
         groups = _group_by_region(cited)
-        if flaw is not None and flaw["kind"] == "hallucination":  # appended: the teacher's afterthought
+        if flaw is not None and flaw["kind"] in ("hallucination", "grounded_extra"):  # appended: an afterthought
             hint = flaw.pop("hint")
             cited, groups = cited + [hint], groups + [[hint]]
         steps = tuple(_step(group, _OBSERVE_ACTIVE, rng(f"step:{_keys(group)}")) for group in groups)
         if flaw is not None and flaw["kind"] == "wrong_box":
             number = flaw["step"] - 1
             steps = steps[:number] + (replace(steps[number], box=tuple(flaw["box"])),) + steps[number + 1:]
+        if flaw is not None and flaw["kind"] == "swapped_au":  # the step reads as before, naming another AU
+            number, hint = flaw["step"] - 1, flaw.pop("hint")
+            steps = steps[:number] + (replace(steps[number], aus=(hint.au.id,)),) + steps[number + 1:]
+            position = cited.index(groups[number][0])  # the conclusion names it where the step's AUs were
+            cited = [other for other in cited if other not in groups[number]]
+            cited.insert(position, hint)
         conclusion = rng("conclusion").choice(_CONCLUDE_PROTOTYPE if supporting else _CONCLUDE_FALLBACK).format(
             aus=" + ".join(_keys(cited)), label=label
         )
@@ -322,15 +334,25 @@ class TemplateTeacher:
         cited_regions = {hint.au.region for hint in cited}
         inactive = [hint for hint in measured if hint.intensity < self.min_intensity and hint.au.region not in cited_regions]
         expected = [hint for hint in inactive if hint.au.id in EMOTION_PROTOTYPES.get(label, ())]
+        uncited = [hint for hint in measured if hint.intensity >= self.min_intensity and hint.au.region not in cited_regions]
         groups = _group_by_region(cited)
         elsewhere = {hint.box for hint in measured if hint.au.region not in cited_regions}
-        kinds = [kind for kind in self.error_kinds if kind != "hallucination" or inactive]
+        fits = {"hallucination": bool(inactive), "swapped_au": bool(inactive), "grounded_extra": bool(uncited)}
+        kinds = [kind for kind in self.error_kinds if fits.get(kind, True)]
         for kind in rng.sample(kinds, len(kinds)):
-            if kind == "hallucination":
+            if kind in ("hallucination", "swapped_au"):
                 chosen = rng.choice(expected or inactive)
                 intensity = round(self.min_intensity + rng.uniform(0.2, 1.5), 2)  # claimed, not measured
-                return {"kind": kind, "au": chosen.au.key, "measured_intensity": round(chosen.intensity, 2),
+                flaw = {"kind": kind, "au": chosen.au.key, "measured_intensity": round(chosen.intensity, 2),
                         "hint": AUHint(chosen.au, intensity, chosen.box)}
+                if kind == "swapped_au":  # in the place of one cited step's AUs, that step's box kept
+                    number = rng.randrange(len(groups)) + 1
+                    flaw |= {"step": number, "aus": _keys(groups[number - 1])}
+                return flaw
+            if kind == "grounded_extra":
+                chosen = uncited[0]  # the strongest activated AU of a region no grounded step inspects
+                return {"kind": kind, "au": chosen.au.key, "measured_intensity": round(chosen.intensity, 2),
+                        "hint": chosen}
             number = rng.randrange(len(groups)) + 1
             true_box = groups[number - 1][0].box
             disjoint = sorted(box for box in elsewhere if box_iou(box, true_box) == 0.0)
