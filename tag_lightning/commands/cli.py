@@ -140,7 +140,7 @@ def _check_config_files(argv: list[str]) -> None:
 def _export(args: argparse.Namespace) -> int:
     from tag_lightning.commands.training import export_checkpoint
 
-    out = export_checkpoint(args.ckpt, args.out, overwrite=args.overwrite)
+    out = export_checkpoint(args.ckpt, args.out, overwrite=args.overwrite, model_path=args.model_path)
     print(f"merged Hugging Face model: {out} (load it with AutoModelForImageTextToText.from_pretrained)")
     return 0
 
@@ -324,10 +324,17 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", formatter_class=_HelpFormatter,
                                  help="write a merged Hugging Face model folder from a training checkpoint",
                                  description="Rebuild the network of a `tag fit` checkpoint, merge LoRA adapters into "
-                                             "it and save it with its processor files, loadable by plain transformers.")
+                                             "it and save it with its processor files, loadable by plain transformers. "
+                                             "The folder is written as OUT.partial beside OUT first and renamed to OUT "
+                                             "once complete; a failed export removes it and leaves OUT as it was.")
     export.add_argument("--ckpt", required=True, type=Path, help="a checkpoint written by `tag fit`")
-    export.add_argument("--out", required=True, type=Path, help="folder to write the merged model into (new or empty)")
+    export.add_argument("--out", required=True, type=Path,
+                        help="folder to write the merged model into (new or empty); never a symbolic link, `.`, `..`, "
+                             "`/`, nor a folder holding the current folder or the checkpoint")
     export.add_argument("--overwrite", action="store_true", help="replace what --out holds (e.g. an earlier export)")
+    export.add_argument("--model-path", type=Path, default=None,
+                        help="the base model folder the checkpoint was trained from (unset: the checkpoint's own "
+                             "model_path, which may be relative to where it was trained)")
     export.set_defaults(func=_export)
     demo = commands.add_parser(
         "demo", formatter_class=_HelpFormatter, help="run all of TAG and write an evidence report (report.html)",

@@ -17,6 +17,7 @@ import re
 import shlex
 import shutil
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -250,31 +251,76 @@ def _plain(value: Any) -> Any:
     return value.as_dict() if hasattr(value, "as_dict") else value
 
 
-def load_network(checkpoint_path: str | Path) -> VLMWrapper:
-    """The network of a training checkpoint: its VLM config rebuilt, its trained weights loaded."""
+def load_network(checkpoint_path: str | Path, model_path: str | Path | None = None) -> VLMWrapper:
+    """The network of a training checkpoint: its VLM config rebuilt, its trained weights loaded.
+
+    The base model is read from `model_path` where given, else from the folder the checkpoint was
+    trained from (``vlm_config.model_path``), which may be relative to another machine's folders.
+    """
     checkpoint = read_checkpoint(checkpoint_path)
-    network = VLMWrapper(saved_vlm_config(checkpoint))
-    network.load_trainable_state_dict(network_weights(checkpoint))
+    config = saved_vlm_config(checkpoint)
+    if model_path is not None:
+        config = replace(config, model_path=str(model_path))
+    given = "--model-path" if model_path is not None else "the checkpoint's model_path"
+    fix = "give the folder the checkpoint was trained from with --model-path DIR"
+    try:
+        network = VLMWrapper(config)
+    except FileNotFoundError:  # no model folder there (`vlm._model_source`)
+        raise UserError(f"{given} {config.model_path} is no model folder here: {fix}") from None
+    try:
+        network.load_trainable_state_dict(network_weights(checkpoint))
+    except (ValueError, RuntimeError):  # another model's layers: other names (ours), other sizes (torch's)
+        raise UserError(f"the checkpoint's weights do not fit the model in {config.model_path} ({given}): "
+                        f"{fix}") from None
     return network
 
 
-def export_checkpoint(checkpoint_path: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
+def export_checkpoint(checkpoint_path: str | Path, out_dir: str | Path, overwrite: bool = False,
+                      model_path: str | Path | None = None) -> Path:
     """Write a merged Hugging Face folder (weights with LoRA merged, processor files) from a checkpoint.
 
     A folder that holds anything is refused unless `overwrite`: files of an earlier export (or of
-    anything else) would mix with the new ones. With `overwrite` the new folder is written beside
-    it first and replaces it only once complete.
+    anything else) would mix with the new ones. The export is written into a new folder beside
+    `out_dir` first (``OUT.partial``), which replaces `out_dir` only once complete and is removed
+    if anything fails: nothing outside `out_dir` is ever removed. `model_path`: see `load_network`.
     """
-    out = Path(out_dir)
+    out = _export_folder(out_dir, checkpoint_path)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file: give a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UserError(f"--out {out} is not empty (an earlier export?): give an empty or new folder, or --overwrite "
                         "to replace what it holds")
-    network = load_network(checkpoint_path)
+    network = load_network(checkpoint_path, model_path)
     partial = out.with_name(f"{out.name}.partial")
-    shutil.rmtree(partial, ignore_errors=True)  # a killed earlier attempt's
-    network.export_merged(partial)
-    shutil.rmtree(out, ignore_errors=True)
-    partial.replace(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        partial.mkdir()
+    except FileExistsError:
+        raise UserError(f"{partial} exists (left by an export that was killed?): remove it, then export "
+                        "again") from None
+    try:
+        network.export_merged(partial)
+        if out.exists():
+            shutil.rmtree(out)
+        partial.rename(out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return out
+
+
+def _export_folder(out_dir: str | Path, checkpoint_path: str | Path) -> Path:
+    """`out_dir` as a folder an export may replace, or a clear error: never a symbolic link (replacing
+    it would not replace what it points to), nor a path without a name of its own (``.``, ``..``, ``/``,
+    ``a/..``), nor a folder that holds the current folder or the checkpoint."""
+    out = Path(out_dir)
+    if out.is_symlink():
+        raise UserError(f"--out {out} is a symbolic link: give the folder itself, or a new one")
+    if out.name in ("", ".."):
+        raise UserError(f"--out {out} names no folder of its own: give a new folder's path, e.g. merged/")
+    target = out.resolve()
+    for held, what in ((Path.cwd(), "the current folder"), (Path(checkpoint_path).resolve(), "the checkpoint")):
+        if target == held or target in held.parents:
+            raise UserError(f"--out {out} holds {what}, which the export would replace: give a new folder's "
+                            "path, e.g. merged/")
     return out
