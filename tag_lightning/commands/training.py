@@ -12,11 +12,13 @@ later (a bad file met while training) into one line too.
 from __future__ import annotations
 
 import csv
+import functools
 import os
 import re
 import shlex
 import shutil
 import warnings
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -77,6 +79,39 @@ class TagArgumentParser(LightningArgumentParser):
         prog = (getattr(ex, "subcommand_parser", None) or self).prog.replace(" [options]", "")
         self.exit(2, f"error: {prog}: {config_error_line(message)} (see `{prog} --help`)\n")
 
+    def add_instantiator(self, instantiator: Callable, class_type: type, subclasses: bool = True,
+                         prepend: bool = False) -> None:
+        """Every class is built carrying our refusals out of jsonargparse (`_Refusal`)."""
+        super().add_instantiator(_carrying_refusals(instantiator), class_type, subclasses, prepend)
+
+
+class _Refusal(BaseException):
+    """A refusal of our checks (`UserError`, a path's `OSError`) raised while a class is built, carried
+    out of jsonargparse: it turns any `Exception` under an optional type (the model is one) into a plain
+    `ValueError`, which no longer tells a user's mistake from a bug."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(error)
+        self.error = error
+
+
+def _carrying_refusals(instantiate: Callable) -> Callable:
+    """The jsonargparse instantiator `instantiate`, its refusals raised as `_Refusal`."""
+
+    @functools.wraps(instantiate)  # its signature too: jsonargparse passes the arguments it names
+    def build(class_type: type, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return instantiate(class_type, *args, **kwargs)
+        except (UserError, OSError) as err:
+            raise _Refusal(err) from err
+
+    return build
+
+
+def _instantiate(class_type: type, *args: Any, **kwargs: Any) -> Any:
+    """jsonargparse's own instantiator."""
+    return class_type(*args, **kwargs)
+
 
 class TagCLI(LightningCLI):
     """LightningCLI whose configuration mistakes end in one clear line, before any training starts.
@@ -125,11 +160,19 @@ class TagCLI(LightningCLI):
             rank_zero_info(f"resuming {ckpt_path} with options that differ from its run's, used as given: "
                            f"{'; '.join(changed)}")
 
+    def _add_instantiators(self) -> None:
+        """Lightning's instantiators (the model's, the data's), and jsonargparse's own for every other class
+        (the network, its config, ...): each carries our refusals out (`TagArgumentParser.add_instantiator`)."""
+        super()._add_instantiators()
+        self.parser.add_instantiator(_instantiate, object)
+
     def instantiate_classes(self) -> None:
+        """Build the model and data: what our checks refuse becomes one line; anything else (a plain
+        `ValueError` of transformers or peft too) is a bug, and shows its traceback."""
         try:
             super().instantiate_classes()
-        except (ValueError, FileNotFoundError) as err:  # raised by our configs' checks (VLMConfig, datamodule)
-            self.parser.error(f"bad configuration: {config_error_line(str(err))}")
+        except _Refusal as refusal:
+            self.parser.error(f"bad configuration: {describe(refusal.error)}")
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """Lightning's trainer, with our logger and progress bar where the configuration chose none."""

@@ -266,3 +266,15 @@ def test_a_failed_export_removes_its_partial_folder_and_leaves_out_as_it_was(sft
     assert [path.name for path in tmp_path.iterdir()] == ["merged"]
     assert [path.name for path in out.iterdir()] == ["earlier.txt"]
 
+
+def test_a_value_error_of_a_library_while_building_the_model_is_a_bug(fit_args, tmp_path, monkeypatch, capsys):
+    """Only our checks' refusals (`UserError`, a path's `OSError`) are configuration mistakes: a plain
+    ValueError raised while the model is built (here by peft) shows its traceback and exits with 1."""
+    def broken(*args, **kwargs):
+        raise ValueError("peft's own bug")
+
+    monkeypatch.setattr("tag_lightning.models.vlm.get_peft_model", broken)
+    assert main(fit_args(tmp_path, "--trainer.max_steps=1")) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "ValueError: peft's own bug" in err and "bad configuration" not in err
+    assert not list(tmp_path.rglob("*.ckpt"))
