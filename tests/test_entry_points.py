@@ -362,11 +362,19 @@ def test_predict_reads_a_folder_as_the_au_cache_does_and_refuses_an_empty_one(de
 @pytest.mark.parametrize("args, message", [
     (("demo", "--sft-steps", "abc"), "argument --sft-steps: expected a whole number, got 'abc'"),
     (("demo", "--out", "{tmp}/a_file"), "--out {tmp}/a_file is a file"),
+    (("demo", "--out", "{tmp}/demo", "--sampled-answers", "-1"), "argument --sampled-answers: must be at least 0, got -1"),
+    (("demo", "--out", "{tmp}/demo", "--config", "{tmp}/missing.yaml"), "--config {tmp}/missing.yaml: no such file"),
+    (("demo", "--out", "{tmp}/demo", "--config", "{tmp}/a_file"), "{tmp}/a_file:1:10: not valid YAML"),
+    (("demo", "--out", "{tmp}/demo", "--libreface-weights", "{tmp}/missing.pt"),
+     "--libreface-weights {tmp}/missing.pt: no such file"),
+    (("demo", "--out", "{tmp}/demo", "--data", "rafdb:{tmp}/RAF-DB"), "--data rafdb:{tmp}/RAF-DB: no such file or folder"),
 ])
 def test_demo_mistakes_name_the_option_and_the_fix(tmp_path, args, message):
-    (tmp_path / "a_file").write_text("keep me")
+    """Every option is checked before the first phase: a mistake found after SFT would cost the SFT (a
+    rerun with other options is another demo), so the folder holds nothing afterwards."""
+    (tmp_path / "a_file").write_text("keep: [me")
     error_line(tag(*(arg.format(tmp=tmp_path) for arg in args)), message.format(tmp=tmp_path))
-    assert (tmp_path / "a_file").read_text() == "keep me" and len(list(tmp_path.iterdir())) == 1
+    assert (tmp_path / "a_file").read_text() == "keep: [me" and len(list(tmp_path.iterdir())) == 1
 
 
 @pytest.mark.parametrize("stage, gpu", [("sft", "gpu.yaml"), ("grpo", "gpu_grpo.yaml")])

@@ -36,14 +36,23 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {self.prog}: {message} (see `{self.prog} --help`)\n")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def _whole_number(minimum: int):
+    """An option type: a whole number of at least `minimum`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+_positive_int = _whole_number(1)
+_count = _whole_number(0)
 
 
 def _unit_float(text: str) -> float:
@@ -385,9 +394,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--error-kinds", type=_error_kinds, default="hallucination",
                       help="the flaw kinds of the experiment (see `tag prepare traces --help`); wrong_box flaws were "
                            "not removed by the tiny model's GRPO in our runs (README, The demo's experiment)")
-    demo.add_argument("--sampled-answers", type=int, default=8,
+    demo.add_argument("--sampled-answers", type=_count, default=8,
                       help="answers sampled per face (at GRPO's temperature) in the evaluations after SFT and GRPO, "
-                           "besides the greedy one: the share of flawed evidence in what the model tends to say")
+                           "besides the greedy one: the share of flawed evidence in what the model tends to say (0: "
+                           "greedy answers only)")
     demo.add_argument("--rollout-seed", type=int, default=0,
                       help="GRPO's rollout seed (its samples are a function of this seed, the step and the face); "
                            "the experiment's figures in the README are those of seeds 0, 1 and 2")
