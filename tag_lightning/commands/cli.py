@@ -121,15 +121,17 @@ def _sizes(sizes) -> str:
 
 
 def image_refs(spec: str, split: str | None = None) -> list[ImageRef]:
-    """Images named by a folder (searched recursively), a manifest CSV, or a dataset spec; without
-    `split`, every split of a dataset, so that an AU cache serves its validation and test data too.
+    """Images named by a folder (searched as `tag predict` searches it: `PhotoFolder`), a manifest CSV,
+    or a dataset spec; without `split`, every split of a dataset, so that an AU cache serves its
+    validation and test data too.
 
-    Rows naming a missing file are kept: the AU cache records them as unreadable, one record per
-    image whatever happened to it. The images per split are printed.
+    Rows naming a missing file (and links to one) are kept: the AU cache records them as unreadable,
+    one record per image whatever happened to it. The images per split are printed.
     """
-    path = Path(spec)
-    if path.is_dir():  # any folder of images, labelled or not, nested or not
-        return [ImageRef.from_path(p) for p in sorted(path.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
+    from tag_lightning.data.datasets import PhotoFolder
+
+    if Path(spec).is_dir():  # any folder of images, labelled or not, nested or not: as `tag predict` reads it
+        return [sample.image for sample in PhotoFolder(spec, keep_missing=True)]
     dataset = _dataset(spec, split, keep_missing=True, every_split=split is None)
     print(f"{spec}: {_sizes(dataset.split_sizes())}")
     return [sample.image for sample in dataset]
