@@ -21,6 +21,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from helpers import write_face
 
 from tag_lightning.data.samples import ANGER, DISGUST, HAPPINESS, MULTI_FACE, SAMPLE_LABELS, SINGLE_FACE, SURPRISE
 from tag_lightning.traces.template_endpoint import TemplateEndpoint
@@ -359,14 +360,51 @@ def test_predict_reads_a_folder_as_the_au_cache_does_and_refuses_an_empty_one(de
     assert not nothing.exists()
 
 
+def test_images_behind_links_are_read_and_a_link_to_nothing_is_reported(demo_dir, tmp_path):
+    """A folder's images are found through a link to a folder and a link to a file, by `tag prepare
+    au-cache` and `tag predict` alike; a link to a missing file is never dropped in silence: the AU
+    cache records it as unreadable, and `tag predict` reports it by name among the images left out."""
+    samples, elsewhere, folder = demo_dir / "samples", tmp_path / "elsewhere", tmp_path / "photos"
+    elsewhere.mkdir()
+    shutil.copyfile(samples / SURPRISE, elsewhere / SURPRISE)
+    write_face(elsewhere / "uncached.png")  # a real image the AU cache of the demo never saw
+    folder.mkdir()
+    (folder / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (folder / HAPPINESS).symlink_to(samples / HAPPINESS)
+    (folder / "gone.jpg").symlink_to(tmp_path / "deleted.jpg")
+    out, cache = tmp_path / "predictions", tmp_path / "cache"
+    cached, answered = tag_together(
+        ["prepare", "au-cache", "--images", folder, "--out", cache, "--quiet"],
+        lightning("predict", demo_dir, tmp_path, "-c", CONFIGS / "predict.yaml", "--zero_shot", "true",
+                  f"--data.predict_data={folder}", f"--trainer.callbacks.init_args.output_dir={out}"))
+    assert cached.returncode == 0, cached.stderr[-3000:]
+    assert "4 images: 4 computed" in cached.stdout and "unreadable 1" in cached.stdout, cached.stdout
+    assert answered.returncode == 0, answered.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "predictions.rank0.jsonl").read_text().splitlines()]
+    assert sorted(row["image"] for row in rows) == [str(folder / HAPPINESS), str(folder / "linked" / SURPRISE)]
+    reports = [json.loads(path.read_text()) for path in (out / "images").glob("*.json")]
+    rejected = {report["image"]: report for report in reports if report["status"] == "rejected"}
+    assert {image: report["reason"] for image, report in rejected.items()} == {
+        str(folder / "gone.jpg"): "missing_image", str(folder / "linked" / "uncached.png"): "not_cached"}
+    assert f"symbolic link to {tmp_path / 'deleted.jpg'}" in rejected[str(folder / "gone.jpg")]["detail"]
+
+
 @pytest.mark.parametrize("args, message", [
     (("demo", "--sft-steps", "abc"), "argument --sft-steps: expected a whole number, got 'abc'"),
     (("demo", "--out", "{tmp}/a_file"), "--out {tmp}/a_file is a file"),
+    (("demo", "--out", "{tmp}/demo", "--sampled-answers", "-1"), "argument --sampled-answers: must be at least 0, got -1"),
+    (("demo", "--out", "{tmp}/demo", "--config", "{tmp}/missing.yaml"), "--config {tmp}/missing.yaml: no such file"),
+    (("demo", "--out", "{tmp}/demo", "--config", "{tmp}/a_file"), "{tmp}/a_file:1:10: not valid YAML"),
+    (("demo", "--out", "{tmp}/demo", "--libreface-weights", "{tmp}/missing.pt"),
+     "--libreface-weights {tmp}/missing.pt: no such file"),
+    (("demo", "--out", "{tmp}/demo", "--data", "rafdb:{tmp}/RAF-DB"), "--data rafdb:{tmp}/RAF-DB: no such file or folder"),
 ])
 def test_demo_mistakes_name_the_option_and_the_fix(tmp_path, args, message):
-    (tmp_path / "a_file").write_text("keep me")
+    """Every option is checked before the first phase: a mistake found after SFT would cost the SFT (a
+    rerun with other options is another demo), so the folder holds nothing afterwards."""
+    (tmp_path / "a_file").write_text("keep: [me")
     error_line(tag(*(arg.format(tmp=tmp_path) for arg in args)), message.format(tmp=tmp_path))
-    assert (tmp_path / "a_file").read_text() == "keep me" and len(list(tmp_path.iterdir())) == 1
+    assert (tmp_path / "a_file").read_text() == "keep: [me" and len(list(tmp_path.iterdir())) == 1
 
 
 @pytest.mark.parametrize("stage, gpu", [("sft", "gpu.yaml"), ("grpo", "gpu_grpo.yaml")])

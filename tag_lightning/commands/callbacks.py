@@ -38,7 +38,7 @@ HOW_TO_FIX = {
     "unreadable": "the file does not decode as an image: replace it with one that does",
     "unlabeled": "the test split answers labelled images only: answer any image with --data.predict_data PATH",
     "not_an_image": "only image files are answered: convert it to one of .jpg, .png, .bmp, .webp, .tif",
-    "missing_image": "the file the row names is not there: fix the row, or restore the file",
+    "missing_image": "the file the row or link names is not there: fix the row or link, or restore the file",
     "bad_row": "the row is malformed (see detail): fix it; without --data.lenient true such a row stops the run",
 }
 """What a user can do about each reason a predict image was rejected ({image}, {au_cache} filled in)."""

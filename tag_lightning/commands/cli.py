@@ -36,14 +36,23 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {self.prog}: {message} (see `{self.prog} --help`)\n")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def _whole_number(minimum: int):
+    """An option type: a whole number of at least `minimum`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+_positive_int = _whole_number(1)
+_count = _whole_number(0)
 
 
 def _unit_float(text: str) -> float:
@@ -122,15 +131,17 @@ def _sizes(sizes) -> str:
 
 
 def image_refs(spec: str, split: str | None = None) -> list[ImageRef]:
-    """Images named by a folder (searched recursively), a manifest CSV, or a dataset spec; without
-    `split`, every split of a dataset, so that an AU cache serves its validation and test data too.
+    """Images named by a folder (searched as `tag predict` searches it: `PhotoFolder`), a manifest CSV,
+    or a dataset spec; without `split`, every split of a dataset, so that an AU cache serves its
+    validation and test data too.
 
-    Rows naming a missing file are kept: the AU cache records them as unreadable, one record per
-    image whatever happened to it. The images per split are printed.
+    Rows naming a missing file (and links to one) are kept: the AU cache records them as unreadable,
+    one record per image whatever happened to it. The images per split are printed.
     """
-    path = Path(spec)
-    if path.is_dir():  # any folder of images, labelled or not, nested or not
-        return [ImageRef.from_path(p) for p in sorted(path.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
+    from tag_lightning.data.datasets import PhotoFolder
+
+    if Path(spec).is_dir():  # any folder of images, labelled or not, nested or not: as `tag predict` reads it
+        return [sample.image for sample in PhotoFolder(spec, keep_missing=True)]
     dataset = _dataset(spec, split, keep_missing=True, every_split=split is None)
     print(f"{spec}: {_sizes(dataset.split_sizes())}")
     return [sample.image for sample in dataset]
@@ -150,7 +161,7 @@ def _check_config_files(argv: list[str]) -> None:
 def _export(args: argparse.Namespace) -> int:
     from tag_lightning.commands.training import export_checkpoint
 
-    out = export_checkpoint(args.ckpt, args.out, overwrite=args.overwrite)
+    out = export_checkpoint(args.ckpt, args.out, overwrite=args.overwrite, model_path=args.model_path)
     print(f"merged Hugging Face model: {out} (load it with AutoModelForImageTextToText.from_pretrained)")
     return 0
 
@@ -336,10 +347,17 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", formatter_class=_HelpFormatter,
                                  help="write a merged Hugging Face model folder from a training checkpoint",
                                  description="Rebuild the network of a `tag fit` checkpoint, merge LoRA adapters into "
-                                             "it and save it with its processor files, loadable by plain transformers.")
+                                             "it and save it with its processor files, loadable by plain transformers. "
+                                             "The folder is written as OUT.partial beside OUT first and renamed to OUT "
+                                             "once complete; a failed export removes it and leaves OUT as it was.")
     export.add_argument("--ckpt", required=True, type=Path, help="a checkpoint written by `tag fit`")
-    export.add_argument("--out", required=True, type=Path, help="folder to write the merged model into (new or empty)")
+    export.add_argument("--out", required=True, type=Path,
+                        help="folder to write the merged model into (new or empty); never a symbolic link, `.`, `..`, "
+                             "`/`, nor a folder holding the current folder or the checkpoint")
     export.add_argument("--overwrite", action="store_true", help="replace what --out holds (e.g. an earlier export)")
+    export.add_argument("--model-path", type=Path, default=None,
+                        help="the base model folder the checkpoint was trained from (unset: the checkpoint's own "
+                             "model_path, which may be relative to where it was trained)")
     export.set_defaults(func=_export)
     demo = commands.add_parser(
         "demo", formatter_class=_HelpFormatter, help="run all of TAG and write an evidence report (report.html)",
@@ -390,9 +408,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--error-kinds", type=_error_kinds, default="hallucination",
                       help="the flaw kinds of the experiment (see `tag prepare traces --help`); wrong_box flaws were "
                            "not removed by the tiny model's GRPO in our runs (README, The demo's experiment)")
-    demo.add_argument("--sampled-answers", type=int, default=8,
+    demo.add_argument("--sampled-answers", type=_count, default=8,
                       help="answers sampled per face (at GRPO's temperature) in the evaluations after SFT and GRPO, "
-                           "besides the greedy one: the share of flawed evidence in what the model tends to say")
+                           "besides the greedy one: the share of flawed evidence in what the model tends to say (0: "
+                           "greedy answers only)")
     demo.add_argument("--rollout-seeds", type=_seeds, default=(0,),
                       help="GRPO's rollout seeds, comma-separated (a run's samples are a function of its seed, the step "
                            "and the face): each seed gets its own GRPO run (and ablation) from the same SFT "

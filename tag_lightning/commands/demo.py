@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tag_lightning.answers.grammar import PER_STEP
-from tag_lightning.errors import UserError
+from tag_lightning.errors import UserError, read_yaml
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"  # the repository's configs (editable install)
 TINY_MODEL = "tiny-qwen2.5-vl"
@@ -384,14 +384,18 @@ def resolve_model(model: str) -> str:
 
 
 def evaluation_split(spec: str) -> str:
-    """The split a dataset is evaluated on: its ``test`` split, or ``val`` where it has none (AffectNet)."""
+    """The split a dataset is evaluated on: its ``test`` split, or ``val`` where it has none (AffectNet).
+    A spec that is no dataset, or whose root is missing, is refused (before any phase runs)."""
     from tag_lightning.data.datasets import resolve_data_spec
 
     resolved = resolve_data_spec(spec)
     if resolved is None:
         raise UserError(f"--data {spec}: give a dataset spec (rafdb:ROOT, ferplus:ROOT, affectnet:ROOT, "
                         "manifest:FILE.csv), not a data config; the demo sets the splits itself")
-    splits = resolved[0].splits or ("test",)
+    adapter, root = resolved
+    if not root.exists():
+        raise UserError(f"--data {spec}: no such file or folder {root}")
+    splits = adapter.splits or ("test",)
     return "test" if "test" in splits else "val"
 
 
@@ -403,12 +407,25 @@ def prepare_demo_data(out: str | Path, tag: TagCommand, workers: int = 2) -> Pat
 
 def run_demo(settings: DemoSettings, tag: TagCommand) -> Path:
     """Run (or resume) the demo of `settings`; returns the report's path."""
+    check_files(settings)
+    return Demo(settings).run(tag)
+
+
+def check_files(settings: DemoSettings) -> None:
+    """Refuse a file a later phase would fail on before the first phase runs: a mistake found after SFT
+    would cost the SFT, since a rerun with other options is another demo (`DemoState.open`)."""
     if settings.out.exists() and not settings.out.is_dir():
         raise UserError(f"--out {settings.out} is a file: the demo writes a folder; give a new or earlier demo folder")
     if not (CONFIGS / "sft.yaml").is_file():
         raise UserError(f"no configs folder at {CONFIGS}: `tag demo` runs from a clone of the repository "
                         "installed with `pip install -e .`")
+    for config in settings.configs:
+        if not Path(config).is_file():
+            raise UserError(f"--config {config}: no such file; give a LightningCLI YAML config")
+        read_yaml(config)  # a syntax error names the file and line now, not at the first `tag test`
+    if settings.libreface_weights is not None and not Path(settings.libreface_weights).is_file():
+        raise UserError(f"--libreface-weights {settings.libreface_weights}: no such file; give LibreFace's "
+                        "combined_resnet.pt, or leave the option out for blendshape intensities")
     if settings.ablation and settings.sampled_answers < 2:
         raise UserError("--ablation weights its control reward by the spread of the SFT model's sampled answers: "
                         "give --sampled-answers 2 or more")
-    return Demo(settings).run(tag)

@@ -12,11 +12,14 @@ later (a bad file met while training) into one line too.
 from __future__ import annotations
 
 import csv
+import functools
 import os
 import re
 import shlex
 import shutil
 import warnings
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +79,39 @@ class TagArgumentParser(LightningArgumentParser):
         prog = (getattr(ex, "subcommand_parser", None) or self).prog.replace(" [options]", "")
         self.exit(2, f"error: {prog}: {config_error_line(message)} (see `{prog} --help`)\n")
 
+    def add_instantiator(self, instantiator: Callable, class_type: type, subclasses: bool = True,
+                         prepend: bool = False) -> None:
+        """Every class is built carrying our refusals out of jsonargparse (`_Refusal`)."""
+        super().add_instantiator(_carrying_refusals(instantiator), class_type, subclasses, prepend)
+
+
+class _Refusal(BaseException):
+    """A refusal of our checks (`UserError`, a path's `OSError`) raised while a class is built, carried
+    out of jsonargparse: it turns any `Exception` under an optional type (the model is one) into a plain
+    `ValueError`, which no longer tells a user's mistake from a bug."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(error)
+        self.error = error
+
+
+def _carrying_refusals(instantiate: Callable) -> Callable:
+    """The jsonargparse instantiator `instantiate`, its refusals raised as `_Refusal`."""
+
+    @functools.wraps(instantiate)  # its signature too: jsonargparse passes the arguments it names
+    def build(class_type: type, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return instantiate(class_type, *args, **kwargs)
+        except (UserError, OSError) as err:
+            raise _Refusal(err) from err
+
+    return build
+
+
+def _instantiate(class_type: type, *args: Any, **kwargs: Any) -> Any:
+    """jsonargparse's own instantiator."""
+    return class_type(*args, **kwargs)
+
 
 class TagCLI(LightningCLI):
     """LightningCLI whose configuration mistakes end in one clear line, before any training starts.
@@ -132,11 +168,19 @@ class TagCLI(LightningCLI):
             rank_zero_info(f"resuming {ckpt_path} with options that differ from its run's, used as given: "
                            f"{'; '.join(changed)}")
 
+    def _add_instantiators(self) -> None:
+        """Lightning's instantiators (the model's, the data's), and jsonargparse's own for every other class
+        (the network, its config, ...): each carries our refusals out (`TagArgumentParser.add_instantiator`)."""
+        super()._add_instantiators()
+        self.parser.add_instantiator(_instantiate, object)
+
     def instantiate_classes(self) -> None:
+        """Build the model and data: what our checks refuse becomes one line; anything else (a plain
+        `ValueError` of transformers or peft too) is a bug, and shows its traceback."""
         try:
             super().instantiate_classes()
-        except (ValueError, FileNotFoundError) as err:  # raised by our configs' checks (VLMConfig, datamodule)
-            self.parser.error(f"bad configuration: {config_error_line(str(err))}")
+        except _Refusal as refusal:
+            self.parser.error(f"bad configuration: {describe(refusal.error)}")
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """Lightning's trainer, with our logger and progress bar where the configuration chose none."""
@@ -303,31 +347,76 @@ def _plain(value: Any) -> Any:
     return value.as_dict() if hasattr(value, "as_dict") else value
 
 
-def load_network(checkpoint_path: str | Path) -> VLMWrapper:
-    """The network of a training checkpoint: its VLM config rebuilt, its trained weights loaded."""
+def load_network(checkpoint_path: str | Path, model_path: str | Path | None = None) -> VLMWrapper:
+    """The network of a training checkpoint: its VLM config rebuilt, its trained weights loaded.
+
+    The base model is read from `model_path` where given, else from the folder the checkpoint was
+    trained from (``vlm_config.model_path``), which may be relative to another machine's folders.
+    """
     checkpoint = read_checkpoint(checkpoint_path)
-    network = VLMWrapper(saved_vlm_config(checkpoint))
-    network.load_trainable_state_dict(network_weights(checkpoint))
+    config = saved_vlm_config(checkpoint)
+    if model_path is not None:
+        config = replace(config, model_path=str(model_path))
+    given = "--model-path" if model_path is not None else "the checkpoint's model_path"
+    fix = "give the folder the checkpoint was trained from with --model-path DIR"
+    try:
+        network = VLMWrapper(config)
+    except FileNotFoundError:  # no model folder there (`vlm._model_source`)
+        raise UserError(f"{given} {config.model_path} is no model folder here: {fix}") from None
+    try:
+        network.load_trainable_state_dict(network_weights(checkpoint))
+    except (ValueError, RuntimeError):  # another model's layers: other names (ours), other sizes (torch's)
+        raise UserError(f"the checkpoint's weights do not fit the model in {config.model_path} ({given}): "
+                        f"{fix}") from None
     return network
 
 
-def export_checkpoint(checkpoint_path: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
+def export_checkpoint(checkpoint_path: str | Path, out_dir: str | Path, overwrite: bool = False,
+                      model_path: str | Path | None = None) -> Path:
     """Write a merged Hugging Face folder (weights with LoRA merged, processor files) from a checkpoint.
 
     A folder that holds anything is refused unless `overwrite`: files of an earlier export (or of
-    anything else) would mix with the new ones. With `overwrite` the new folder is written beside
-    it first and replaces it only once complete.
+    anything else) would mix with the new ones. The export is written into a new folder beside
+    `out_dir` first (``OUT.partial``), which replaces `out_dir` only once complete and is removed
+    if anything fails: nothing outside `out_dir` is ever removed. `model_path`: see `load_network`.
     """
-    out = Path(out_dir)
+    out = _export_folder(out_dir, checkpoint_path)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file: give a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UserError(f"--out {out} is not empty (an earlier export?): give an empty or new folder, or --overwrite "
                         "to replace what it holds")
-    network = load_network(checkpoint_path)
+    network = load_network(checkpoint_path, model_path)
     partial = out.with_name(f"{out.name}.partial")
-    shutil.rmtree(partial, ignore_errors=True)  # a killed earlier attempt's
-    network.export_merged(partial)
-    shutil.rmtree(out, ignore_errors=True)
-    partial.replace(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        partial.mkdir()
+    except FileExistsError:
+        raise UserError(f"{partial} exists (left by an export that was killed?): remove it, then export "
+                        "again") from None
+    try:
+        network.export_merged(partial)
+        if out.exists():
+            shutil.rmtree(out)
+        partial.rename(out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return out
+
+
+def _export_folder(out_dir: str | Path, checkpoint_path: str | Path) -> Path:
+    """`out_dir` as a folder an export may replace, or a clear error: never a symbolic link (replacing
+    it would not replace what it points to), nor a path without a name of its own (``.``, ``..``, ``/``,
+    ``a/..``), nor a folder that holds the current folder or the checkpoint."""
+    out = Path(out_dir)
+    if out.is_symlink():
+        raise UserError(f"--out {out} is a symbolic link: give the folder itself, or a new one")
+    if out.name in ("", ".."):
+        raise UserError(f"--out {out} names no folder of its own: give a new folder's path, e.g. merged/")
+    target = out.resolve()
+    for held, what in ((Path.cwd(), "the current folder"), (Path(checkpoint_path).resolve(), "the checkpoint")):
+        if target == held or target in held.parents:
+            raise UserError(f"--out {out} holds {what}, which the export would replace: give a new folder's "
+                            "path, e.g. merged/")
     return out

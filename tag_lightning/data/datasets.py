@@ -118,7 +118,7 @@ class FERDataset(Sequence[FERSample]):
     def _add_file(self, path: Path, label: str | None, source: str, split: str | None = None) -> None:
         """Add an image file as a sample, or report the row if the file is missing (unless `keep_missing`)."""
         if not self.keep_missing and not path.is_file():
-            self._bad_row(source, f"image file not found: {path}", "missing_image")
+            self._bad_row(source, _not_found(path), "missing_image")
             return
         self._samples.append(FERSample(ImageRef.from_path(path), label, self.name, split or self.split, source))
 
@@ -159,9 +159,38 @@ def _coded_label(code: str, table: Mapping[int, str], what: str) -> str:
 
 
 def _image_files(folder: Path) -> list[Path]:
+    """The images in `folder`, a link to a missing file among them (`_add_file` reports it)."""
     return sorted(
-        path for path in folder.iterdir() if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+        path for path in folder.iterdir() if not path.is_dir() and path.suffix.lower() in IMAGE_SUFFIXES
     )
+
+
+def _files_under(root: Path) -> Iterator[Path]:
+    """Every file under `root`, however nested, in path order, hidden ones left out. Links to folders
+    are followed (each folder is read once, so a link to a folder above does not loop); a link to a
+    missing file is listed, for the caller to report."""
+    seen: set[Path] = set()
+
+    def walk(folder: Path) -> Iterator[Path]:
+        if folder.resolve() in seen:
+            return
+        seen.add(folder.resolve())
+        for path in sorted(folder.iterdir()):
+            if path.name.startswith("."):
+                continue
+            if path.is_dir():
+                yield from walk(path)
+            else:
+                yield path
+
+    return walk(root)
+
+
+def _not_found(path: Path) -> str:
+    """Why `path` names no file: a link that points nowhere says so (the link itself is there to see)."""
+    if path.is_symlink():
+        return f"image file not found: {path} is a symbolic link to {path.readlink()}, which does not exist"
+    return f"image file not found: {path}"
 
 
 def _subfolders(folder: Path) -> list[Path]:
@@ -487,9 +516,10 @@ class ImageFolder(FERDataset):
 
 
 class PhotoFolder(FERDataset):
-    """Every image under ``root``, however nested, as `tag prepare au-cache` reads a folder: what `tag
-    predict` answers. An image in a folder named after an emotion is labelled with it, any other is
-    unlabeled; a file that is not an image is skipped and listed in `skipped` (not an error)."""
+    """Every image under ``root``, however nested and through links too (`_files_under`), as `tag prepare
+    au-cache` reads a folder: what `tag predict` answers. An image in a folder named after an emotion is
+    labelled with it, any other is unlabeled; a file that is not an image, or a link to a missing file
+    (unless `keep_missing`), is skipped and listed in `skipped` (not an error)."""
 
     name = "photos"
 
@@ -498,14 +528,14 @@ class PhotoFolder(FERDataset):
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"no such folder: {self.root}")
-        for path in sorted(self.root.rglob("*")):
-            if not path.is_file() or any(part.startswith(".") for part in path.relative_to(self.root).parts):
-                continue
-            if path.suffix.lower() in IMAGE_SUFFIXES:
-                self._add_file(path, _folder_label(path.parent) if path.parent != self.root else None, str(path))
-            else:
+        for path in _files_under(self.root):
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
                 self.skipped.append(SkippedRow(str(path), f"not an image file (images end in "
                                                           f"{', '.join(IMAGE_SUFFIXES)})", "not_an_image"))
+            elif path.is_file() or self.keep_missing:
+                self._add_file(path, _folder_label(path.parent) if path.parent != self.root else None, str(path))
+            else:  # a link to a missing file: listed as a file that is not an image is
+                self.skipped.append(SkippedRow(str(path), _not_found(path), "missing_image"))
 
 
 def _folder_label(folder: Path) -> str | None:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import logging
+import shutil
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -231,3 +234,83 @@ def test_export_refuses_a_missing_or_garbage_checkpoint(tmp_path, capsys):
     assert main(["export", "--ckpt", str(garbage), "--out", str(tmp_path / "out")]) == 2
     assert "not a loadable checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("out, message", [
+    (".", "names no folder of its own"), ("..", "names no folder of its own"), ("/", "names no folder of its own"),
+    ("victim/sub/..", "names no folder of its own"), ("link", "is a symbolic link"),
+    ("../work", "holds the current folder"), ("run", "holds the checkpoint"), ("run/checkpoints", "holds the checkpoint"),
+])
+def test_export_refuses_an_out_whose_replacement_would_remove_other_files(sft_checkpoint, tmp_path, monkeypatch,
+                                                                         capsys, out, message):
+    """--overwrite replaces --out: a path without a folder of its own, a link (to the user's `victim` folder)
+    or a folder holding the current one or the checkpoint is refused before anything is written or removed."""
+    work = tmp_path / "work"
+    checkpoint = work / "run" / "checkpoints" / "last.ckpt"
+    checkpoint.parent.mkdir(parents=True)
+    shutil.copyfile(sft_checkpoint, checkpoint)
+    (work / "victim" / "sub").mkdir(parents=True)
+    (work / "victim" / "keep.txt").write_text("mine")
+    (work / "link").symlink_to(work / "victim", target_is_directory=True)
+    monkeypatch.chdir(work)
+    before = sorted(tmp_path.rglob("*"))
+    capsys.readouterr()
+    assert main(["export", "--ckpt", str(checkpoint), "--out", out, "--overwrite"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: --out {out} {message}"), line
+    assert sorted(tmp_path.rglob("*")) == before and (work / "victim" / "keep.txt").read_text() == "mine"
+
+
+def test_export_of_a_checkpoint_trained_elsewhere_reads_the_model_folder_given(sft_checkpoint, demo_dir, tmp_path,
+                                                                               monkeypatch, capsys):
+    """The checkpoint records its model folder as given when it was trained (here relative to another
+    folder): without it here the export says to give --model-path, which it then reads."""
+    from transformers import AutoModelForImageTextToText
+
+    checkpoint = torch.load(sft_checkpoint, weights_only=True)
+    checkpoint["vlm_config"]["model_path"] = "models/tiny"
+    moved = tmp_path / "moved.ckpt"
+    torch.save(checkpoint, moved)
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert main(["export", "--ckpt", str(moved), "--out", "merged"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: the checkpoint's model_path models/tiny is no model folder here: give the folder the checkpoint "
+        "was trained from with --model-path DIR")
+    assert main(["export", "--ckpt", str(moved), "--out", "merged", "--model-path",
+                 str(demo_dir / "tiny-qwen2.5-vl")]) == 0
+    AutoModelForImageTextToText.from_pretrained(tmp_path / "merged")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["merged", "moved.ckpt"]
+
+
+def test_a_failed_export_removes_its_partial_folder_and_leaves_out_as_it_was(sft_checkpoint, tmp_path, monkeypatch,
+                                                                             capsys):
+    from tag_lightning.models.vlm import VLMWrapper
+
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "earlier.txt").write_text("an earlier export")
+
+    def full_disk(network, folder):  # as save_pretrained fails on a full disk
+        Path(folder).mkdir(exist_ok=True)
+        (Path(folder) / "model.safetensors").write_bytes(b"half a model")
+        raise OSError(errno.ENOSPC, "No space left on device", str(folder))
+
+    monkeypatch.setattr(VLMWrapper, "export_merged", full_disk)
+    assert main(["export", "--ckpt", str(sft_checkpoint), "--out", str(out), "--overwrite"]) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert [path.name for path in tmp_path.iterdir()] == ["merged"]
+    assert [path.name for path in out.iterdir()] == ["earlier.txt"]
+
+
+def test_a_value_error_of_a_library_while_building_the_model_is_a_bug(fit_args, tmp_path, monkeypatch, capsys):
+    """Only our checks' refusals (`UserError`, a path's `OSError`) are configuration mistakes: a plain
+    ValueError raised while the model is built (here by peft) shows its traceback and exits with 1."""
+    def broken(*args, **kwargs):
+        raise ValueError("peft's own bug")
+
+    monkeypatch.setattr("tag_lightning.models.vlm.get_peft_model", broken)
+    assert main(fit_args(tmp_path, "--trainer.max_steps=1")) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "ValueError: peft's own bug" in err and "bad configuration" not in err
+    assert not list(tmp_path.rglob("*.ckpt"))
