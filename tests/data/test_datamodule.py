@@ -27,6 +27,7 @@ from tag_lightning.data.datamodule import FERDataModule, dataset_names, load_tra
 from tag_lightning.data.datasets import parse_data_spec
 from tag_lightning.data.samples import ANGER, DISGUST, MULTI_FACE, NO_FACE, SAMPLE_LABELS, SINGLE_FACE
 from tag_lightning.data.sampling import EvaluationSampler
+from tag_lightning.errors import UserError
 from tag_lightning.images import ImageRef
 
 SIZE = 224
@@ -323,7 +324,7 @@ def test_an_image_changed_after_caching_is_refused(workspace, samples_dir, tmp_p
     dm = FERDataModule(str(workspace.cache), val_data=f"manifest:{manifest}", image_size=SIZE, num_workers=0)
     dm.setup("validate")
     copy.write_bytes((samples_dir / DISGUST).read_bytes() + b"\0")
-    with pytest.raises(RuntimeError, match="changed since its AU record"):
+    with pytest.raises(UserError, match="changed since the AU cache .* recorded it: rebuild the cache"):
         dm.items["val"][0]
 
 
