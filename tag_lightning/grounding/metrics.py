@@ -234,7 +234,8 @@ class SampledAnswerMetrics(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.answers = AnswerMetrics()
-        self.rewards = nn.ModuleDict({name: MeanMetric() for name in REWARDS})
+        # float64: ranks add their partial sums in another order than one process does
+        self.rewards = nn.ModuleDict({name: MeanMetric().set_dtype(torch.float64) for name in REWARDS})
 
     def update(self, scores: Sequence[AnswerScore], rewards: Sequence[Mapping[str, float]]) -> None:
         self.answers.update(scores)
