@@ -18,7 +18,7 @@ from tag_lightning.answers.grammar import PER_STEP, TRACE_FORMATS
 from tag_lightning.errors import UserError, describe, read_yaml
 from tag_lightning.images import IMAGE_SUFFIXES, ImageRef, content_hash
 from tag_lightning.traces.builder import FILTERS
-from tag_lightning.traces.teachers import DEFAULT_FLAW_KINDS, FLAW_KINDS
+from tag_lightning.traces.template import DEFAULT_FLAW_KINDS, FLAW_KINDS
 
 # Handled by LightningCLI (tag_lightning/commands/training.py), which imports torch and lightning: kept
 # here as names so that `tag prepare ...` starts without them.
@@ -272,26 +272,28 @@ conversations keep its server busy; the others compute in this process, where th
 
 
 def _trace_teacher(args: argparse.Namespace):
-    from tag_lightning.traces import teachers
+    from tag_lightning.traces.hf_teacher import HFTeacher
+    from tag_lightning.traces.openai_client import OpenAITeacher, RetryPolicy
+    from tag_lightning.traces.template import TemplateTeacher
 
     if args.error_rate and args.teacher != "template":
         raise UserError("--error-rate is the template teacher's controlled experiment; a VLM teacher errs on its own")
     if args.teacher == "template":
-        return teachers.TemplateTeacher(top_k=args.top_k, min_intensity=args.min_intensity, seed=args.seed,
-                                        error_rate=args.error_rate, error_kinds=tuple(args.error_kinds.split(",")))
+        return TemplateTeacher(top_k=args.top_k, min_intensity=args.min_intensity, seed=args.seed,
+                               error_rate=args.error_rate, error_kinds=tuple(args.error_kinds.split(",")))
     if args.teacher == "openai":
         if not args.base_url or not args.model:
             raise UserError("--teacher openai needs --base-url (e.g. http://localhost:8000/v1) and --model")
-        teacher = teachers.OpenAITeacher(args.base_url, args.model, args.api_key_env, timeout=args.timeout,
-                                         retry=teachers.RetryPolicy(max_retries=args.max_http_retries),
-                                         temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_new_tokens,
-                                         seed=args.seed)
+        teacher = OpenAITeacher(args.base_url, args.model, args.api_key_env, timeout=args.timeout,
+                                retry=RetryPolicy(max_retries=args.max_http_retries),
+                                temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_new_tokens,
+                                seed=args.seed)
         teacher.probe()  # a dead endpoint stops the job now, not after hours of backoff
         return teacher
     if not args.hf_model:
         raise UserError("--teacher hf needs --hf-model (a local folder saved with save_pretrained)")
-    return teachers.HFTeacher.from_pretrained(args.hf_model, device=args.device, temperature=args.temperature,
-                                              top_p=args.top_p, max_new_tokens=args.max_new_tokens)
+    return HFTeacher.from_pretrained(args.hf_model, device=args.device, temperature=args.temperature,
+                                     top_p=args.top_p, max_new_tokens=args.max_new_tokens)
 
 
 def _traces(args: argparse.Namespace) -> int:

@@ -62,7 +62,7 @@ class DemoSettings:
         traces_per_image: template traces per face.
         error_rate: the share of each face's traces with a deliberate grounding flaw (0: every trace
             grounded, kept by our grounding filter instead of TAG's).
-        error_kinds: the flaw kinds drawn from (`teachers.FLAW_KINDS`).
+        error_kinds: the flaw kinds drawn from (`template.FLAW_KINDS`).
         sampled_answers: sampled answers per face scored after each training stage (0: greedy only).
         ablation: also run the matched-variance ablation: GRPO with a reward blind to the evidence in the
             grounding reward's place, weighted to its spread on the SFT model's sampled answers, from

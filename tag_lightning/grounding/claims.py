@@ -30,7 +30,7 @@ What is claimed, and with which box, depends on the trace's format (`answers/gra
   So padding an answer with steps that win no claim never raises its reward: a passed-over step
   lowers it, any other leaves it as it was.
 
-The polarity of a claim follows from the answer, as the traces are built (`traces/teachers.py`):
+The polarity of a claim follows from the answer, as the traces are built (`traces/template.py`):
 in a trace whose answer is not neutral, every named AU is *claimed active* (kept traces cite only
 activated AUs); in a neutral trace every AU its steps name is *claimed inactive* (neutral traces
 inspect relaxed regions), while an AU it names only in prose is stated as the face has it (a
@@ -177,7 +177,7 @@ def trace_claims(trace: Trace, detector_aus: Mapping[str, dict], activated: Set[
 
 
 def evidence(answer: str | None, detector_aus: Mapping[str, dict], activated: Set[str]) -> tuple[str, ...]:
-    """The evidence the face offers for `answer`, as the template teacher cites it (`traces/teachers.py`): the
+    """The evidence the face offers for `answer`, as the template teacher cites it (`traces/template.py`): the
     activated AUs of the emotion's EMFACS prototype, strongest first, at most `EVIDENCE_AUS`; when none of
     them is active, the `EVIDENCE_AUS` strongest activated AUs. A neutral answer's evidence is relaxed
     regions, any of them (`relaxed_regions`), so it has no AUs here.

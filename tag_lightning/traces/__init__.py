@@ -1,2 +1,3 @@
-"""The SFT traces: teachers (template, OpenAI-compatible, local HF model), their conversations in
-flight, a stand-in vLLM endpoint, and the builder that grounds, filters and writes them."""
+"""The SFT traces: the teachers' interface, the teachers (template, OpenAI-compatible, local HF model)
+and the VLM teachers' prompt, their conversations in flight, a stand-in vLLM endpoint, and the builder
+that grounds, filters and writes them."""

@@ -34,7 +34,7 @@ from tag_lightning.answers.prompts import asked_format
 from tag_lightning.au.cache import AUCache
 from tag_lightning.au.record import AURecord
 from tag_lightning.images import content_hash
-from tag_lightning.traces.teachers import TemplateTeacher
+from tag_lightning.traces.template import TemplateTeacher
 
 
 class TemplateEndpoint(ThreadingHTTPServer):

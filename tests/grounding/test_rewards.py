@@ -28,7 +28,7 @@ from tag_lightning.grounding import rewards
 from tag_lightning.grounding.claims import HALLUCINATION, SUPPORTED, References, claims_of, read_completion
 from tag_lightning.grounding.rewards import REWARDS, RewardResult, check_weights, score
 from tag_lightning.models.backbones.base import Frame
-from tag_lightning.traces.teachers import TemplateTeacher
+from tag_lightning.traces.template import TemplateTeacher
 
 LABELS = ("surprise", "happiness", "anger", "disgust", "neutral")
 WEIGHTS = {"format": 0.5, "answer": 1.0, "grounding": 1.0}

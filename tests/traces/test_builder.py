@@ -22,7 +22,8 @@ from tag_lightning.traces.builder import (
     sample_trace,
     sidecar_paths,
 )
-from tag_lightning.traces.teachers import Proposal, TeacherDeclined, TeacherError, TeacherRequest, TemplateTeacher
+from tag_lightning.traces.teachers import Proposal, TeacherDeclined, TeacherError, TeacherRequest
+from tag_lightning.traces.template import TemplateTeacher
 
 CANDIDATES = ("surprise", "fear", "happiness", "anger", "disgust", "neutral")
 LABELLED = [name for name, label in SAMPLE_LABELS.items() if label]

@@ -31,19 +31,17 @@ from tag_lightning.traces.builder import (
     sample_trace,
     sidecar_paths,
 )
+from tag_lightning.traces.hf_teacher import HFTeacher
+from tag_lightning.traces.openai_client import OpenAITeacher, RetryPolicy, image_data_url
+from tag_lightning.traces.prompt import build_prompt
 from tag_lightning.traces.teachers import (
-    HFTeacher,
-    OpenAITeacher,
-    RetryPolicy,
     TeacherDeclined,
     TeacherError,
     TeacherRequest,
     TeacherSetupError,
-    TemplateTeacher,
     activated_aus,
-    build_prompt,
-    image_data_url,
 )
+from tag_lightning.traces.template import TemplateTeacher
 from tag_lightning.traces.template_endpoint import TemplateEndpoint
 
 LABELLED = sorted(name for name, label in SAMPLE_LABELS.items() if label)
@@ -307,7 +305,7 @@ def test_request_seeds_are_reproducible_and_differ_by_image_trace_and_attempt(sa
 def test_retry_after_is_read_as_seconds_or_an_http_date():
     from email.utils import formatdate
 
-    from tag_lightning.traces.teachers import _retry_after
+    from tag_lightning.traces.openai_client import _retry_after
 
     assert _retry_after("2") == 2.0 and _retry_after(None) is None and _retry_after("soon") is None
     assert 25 < _retry_after(formatdate(time.time() + 30, usegmt=True)) <= 30
