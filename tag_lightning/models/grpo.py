@@ -412,8 +412,10 @@ class GRPOModule(VLMModule):
         totals, parts = [], {}
         samples = self.references(batch)
         for row, text in enumerate(texts):
-            references = samples[row // self.num_generations]
-            total, results = score(self.read(text, references), references, self.reward_weights)
+            group, index = divmod(row, self.num_generations)
+            references = samples[group]
+            completion = self.read(text, references, f"{seeds[group]}:{index}")
+            total, results = score(completion, references, self.reward_weights)
             totals.append(total)
             for name, result in results.items():
                 parts.setdefault(name, []).append(result.value)

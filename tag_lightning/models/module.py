@@ -137,9 +137,10 @@ class VLMModule(LightningModule):
                 batch["label"], batch["labels"], batch["detector_aus"], batch["activated_aus"], batch["image"])
         ]
 
-    def read(self, text: str, references: References) -> Completion:
-        """Parse a generated answer, its boxes mapped from the model's frame to the delivered image's."""
-        return read_completion(text, self.network.frame(*references.image_size).trace_to_original)
+    def read(self, text: str, references: References, draw: str = "") -> Completion:
+        """Parse a generated answer, its boxes mapped from the model's frame to the delivered image's; `draw`
+        names the sample it is (`Completion.draw`)."""
+        return read_completion(text, self.network.frame(*references.image_size).trace_to_original, draw)
 
     # -- evaluation ------------------------------------------------------------------------------
 
@@ -179,15 +180,14 @@ class VLMModule(LightningModule):
         """`sampled_answers` sampled answers per image (seeded by `sampled_seed` and the image's name),
         each scored like a greedy answer and by every GRPO reward; one list of rows per image."""
         k = self.sampled_answers
-        output = self.engine.sample(
-            [image.numpy() for image in batch["image"].cpu()], batch["prompt"],
-            [f"sampled:{self.sampled_seed}:{name}" for name in batch["image_name"]], k, self.max_new_tokens,
-            temperature=self.sampled_temperature)
+        seeds = [f"sampled:{self.sampled_seed}:{name}" for name in batch["image_name"]]
+        output = self.engine.sample([image.numpy() for image in batch["image"].cpu()], batch["prompt"], seeds, k,
+                                    self.max_new_tokens, temperature=self.sampled_temperature)
         per_image = []
         for index, (references, scored) in enumerate(zip(self.references(batch), batch["counted"])):
             rows = []
-            for text in output.texts[index * k : (index + 1) * k]:
-                completion = self.read(text, references)
+            for sample, text in enumerate(output.texts[index * k : (index + 1) * k]):
+                completion = self.read(text, references, f"{seeds[index]}:{sample}")
                 answer, rewards = score_answer(completion, references), reward_values(completion, references)
                 if scored:  # not an evaluation rank's padding
                     self.sampled_metrics.update([answer], [rewards])

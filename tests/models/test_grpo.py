@@ -490,6 +490,29 @@ def test_a_small_step_raises_the_completions_with_advantage_and_lowers_the_other
     assert torch.corrcoef(torch.stack([advantages, moved]))[0, 1] > 0.5
 
 
+
+def test_each_rollout_is_read_with_its_draw_so_the_noise_control_ignores_the_text(demo_dir):
+    """The matched ablation's noise is drawn per sample (rollout seed, step, image, index in the group), not
+    per text: identical answers in a group get independent values."""
+    from tag_lightning.data.datamodule import FERDataModule, collate
+    from tag_lightning.grounding.claims import read_completion
+    from tag_lightning.grounding.rewards import noise_reward
+    from tag_lightning.models.grpo import GRPOModule
+    from tag_lightning.models.vlm import VLMConfig, VLMWrapper
+
+    network = VLMWrapper(VLMConfig(str(demo_dir / "tiny-qwen2.5-vl")))
+    module = GRPOModule(network, rewards={"noise": 1.0}, num_generations=4,
+                        max_completion_length=4, rollout_seed=7, log_completions=False)
+    data = FERDataModule(str(demo_dir / "au_cache"), train_data=f"manifest:{demo_dir / 'samples' / 'manifest.csv'}",
+                         stage="rl", image_size=224, augment=None, num_workers=0)
+    data.setup("fit")
+    batch = collate([data.items["train"][index] for index in range(2)])
+    rollouts = module._rollout(batch)
+    expected = [noise_reward(read_completion("any text", draw=f"7:0:{name}:{index}"), None).value
+                for name in batch["image_name"] for index in range(4)]
+    assert rollouts.reward_parts["noise"].tolist() == pytest.approx(expected)
+    assert len(set(rollouts.reward_parts["noise"].tolist())) == 8
+
 # -- learning ------------------------------------------------------------------------------------
 # With one-token completions the expected reward is a sum over the vocabulary, sum_v p(v) r(v), with p
 # the tempered distribution the rollouts sample from: it is computed exactly, so whether GRPO raises it
