@@ -372,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "grounding reward removes evidence SFT learned wrong: the template teacher writes 4 traces per "
                     "face (--traces-per-image), 3 of them (--error-rate 0.75) citing an AU the detector does not "
                     "see but naming the right label, which TAG's own filter (label and format) keeps; SFT learns "
-                    "that mix, and GRPO is asked to unlearn the flaw (README, The demo's experiment, has the "
+                    "that mix, and GRPO is asked to unlearn the flaw (docs/experiment.md has the "
                     "figures of rollout seeds 0, 1, 2: --rollout-seeds 0,1,2). --ablation adds the same GRPO with a "
                     "reward of the grounding reward's spread but blind to the evidence in its place. Controls: "
                     "--error-kinds swapped_au (a flaw of the same length: one of a trace's own steps names an "
@@ -380,7 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "grounded, which the reward must leave alone). It tests that the reward moves a tiny model's "
                     "evidence on four faces, not TAG's accuracy on real data; --no-experiment runs the plain "
                     "pipeline.\n\n"
-                    "About 14 minutes on 2 CPU cores (--ablation: about 7 more). Killed, it resumes: finished phases "
+                    "About 15 minutes on 2 CPU cores; each extra rollout seed, and --ablation for each seed, adds 6 to 9 "
+                    "minutes. Killed, it resumes: finished phases "
                     "are skipped and a training run goes on from its last checkpoint. With --model and --data it "
                     "runs the same phases on a real model and dataset (nothing is downloaded).")
     demo.add_argument("--out", type=Path, default=Path("outputs/demo"), help="folder for everything the demo writes")
