@@ -380,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "grounded, which the reward must leave alone). It tests that the reward moves a tiny model's "
                     "evidence on four faces, not TAG's accuracy on real data; --no-experiment runs the plain "
                     "pipeline.\n\n"
-                    "About 15 minutes on 2 CPU cores; each extra rollout seed, and --ablation for each seed, adds 6 to 9 "
+                    "About 8 minutes on 2 CPU cores; each extra rollout seed, and --ablation for each seed, adds about 3 "
                     "minutes. Killed, it resumes: finished phases "
                     "are skipped and a training run goes on from its last checkpoint. With --model and --data it "
                     "runs the same phases on a real model and dataset (nothing is downloaded).")
