@@ -15,7 +15,7 @@ from PIL import Image
 from tag_lightning.errors import BadValue
 from tag_lightning.images import decode_image
 from tag_lightning.traces.prompt import build_prompt
-from tag_lightning.traces.teachers import Proposal, TeacherRequest, _checked_top_p
+from tag_lightning.traces.teachers import Proposal, TeacherRequest, checked_top_p
 
 
 class HFTeacher:
@@ -29,7 +29,7 @@ class HFTeacher:
         self.name = name
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
-        self.top_p = _checked_top_p(top_p)
+        self.top_p = checked_top_p(top_p)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str = "cpu", **options: Any) -> HFTeacher:

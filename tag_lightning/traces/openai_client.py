@@ -33,7 +33,7 @@ from tag_lightning.traces.teachers import (
     TeacherError,
     TeacherRequest,
     TeacherSetupError,
-    _checked_top_p,
+    checked_top_p,
 )
 
 
@@ -105,7 +105,7 @@ class OpenAITeacher:
         self.timeout = timeout
         self.retry = retry
         self.temperature = temperature
-        self.top_p = _checked_top_p(top_p)
+        self.top_p = checked_top_p(top_p)
         self.max_tokens = max_tokens
         self.seed = seed
         self.name = f"openai:{model}"

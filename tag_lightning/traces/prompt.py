@@ -9,7 +9,12 @@ from __future__ import annotations
 
 from tag_lightning.answers.grammar import COORDINATE_SEPARATOR, PAPER, PER_STEP, Box
 from tag_lightning.answers.prompts import user_prompt
-from tag_lightning.traces.teachers import TeacherRequest, _group_by_region, _keys, measured_aus
+from tag_lightning.traces.teachers import (
+    TeacherRequest,
+    au_keys,
+    group_by_region,
+    measured_aus,
+)
 
 # Where the AU ids go, in the words of the evidence's closing instruction.
 _WHERE_AUS_GO = {PER_STEP: "in each step", PAPER: "in the final conclusion"}
@@ -38,8 +43,8 @@ def build_prompt(request: TeacherRequest) -> str:
     else:
         lines.append("An AU detector found no activated action unit. The face regions, their AUs and boxes:")
         lines += [
-            f"- {group[0].region_label} ({', '.join(_keys(group))}): box {_box_text(group[0].box)}"
-            for group in _group_by_region(measured_aus(request.record))
+            f"- {group[0].region_label} ({', '.join(au_keys(group))}): box {_box_text(group[0].box)}"
+            for group in group_by_region(measured_aus(request.record))
         ]
         lines.append(f"Inspect some of these regions, name the AUs you check {where}, and copy each region's box.")
     return "\n".join(lines)

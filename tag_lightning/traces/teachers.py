@@ -64,7 +64,7 @@ def activated_aus(record: AURecord, min_intensity: float) -> list[AUHint]:
     return [hint for hint in measured_aus(record) if hint.intensity >= min_intensity]
 
 
-def _group_by_region(hints: list[AUHint]) -> list[list[AUHint]]:
+def group_by_region(hints: list[AUHint]) -> list[list[AUHint]]:
     """AUs sharing a region box share a step; steps run top of the face to the bottom."""
     groups: dict[tuple[str, Box], list[AUHint]] = {}
     for hint in hints:
@@ -74,7 +74,8 @@ def _group_by_region(hints: list[AUHint]) -> list[list[AUHint]]:
     return [sorted(group, key=lambda hint: hint.au.id) for _, group in ordered]
 
 
-def _keys(hints: list[AUHint]) -> list[str]:
+def au_keys(hints: list[AUHint]) -> list[str]:
+    """The AU keys of `hints` (``AU12``...), in AU order: how a trace and a prompt name them."""
     return [hint.au.key for hint in sorted(hints, key=lambda hint: hint.au.id)]
 
 
@@ -148,7 +149,7 @@ class TeacherSetupError(UserError):
     """The teacher cannot serve the job (bad key, URL or model name, or it does not answer): the job must stop."""
 
 
-def _checked_top_p(top_p: float) -> float:
+def checked_top_p(top_p: float) -> float:
     """A VLM teacher's nucleus mass: the most likely tokens that make up this share of the probability (1: all)."""
     if not 0 < top_p <= 1:
         raise BadValue(f"top_p must lie in (0, 1] (1: sample from every token), got {top_p}")

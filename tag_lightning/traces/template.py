@@ -22,8 +22,8 @@ from tag_lightning.traces.teachers import (
     Proposal,
     TeacherDeclined,
     TeacherRequest,
-    _group_by_region,
-    _keys,
+    au_keys,
+    group_by_region,
     measured_aus,
 )
 
@@ -170,15 +170,15 @@ class TemplateTeacher:
         cited = supporting or activated[: self.top_k]
         strongest = activated[0]
         global_analysis = rng("global").choice(_GLOBAL_ACTIVE).format(
-            regions=_join([group[0].region_label for group in _group_by_region(cited)]), strongest=strongest.au.name,
+            regions=_join([group[0].region_label for group in group_by_region(cited)]), strongest=strongest.au.name,
             key=strongest.au.key,
         )
         flaw = self._flaw(record, label, measured, cited) if flawed else None
-        groups = _group_by_region(cited)
+        groups = group_by_region(cited)
         if flaw is not None and flaw["kind"] in ("hallucination", "grounded_extra"):  # appended: an afterthought
             hint = flaw.pop("hint")
             cited, groups = cited + [hint], groups + [[hint]]
-        steps = tuple(_step(group, _OBSERVE_ACTIVE, rng(f"step:{_keys(group)}")) for group in groups)
+        steps = tuple(_step(group, _OBSERVE_ACTIVE, rng(f"step:{au_keys(group)}")) for group in groups)
         if flaw is not None and flaw["kind"] == "wrong_box":
             number = flaw["step"] - 1
             steps = steps[:number] + (replace(steps[number], box=tuple(flaw["box"])),) + steps[number + 1:]
@@ -189,7 +189,7 @@ class TemplateTeacher:
             cited = [other for other in cited if other not in groups[number]]
             cited.insert(position, hint)
         conclusion = rng("conclusion").choice(_CONCLUDE_PROTOTYPE if supporting else _CONCLUDE_FALLBACK).format(
-            aus=" + ".join(_keys(cited)), label=label
+            aus=" + ".join(au_keys(cited)), label=label
         )
         return Trace(global_analysis, steps, conclusion, label), flaw
 
@@ -205,7 +205,7 @@ class TemplateTeacher:
         inactive = [hint for hint in measured if hint.intensity < self.min_intensity and hint.au.region not in cited_regions]
         expected = [hint for hint in inactive if hint.au.id in EMOTION_PROTOTYPES.get(label, ())]
         uncited = [hint for hint in measured if hint.intensity >= self.min_intensity and hint.au.region not in cited_regions]
-        groups = _group_by_region(cited)
+        groups = group_by_region(cited)
         elsewhere = {hint.box for hint in measured if hint.au.region not in cited_regions}
         fits = {"hallucination": bool(inactive), "swapped_au": bool(inactive), "grounded_extra": bool(uncited)}
         kinds = [kind for kind in self.error_kinds if fits.get(kind, True)]
@@ -217,7 +217,7 @@ class TemplateTeacher:
                         "hint": AUHint(chosen.au, intensity, chosen.box)}
                 if kind == "swapped_au":  # in the place of one cited step's AUs, that step's box kept
                     number = rng.randrange(len(groups)) + 1
-                    flaw |= {"step": number, "aus": _keys(groups[number - 1])}
+                    flaw |= {"step": number, "aus": au_keys(groups[number - 1])}
                 return flaw
             if kind == "grounded_extra":
                 chosen = uncited[0]  # the strongest activated AU of a region no grounded step inspects
@@ -227,7 +227,7 @@ class TemplateTeacher:
             true_box = groups[number - 1][0].box
             disjoint = sorted(box for box in elsewhere if box_iou(box, true_box) == 0.0)
             if disjoint:
-                return {"kind": kind, "step": number, "aus": _keys(groups[number - 1]),
+                return {"kind": kind, "step": number, "aus": au_keys(groups[number - 1]),
                         "true_box": list(true_box), "box": list(rng.choice(disjoint))}
         return None
 
@@ -237,13 +237,13 @@ class TemplateTeacher:
         if not relaxed:
             raise TeacherDeclined("every face region has an activated AU; none can honestly be called relaxed")
         chosen = rng.sample(relaxed, min(self.relaxed_regions, len(relaxed)))
-        groups = _group_by_region(chosen)
+        groups = group_by_region(chosen)
         if activated:
-            global_analysis = rng.choice(_GLOBAL_CONFINED).format(aus=_join(_keys(activated)))
+            global_analysis = rng.choice(_GLOBAL_CONFINED).format(aus=_join(au_keys(activated)))
         else:
             global_analysis = rng.choice(_GLOBAL_AT_REST)
         steps = tuple(_step(group, _OBSERVE_RELAXED, rng) for group in groups)
-        conclusion = rng.choice(_CONCLUDE_NEUTRAL).format(aus=_join(_keys(chosen)))
+        conclusion = rng.choice(_CONCLUDE_NEUTRAL).format(aus=_join(au_keys(chosen)))
         return Trace(global_analysis, steps, conclusion, NEUTRAL)
 
 
