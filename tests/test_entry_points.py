@@ -433,17 +433,13 @@ def test_the_demo_s_compositions_in_the_paper_format_parse(run, tmp_path):
     from tag_lightning.commands.demo import Demo, DemoSettings
 
     demo = Demo(DemoSettings(out=tmp_path, experiment=True, trace_format="paper", ablation=True))
-    after_sft = demo.evaluation_root("after_sft") / "evaluation"  # the ablation's noise is weighted on its samples
-    after_sft.mkdir(parents=True)
-    (after_sft / "metrics.json").write_text("{}")
-    (after_sft / "predictions.jsonl").write_text('{"samples": [{"rewards": {"grounding": 0.2}}, '
-                                                 '{"rewards": {"grounding": 0.6}}]}\n')
     shown = tag(*demo.fit_command(run), "--print_config")
     assert shown.returncode == 0, shown.stderr[-3000:]
     config = yaml.safe_load(shown.stdout)
     assert config["data"]["trace_format"] == "paper"
     if run == "sft":  # configs/tiny/experiment_paper_sft.yaml, composed last
         assert config["trainer"]["max_steps"] == 500
-    if run == "grpo_ablation":  # the grounding reward's place taken by the noise, at its spread: std 0.283 / 0.289
-        rewards = config["model"]["init_args"]["rewards"]
-        assert rewards["grounding"] == 0.0 and rewards["noise"] == pytest.approx(0.2828 / 0.2887, abs=1e-3)
+    if run.startswith("grpo"):  # the grounding reward paid as GRPO pays it, or shuffled within each group
+        init_args = config["model"]["init_args"]
+        assert init_args["rewards"] == {"format": 0.5, "answer": 1.0, "grounding": 1.0}
+        assert init_args["shuffled_rewards"] == (["grounding"] if run == "grpo_ablation" else None)

@@ -423,10 +423,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "and the face): each seed gets its own GRPO run (and ablation) from the same SFT "
                            "checkpoint; the README's experiment figures are those of 0,1,2 (default: 0)")
     demo.add_argument("--ablation", action="store_true",
-                      help="also run the matched-variance ablation (configs/ablation/matched_noise.yaml): the same "
-                           "GRPO, same SFT start, steps and seeds, with a reward blind to the evidence in the grounding "
-                           "reward's place, weighted to the grounding reward's spread on the SFT model's samples: is "
-                           "the effect the grounding reward's?")
+                      help="also run the matched-variance ablation (configs/ablation/shuffled_grounding.yaml): the "
+                           "same GRPO, same SFT start, steps and seeds, with each group's grounding rewards paid to its "
+                           "answers in a random order (the same spread, no tie to the evidence): is the effect the "
+                           "grounding reward's?")
     demo.add_argument("--libreface-weights", default=None,
                       help="LibreFace's combined_resnet.pt; without it AU intensities come from blendshapes")
     demo.add_argument("--trace-format", choices=TRACE_FORMATS, default=PER_STEP,

@@ -9,10 +9,10 @@
 5. SFT on the traces (`tag fit -c configs/sft.yaml`), then its evaluation: greedy answers and
    sampled ones (the model learns the teacher's mix, flaws included);
 6. GRPO from the SFT checkpoint (`tag fit -c configs/grpo.yaml`), then its evaluation: does the
-   grounding reward remove the flawed evidence? With ``ablation``, the same GRPO with a reward of
-   the grounding reward's spread but blind to the evidence in its place
-   (`configs/ablation/matched_noise.yaml`) and its evaluation, for comparison; once per rollout seed
-   (`rollout_seeds`), every run from the same SFT checkpoint;
+   grounding reward remove the flawed evidence? With ``ablation``, the same GRPO with each group's
+   grounding rewards paid in a random order (`configs/ablation/shuffled_grounding.yaml`: the same spread,
+   no tie to the evidence) and its evaluation, for comparison; once per rollout seed (`rollout_seeds`),
+   every run from the same SFT checkpoint;
 7. the report: ``report.html`` (one self-contained page) and ``metrics.json``.
 
 The demo runs each command in this process, exactly as typed, through the `tag` it is given
@@ -64,9 +64,8 @@ class DemoSettings:
             grounded, kept by our grounding filter instead of TAG's).
         error_kinds: the flaw kinds drawn from (`template.FLAW_KINDS`).
         sampled_answers: sampled answers per face scored after each training stage (0: greedy only).
-        ablation: also run the matched-variance ablation: GRPO with a reward blind to the evidence in the
-            grounding reward's place, weighted to its spread on the SFT model's sampled answers, from
-            the same SFT checkpoint.
+        ablation: also run the matched-variance ablation: the same GRPO from the same SFT checkpoint, with
+            each group's grounding rewards paid to its answers in a random order.
         rollout_seeds: GRPO's rollout seeds: each gets its GRPO run (and ablation) from the same SFT
             checkpoint, so each figure has its spread over seeds.
         trace_format: the traces' format (`answers.grammar.TRACE_FORMATS`): the teacher writes it, SFT
@@ -219,26 +218,9 @@ class Demo:
                                      seed, False)
             if self.settings.ablation:
                 runs[f"grpo_ablation{suffix}"] = (
-                    f"the ablation: the same GRPO with a reward of matched spread, blind to the evidence, in the "
-                    f"grounding reward's place{suffix.replace('_', ', ')}", seed, True)
+                    f"the ablation: the same GRPO with the grounding rewards shuffled within each group"
+                    f"{suffix.replace('_', ', ')}", seed, True)
         return runs
-
-    def noise_weight(self) -> float:
-        """The weight that gives the ablation's noise reward the grounding reward's spread: the mean, over faces, of
-        the grounding reward's std among the SFT model's sampled answers to the face, over the noise's std."""
-        from statistics import mean, stdev
-
-        from tag_lightning.grounding.rewards import NOISE_STD
-
-        folder = self.evaluation("after_sft")
-        rows = [] if folder is None else [json.loads(line) for line in
-                                          (folder / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
-        spreads = [stdev(sample["rewards"]["grounding"] for sample in row["samples"])
-                   for row in rows if len(row.get("samples") or []) > 1]
-        if not spreads:
-            raise UserError("the ablation's noise is weighted by the spread of the SFT model's sampled grounding "
-                            "rewards, and the evaluation after SFT sampled none: give --sampled-answers 2 or more")
-        return round(mean(spreads) / NOISE_STD, 4)
 
     def _data_commands(self) -> list[list[str]]:
         commands = []
@@ -295,10 +277,7 @@ class Demo:
         steps = self.settings.sft_steps if stage == "sft" else self.settings.grpo_steps
         config = "sft.yaml" if stage == "sft" else "grpo.yaml"
         _, seed, ablation = self.grpo_runs().get(stage, ("", 0, False))
-        control = []
-        if ablation:  # the noise reward weighted to the grounding reward's measured spread
-            rewards = json.dumps({"format": 0.5, "answer": 1.0, "grounding": 0.0, "noise": self.noise_weight()})
-            control = ["-c", str(CONFIGS / "ablation" / "matched_noise.yaml"), f"--model.init_args.rewards={rewards}"]
+        control = ["-c", str(CONFIGS / "ablation" / "shuffled_grounding.yaml")] if ablation else []
         argv = ["fit", *self._common(config), *control, *([f"--trainer.max_steps={steps}"] if steps else []),
                 f"--trainer.default_root_dir={self.out / stage}",
                 f"--trainer.callbacks.init_args.dirpath={self.checkpoints(stage)}"]
@@ -426,6 +405,3 @@ def check_files(settings: DemoSettings) -> None:
     if settings.libreface_weights is not None and not Path(settings.libreface_weights).is_file():
         raise UserError(f"--libreface-weights {settings.libreface_weights}: no such file; give LibreFace's "
                         "combined_resnet.pt, or leave the option out for blendshape intensities")
-    if settings.ablation and settings.sampled_answers < 2:
-        raise UserError("--ablation weights its control reward by the spread of the SFT model's sampled answers: "
-                        "give --sampled-answers 2 or more")

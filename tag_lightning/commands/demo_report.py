@@ -73,9 +73,7 @@ def write_report(demo, state) -> Path:
         "experiment": {"traces_per_image": demo.settings.traces_per_image, "error_rate": demo.settings.error_rate,
                        "error_kinds": list(demo.settings.error_kinds),
                        "filter": "paper" if demo.settings.error_rate else "grounded", "ablation": demo.settings.ablation,
-                       "rollout_seeds": list(demo.settings.rollout_seeds),
-                       "ablation_noise_weight": demo.noise_weight() if demo.settings.ablation and
-                       demo.evaluation("after_sft") is not None else None},
+                       "rollout_seeds": list(demo.settings.rollout_seeds)},
         "stages": {stage: document["figures"] for stage, document in documents.items()},
         "sampled": {stage: document["sampled"] for stage, document in documents.items() if "sampled" in document},
         "faces": face_fates(flaws, rows),
@@ -329,7 +327,7 @@ def _curves(demo) -> str:
     total = logged_series(demo.out / "grpo", ["train/reward"]).get("train/reward", [])
     rewards = logged_series(demo.out / "grpo", [f"train/rewards/{name}/mean" for name in ("format", "answer", "grounding")])
     grounding = {name: running_mean(line, SMOOTHING)
-                 for run, name in (("grpo", "GRPO"), ("grpo_ablation", "ablation: its weight 0"))
+                 for run, name in (("grpo", "GRPO"), ("grpo_ablation", "ablation: paid shuffled"))
                  for line in logged_series(demo.out / run, ["train/rewards/grounding/mean"]).values()}
     smoothed = f"mean of {SMOOTHING} steps"
     charts = [

@@ -89,15 +89,13 @@ class References:
 class Completion:
     """A generated answer, parsed once: its trace with boxes in the detector's frame, and its grammar errors.
 
-    `answer` is the unified label the answer names (synonyms resolved), None when it names none. `draw` names
-    the sample that produced it (GRPO: rollout seed, step, image and index in its group), "" when none does.
+    `answer` is the unified label the answer names (synonyms resolved), None when it names none.
     """
 
     text: str
     trace: Trace
     errors: tuple[str, ...]
     answer: str | None
-    draw: str = ""
 
     @property
     def valid(self) -> bool:
@@ -109,12 +107,12 @@ class Completion:
         return trace_format(self.trace)
 
 
-def read_completion(text: object, to_image_frame: Callable[[Trace], Trace] | None = None, draw: str = "") -> Completion:
+def read_completion(text: object, to_image_frame: Callable[[Trace], Trace] | None = None) -> Completion:
     """Parse any text (never raises); `to_image_frame` maps the model's boxes to the detector's frame."""
     parsed = parse_trace(text)
     trace = parsed.trace if to_image_frame is None else to_image_frame(parsed.trace)
     answer = None if trace.answer is None else find_label(trace.answer)
-    return Completion(text if isinstance(text, str) else "", trace, parsed.errors, answer, draw)
+    return Completion(text if isinstance(text, str) else "", trace, parsed.errors, answer)
 
 
 @dataclass(frozen=True)

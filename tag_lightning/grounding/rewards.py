@@ -12,7 +12,6 @@ the GRPO config (its weight).
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -154,31 +153,11 @@ def au_f1_reward(completion: Completion, references: References) -> RewardResult
     return RewardResult(2 * f1 - 1, {"precision": precision, "recall": recall, "f1": f1})
 
 
-def noise_reward(completion: Completion, references: References) -> RewardResult:
-    """0..1, uniform and blind to what the answer says: a hash of its draw (`Completion.draw`: which sample
-    of which step and image it is), of its text only for an answer read without one.
-
-    A control, not a reward to train with: GRPO's advantages with it in place of the grounding reward, at
-    a weight that gives it the grounding reward's spread (`NOISE_STD`), are as large but carry no signal
-    about the evidence (`tag demo --ablation`). Hashing the text would not do: the same answer would always
-    score the same, a fixed random preference GRPO learns like any reward (measured: with it, the demo's
-    ablation removed the flaw from 3 of 4 faces, as the grounding reward did). With the grounding reward
-    merely removed, flawed and clean answers score alike and their advantage is 0: a control with no signal.
-    """
-    digest = hashlib.sha256((completion.draw or completion.text).encode("utf-8", "replace")).digest()
-    return RewardResult(int.from_bytes(digest[:8], "little") / 2**64)
-
-
-NOISE_STD = 1 / math.sqrt(12)
-"""The standard deviation of `noise_reward` (uniform on [0, 1))."""
-
-
 REWARDS: dict[str, Reward] = {
     "format": format_reward,
     "answer": answer_reward,
     "grounding": grounding_reward,
     "au_f1": au_f1_reward,
-    "noise": noise_reward,
 }
 """Every reward by the name its weight is given under in the config; the one place a name is resolved."""
 

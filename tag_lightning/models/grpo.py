@@ -40,7 +40,7 @@ import copy
 import csv
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +56,7 @@ from tag_lightning.grounding.rewards import DEFAULT_WEIGHTS, check_weights, scor
 from tag_lightning.models.checkpoints import check_fits, network_weights, read_checkpoint
 from tag_lightning.models.module import VLMModule
 from tag_lightning.models.rollout import RolloutConfig
+from tag_lightning.models.sampling import seed_of
 from tag_lightning.models.vlm import VLMWrapper
 
 SCALE_REWARDS = ("group", "batch", "none")
@@ -88,6 +89,22 @@ def group_advantages(rewards: Tensor, group_size: int, scale_rewards: str = "gro
     std = rewards.std().expand_as(rewards) if scale_rewards == "batch" else grouped.std(dim=1).repeat_interleave(
         group_size)
     return advantages / (std + STD_EPS)
+
+
+def shuffled_within_groups(values: Tensor, group_size: int, keys: Sequence[str]) -> Tensor:
+    """`values` (N,) with each group's entries put in a random order, group g's drawn from `keys[g]` alone.
+
+    A reward shuffled so is paid to a random completion of its group instead of the one it scored: each
+    group holds the same rewards (the same mean and std, so advantages of the same sizes), but what a
+    completion is paid no longer depends on what it says; its expected pay is its group's mean. The order
+    is uniform, the identity included: were a completion never paid its own reward (a derangement), a good
+    one would expect less than its group's mean, a signal against it.
+    """
+    grouped = values.view(-1, group_size)
+    if len(keys) != len(grouped):
+        raise ValueError(f"{len(keys)} keys for {len(grouped)} groups")
+    orders = [torch.randperm(group_size, generator=torch.Generator().manual_seed(seed_of(key))) for key in keys]
+    return torch.stack([group[order] for group, order in zip(grouped, orders)]).reshape(-1) if keys else values
 
 
 def policy_loss(
@@ -187,6 +204,10 @@ class GRPOModule(VLMModule):
             another model set-up.
         rewards: weight of each reward by name (`tag_lightning.grounding.rewards.REWARDS`); only these are
             computed.
+        shuffled_rewards: rewards paid to a random completion of the same group instead of the one they
+            score (`shuffled_within_groups`): a control with the reward's spread, group by group, and no tie
+            to what an answer says (`configs/ablation/shuffled_grounding.yaml`). Logged figures stay the
+            rewards each completion earned.
         num_generations: G, completions sampled per prompt (>= 2: advantages compare them).
         max_completion_length: most tokens sampled per completion.
         temperature: sampling temperature.
@@ -222,6 +243,7 @@ class GRPOModule(VLMModule):
         scheduler: LRSchedulerCallable | None = None,
         init_from: str | None = None,
         rewards: dict[str, float] | None = None,
+        shuffled_rewards: list[str] | None = None,
         num_generations: int = 8,
         max_completion_length: int = 512,
         temperature: float = 1.0,
@@ -251,6 +273,7 @@ class GRPOModule(VLMModule):
         _check_options(num_generations, max_completion_length, temperature, top_p, scale_rewards, loss_type,
                        epsilon, epsilon_high, beta, num_iterations, micro_batch_size)
         self.reward_weights = check_weights(DEFAULT_WEIGHTS if rewards is None else rewards)
+        self.shuffled_rewards = _check_shuffled(shuffled_rewards or [], self.reward_weights)
         self.num_generations = num_generations
         self.max_completion_length = max_completion_length
         self.temperature = temperature
@@ -409,30 +432,39 @@ class GRPOModule(VLMModule):
         self.network.train(was_training)
         end_ids = torch.tensor(self.network.end_ids)
         truncated = torch.tensor([not torch.isin(ids[-1:], end_ids).any() for ids in token_ids])
-        totals, parts = [], {}
+        parts = {}
         samples = self.references(batch)
         for row, text in enumerate(texts):
-            group, index = divmod(row, self.num_generations)
-            references = samples[group]
-            completion = self.read(text, references, f"{seeds[group]}:{index}")
-            total, results = score(completion, references, self.reward_weights)
-            totals.append(total)
+            references = samples[row // self.num_generations]
+            _, results = score(self.read(text, references), references, self.reward_weights)
             for name, result in results.items():
                 parts.setdefault(name, []).append(result.value)
                 for part, value in result.parts.items():
                     parts.setdefault(f"{name}/{part}", []).append(value)
+        totals = self._pay(parts, seeds)
         repeat = self.num_generations
         return Rollouts(
             step=self.global_step,
             images=[image for image in images for _ in range(repeat)],
             prompts=[prompt for prompt in batch["prompt"] for _ in range(repeat)],
             token_ids=token_ids, texts=texts, truncated=truncated,
-            rewards=torch.tensor(totals, dtype=torch.float32),
+            rewards=totals,
             reward_parts={name: torch.tensor(values, dtype=torch.float32) for name, values in parts.items()},
             image_names=[name for name in batch["image_name"] for _ in range(repeat)],
             labels=[label for label in batch["label"] for _ in range(repeat)],
             seconds=seconds,
         )
+
+    def _pay(self, values: dict[str, list[float]], seeds: list[str]) -> Tensor:
+        """The weighted total each completion is paid, the `shuffled_rewards` paid to a random completion of
+        the group, in an order drawn from the group's seed (so a resumed run or another rank pays alike)."""
+        totals = torch.zeros(len(seeds) * self.num_generations, dtype=torch.float64)
+        for name, weight in self.reward_weights.items():
+            paid = torch.tensor(values[name], dtype=torch.float64)
+            if name in self.shuffled_rewards:
+                paid = shuffled_within_groups(paid, self.num_generations, [f"shuffle:{seed}" for seed in seeds])
+            totals += weight * paid
+        return totals.float()
 
     def _chunks(self, rollouts: Rollouts) -> list[tuple[slice, Mapping[str, Tensor]]]:
         """The rollouts as model inputs (prompt + completion tokens, labels = completion), in micro-batches."""
@@ -559,6 +591,15 @@ class GRPOModule(VLMModule):
             lines += [f"| {r['image']} | {r['label']} | {r['reward']} | " + " | ".join(str(r[n]) for n in names)
                       + " | " + r["completion"].replace("\n", "<br>").replace("|", "\\|") + " |" for r in rows]
             tensorboard.experiment.add_text("train/completions", "\n".join(lines), rollouts.step)
+
+
+def _check_shuffled(names: list[str], weights: Mapping[str, float]) -> list[str]:
+    """The shuffled rewards, or a `BadValue` for one that is not paid (not among `rewards` or weighted 0)."""
+    unpaid = [name for name in names if not weights.get(name)]
+    if unpaid:
+        raise BadValue(f"shuffled_rewards {unpaid} are not paid: shuffle rewards with a non-zero weight in "
+                       f"rewards ({', '.join(name for name, weight in weights.items() if weight)})")
+    return list(names)
 
 
 def _check_options(num_generations, max_completion_length, temperature, top_p, scale_rewards, loss_type, epsilon,

@@ -137,10 +137,9 @@ class VLMModule(LightningModule):
                 batch["label"], batch["labels"], batch["detector_aus"], batch["activated_aus"], batch["image"])
         ]
 
-    def read(self, text: str, references: References, draw: str = "") -> Completion:
-        """Parse a generated answer, its boxes mapped from the model's frame to the delivered image's; `draw`
-        names the sample it is (`Completion.draw`)."""
-        return read_completion(text, self.network.frame(*references.image_size).trace_to_original, draw)
+    def read(self, text: str, references: References) -> Completion:
+        """Parse a generated answer, its boxes mapped from the model's frame to the delivered image's."""
+        return read_completion(text, self.network.frame(*references.image_size).trace_to_original)
 
     # -- evaluation ------------------------------------------------------------------------------
 
@@ -186,8 +185,8 @@ class VLMModule(LightningModule):
         per_image = []
         for index, (references, scored) in enumerate(zip(self.references(batch), batch["counted"])):
             rows = []
-            for sample, text in enumerate(output.texts[index * k : (index + 1) * k]):
-                completion = self.read(text, references, f"{seeds[index]}:{sample}")
+            for text in output.texts[index * k : (index + 1) * k]:
+                completion = self.read(text, references)
                 answer, rewards = score_answer(completion, references), reward_values(completion, references)
                 if scored:  # not an evaluation rank's padding
                     self.sampled_metrics.update([answer], [rewards])

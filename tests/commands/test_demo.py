@@ -177,19 +177,10 @@ def test_the_demo_runs_the_controlled_experiment_and_its_ablation_as_commands(tm
     assert traces[traces.index("--traces-per-image") + 1] == "4" and traces[traces.index("--error-rate") + 1] == "0.75"
     assert traces[traces.index("--filter") + 1] == "paper" and traces[traces.index("--error-kinds") + 1] == "hallucination"
     assert [phase.name for phase in demo.phases()][-4:] == ["grpo", "after_grpo", "grpo_ablation", "after_grpo_ablation"]
-    after_sft = demo.evaluation_root("after_sft") / "evaluation"  # what the ablation's noise weight is measured on
-    after_sft.mkdir(parents=True)
-    (after_sft / "metrics.json").write_text("{}")
-    (after_sft / "predictions.jsonl").write_text("".join(
-        json.dumps({"samples": [{"rewards": {"grounding": value}} for value in values]}) + "\n"
-        for values in ((0.2, 0.4), (0.5, 0.9))))
-    weight = ((0.2 / 2**0.5 + 0.4 / 2**0.5) / 2) / (1 / 12**0.5)  # the mean of the faces' stds over the noise's
-    assert demo.noise_weight() == pytest.approx(weight, abs=1e-4)
     grpo, ablation = demo.fit_command("grpo"), demo.fit_command("grpo_ablation")
-    at = ablation.index(str(CONFIGS / "ablation" / "matched_noise.yaml"))
-    assert ablation[at - 1] == "-c" and json.loads(ablation[at + 1].split("=", 1)[1]) == {
-        "format": 0.5, "answer": 1.0, "grounding": 0.0, "noise": pytest.approx(weight, abs=1e-4)}
-    rest = ablation[: at - 1] + ablation[at + 2:]  # otherwise the same command: same SFT start, steps and seeds
+    at = ablation.index(str(CONFIGS / "ablation" / "shuffled_grounding.yaml"))
+    assert ablation[at - 1] == "-c"
+    rest = ablation[: at - 1] + ablation[at + 1:]  # otherwise the same command: same SFT start, steps and seeds
     assert [word.replace("grpo_ablation", "grpo") for word in rest] == grpo
     seeds = Demo(DemoSettings(out=tmp_path, experiment=True, ablation=True, rollout_seeds=(0, 1)))
     assert list(seeds.grpo_runs()) == ["grpo_seed0", "grpo_ablation_seed0", "grpo_seed1", "grpo_ablation_seed1"]

@@ -54,13 +54,9 @@ FIGURE = paper_trace(EYE_STEP, BROW_STEP, MOUTH_STEP, aus="AU14 + AU4 + AU17")  
 VERIFIED = paper_trace(EYE_STEP, BROW_STEP, MOUTH_STEP)  # the conclusion also names the eye's AU7
 
 
-# The noise reward is the ablation's hash of the text, blind to evidence by design: these tests are about the rest.
-SCORED = {name: reward for name, reward in REWARDS.items() if name != "noise"}
-
-
 def rewards_of(text: str) -> dict[str, float]:
     completion = read_completion(text)
-    return {name: reward(completion, SAD_FACE).value for name, reward in SCORED.items()}
+    return {name: reward(completion, SAD_FACE).value for name, reward in REWARDS.items()}
 
 
 def test_the_figure_parses_in_the_papers_format_and_its_aus_are_matched_by_region():
@@ -168,7 +164,7 @@ def test_adding_an_unverified_step_never_raises_a_reward(text, region, corners, 
     if 1 + position not in unverified_steps(completion.trace, claims_of(completion, SAD_FACE)):
         return  # the step won a claim: it is evidence, not padding
     before, after = rewards_of(text), rewards_of(padded)
-    assert all(after[name] <= before[name] for name in SCORED), (before, after)
+    assert all(after[name] <= before[name] for name in REWARDS), (before, after)
     assert after["grounding"] <= before["grounding"]
     if 1 + position in passed_over_steps(completion.trace, claims_of(completion, SAD_FACE)):
         assert after["grounding"] < before["grounding"]

@@ -208,16 +208,3 @@ def test_an_answer_the_grammar_rejects_earns_no_grounding_reward(samples):
     assert not broken.valid and claims_of(broken, references) == claims_of(grounded, references)
     result = rewards.grounding_reward(broken, references)
     assert result.value == 0.0 and result.parts["readable"] == 0.0
-
-
-def test_the_noise_control_draws_afresh_for_every_sample_whatever_its_text():
-    """A hash of the text would be a fixed random preference among answers, which GRPO learns like any
-    reward; a hash of the draw gives the same answer a new value at every step and position."""
-    references = References("happiness", ("happiness", "sadness"), {}, frozenset(), (224, 224))
-    texts = ("<answer> happiness </answer>", "Global analysis: garbage")
-    draws = [f"0:{step}:a.jpg:{index}" for step in range(50) for index in range(8)]
-    values = {text: [rewards.noise_reward(read_completion(text, draw=draw), references).value for draw in draws]
-              for text in texts}
-    assert values[texts[0]] == values[texts[1]]  # blind to what the answer says
-    assert len(set(values[texts[0]])) == len(draws) and all(0 <= value < 1 for value in values[texts[0]])
-    assert sum(values[texts[0]]) / len(draws) == pytest.approx(0.5, abs=0.05)

@@ -493,27 +493,56 @@ def test_a_small_step_raises_the_completions_with_advantage_and_lowers_the_other
 
 
 
-def test_each_rollout_is_read_with_its_draw_so_the_noise_control_ignores_the_text(demo_dir):
-    """The matched ablation's noise is drawn per sample (rollout seed, step, image, index in the group), not
-    per text: identical answers in a group get independent values."""
+def test_a_shuffled_reward_keeps_each_group_s_rewards_but_pays_them_blind_to_the_answer():
+    """The ablation's control: a group's rewards in an order drawn from its key alone, uniform over orders
+    (the identity included, so a completion expects its group's mean, no more and no less)."""
+    from tag_lightning.models.grpo import shuffled_within_groups
+
+    values = torch.tensor([0.0, 0.25, 0.5, 1.0, 3.0, 3.0, 3.0, 7.0])
+    shuffled = shuffled_within_groups(values, 4, ["a", "b"])
+    assert [sorted(group.tolist()) for group in shuffled.view(2, 4)] == [sorted(group.tolist()) for group in values.view(2, 4)]
+    assert torch.equal(shuffled, shuffled_within_groups(values, 4, ["a", "b"]))  # a resumed run pays alike
+    assert torch.equal(shuffled_within_groups(values, 4, ["c", "b"])[4:], shuffled[4:])  # whatever shares the batch
+    orders = [tuple(shuffled_within_groups(torch.arange(4.0), 4, [f"key{n}"]).long().tolist()) for n in range(4800)]
+    own = sum(order[0] == 0 for order in orders) / len(orders)
+    identity = sum(order == (0, 1, 2, 3) for order in orders) / len(orders)
+    assert own == pytest.approx(1 / 4, abs=0.03) and identity == pytest.approx(1 / 24, abs=0.015)
+    assert sum(order[0] for order in orders) / len(orders) == pytest.approx(1.5, abs=0.05)  # the group's mean
+
+
+def test_the_shuffled_ablation_pays_each_group_the_rewards_its_answers_earned_in_another_order(demo_dir):
+    """Through `_rollout`: the same rollouts and earned rewards as GRPO's (logged unshuffled), each group's
+    totals the same multiset, so its advantages are as large, while the grounding reward is paid shuffled."""
     from tag_lightning.data.datamodule import FERDataModule, collate
-    from tag_lightning.grounding.claims import read_completion
-    from tag_lightning.grounding.rewards import noise_reward
-    from tag_lightning.models.grpo import GRPOModule
+    from tag_lightning.errors import BadValue
+    from tag_lightning.models.grpo import GRPOModule, shuffled_within_groups
     from tag_lightning.models.vlm import VLMConfig, VLMWrapper
 
     network = VLMWrapper(VLMConfig(str(demo_dir / "tiny-qwen2.5-vl")))
-    module = GRPOModule(network, rewards={"noise": 1.0}, num_generations=4,
-                        max_completion_length=4, rollout_seed=7, log_completions=False)
+    options = dict(num_generations=4, max_completion_length=4, rollout_seed=7, log_completions=False)
     data = FERDataModule(str(demo_dir / "au_cache"), train_data=f"manifest:{demo_dir / 'samples' / 'manifest.csv'}",
                          stage="rl", image_size=224, augment=None, num_workers=0)
     data.setup("fit")
     batch = collate([data.items["train"][index] for index in range(2)])
-    rollouts = module._rollout(batch)
-    expected = [noise_reward(read_completion("any text", draw=f"7:0:{name}:{index}"), None).value
-                for name in batch["image_name"] for index in range(4)]
-    assert rollouts.reward_parts["noise"].tolist() == pytest.approx(expected)
-    assert len(set(rollouts.reward_parts["noise"].tolist())) == 8
+    plain = GRPOModule(network, **options)._rollout(batch)
+    control = GRPOModule(network, shuffled_rewards=["grounding"], **options)
+    shuffled = control._rollout(batch)
+    assert shuffled.texts == plain.texts and shuffled.reward_parts.keys() == plain.reward_parts.keys()
+    assert all(torch.equal(shuffled.reward_parts[name], plain.reward_parts[name]) for name in plain.reward_parts)
+    seeds = [f"shuffle:7:0:{name}" for name in batch["image_name"]]
+    parts = plain.reward_parts
+    paid = 0.5 * parts["format"] + parts["answer"] + shuffled_within_groups(parts["grounding"], 4, seeds)
+    assert torch.allclose(shuffled.rewards, paid)
+    # earned rewards that differ within each group by the grounding reward alone (as in the demo's experiment,
+    # whose answers all name the right label): every group's advantages are GRPO's, in another order
+    earned = {"format": [1.0] * 8, "answer": [1.0] * 8, "grounding": [0.0, 0.2, 0.9, 1.0, 0.1, 0.5, 0.5, 0.7]}
+    by_grpo = group_advantages(GRPOModule(network, **options)._pay(earned, ["x", "y"]), 4)
+    by_control = group_advantages(control._pay(earned, ["x", "y"]), 4)
+    assert not torch.equal(by_control, by_grpo)
+    assert torch.allclose(by_control.view(2, 4).sort(dim=1).values, by_grpo.view(2, 4).sort(dim=1).values)
+    with pytest.raises(BadValue, match="not paid"):
+        GRPOModule(network, rewards={"format": 0.5, "grounding": 0.0}, shuffled_rewards=["grounding"], **options)
+
 
 # -- learning ------------------------------------------------------------------------------------
 # With one-token completions the expected reward is a sum over the vocabulary, sum_v p(v) r(v), with p
