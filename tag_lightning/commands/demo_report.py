@@ -45,9 +45,9 @@ EXPERIMENT_NOTE = (
     "A controlled experiment, with flaws made on purpose: the template teacher wrote {per_image} traces per face, {flawed} of them with the face's "
     "deliberate grounding flaw (an AU the detector does not activate, or a box on another region) and all naming the "
     "right label, so TAG's filter (label and format) kept them all, as it would keep a VLM teacher's. SFT learns "
-    "that mix; the question is whether GRPO's grounding reward removes the flawed evidence, and whether GRPO "
-    "without it (the ablation) does not. Greedy answers show the model's most likely answer; sampled ones "
-    "({sampled} per face at temperature {temperature}) show how much of its probability the flaw still holds. A "
+    "that mix; the question is whether GRPO's grounding reward removes the flawed evidence, and whether the same "
+    "GRPO with each grounding reward paid to a random answer of the group (the ablation) does not. Greedy answers "
+    "show the model's most likely answer; sampled ones ({sampled} per face at temperature {temperature}) show how much of its probability the flaw still holds. A "
     "tiny model on four faces: this tests that the reward moves the model's evidence, not TAG's accuracy on real "
     "data.")
 MEANINGS = {**CLASSIFICATION, **FAITHFULNESS}
