@@ -21,7 +21,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tag_lightning.commands.cli import main
 from tag_lightning.grounding.claims import read_completion
 from tag_lightning.grounding.rewards import REWARDS
-from tag_lightning.models.grpo import group_advantages, policy_loss
+from tag_lightning.models.grpo import group_advantages, policy_loss, shuffled_within_groups
 
 # -- advantages --------------------------------------------------------------------------------
 
@@ -126,6 +126,22 @@ def test_the_tag_rewards_are_logged_with_their_parts(grpo_args, tmp_path):
                  "answer/answered", "grounding/mean_iou", "grounding/hallucinations", "grounding/misses",
                  "grounding/claims", "format/mean", "answer/mean", "grounding/mean"):
         assert logged[f"train/rewards/{name}"] != "", name
+
+
+def test_tag_fit_with_a_shuffled_reward_pays_each_group_its_earned_rewards_in_another_order(grpo_args, tmp_path,
+                                                                                          length_reward):
+    """The ablation's path through `tag fit`: `completions.csv` holds what each answer earned and what it was
+    paid; per group the paid totals are the earned ones, in the order the group's seed draws."""
+    assert main(grpo_args(tmp_path, "--trainer.max_steps=1", "--data.batch_size=2",
+                          "--model.init_args.num_generations=4", "--model.init_args.rollout_seed=3",
+                          '--model.init_args.rewards={"length": 1.0}', "--model.init_args.shuffled_rewards=[length]")) == 0
+    table = list(csv.DictReader(open(next(tmp_path.rglob("completions.csv")))))
+    assert len(table) == 8
+    earned = torch.tensor([float(row["length"]) for row in table])
+    paid = torch.tensor([float(row["reward"]) for row in table])
+    keys = [f"shuffle:3:0:{table[row]['image']}" for row in (0, 4)]
+    assert torch.allclose(paid, shuffled_within_groups(earned, 4, keys), atol=2e-4)
+    assert not torch.allclose(paid, earned, atol=2e-4)  # these seeds' orders are not both the identity
 
 
 @pytest.mark.slow
@@ -496,8 +512,6 @@ def test_a_small_step_raises_the_completions_with_advantage_and_lowers_the_other
 def test_a_shuffled_reward_keeps_each_group_s_rewards_but_pays_them_blind_to_the_answer():
     """The ablation's control: a group's rewards in an order drawn from its key alone, uniform over orders
     (the identity included, so a completion expects its group's mean, no more and no less)."""
-    from tag_lightning.models.grpo import shuffled_within_groups
-
     values = torch.tensor([0.0, 0.25, 0.5, 1.0, 3.0, 3.0, 3.0, 7.0])
     shuffled = shuffled_within_groups(values, 4, ["a", "b"])
     assert [sorted(group.tolist()) for group in shuffled.view(2, 4)] == [sorted(group.tolist()) for group in values.view(2, 4)]
@@ -515,7 +529,7 @@ def test_the_shuffled_ablation_pays_each_group_the_rewards_its_answers_earned_in
     totals the same multiset, so its advantages are as large, while the grounding reward is paid shuffled."""
     from tag_lightning.data.datamodule import FERDataModule, collate
     from tag_lightning.errors import BadValue
-    from tag_lightning.models.grpo import GRPOModule, shuffled_within_groups
+    from tag_lightning.models.grpo import GRPOModule
     from tag_lightning.models.vlm import VLMConfig, VLMWrapper
 
     network = VLMWrapper(VLMConfig(str(demo_dir / "tiny-qwen2.5-vl")))
