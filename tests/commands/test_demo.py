@@ -234,7 +234,7 @@ def test_an_unknown_trace_format_is_refused_before_any_phase(tmp_path, capsys):
 @pytest.mark.experiment
 def test_the_demo_experiment_shows_the_grounding_reward_removing_flawed_evidence(tmp_path):
     """`tag demo --ablation` (the experiment is the default) at its default size: the figures the experiment
-    is judged by. Not in CI (about 21 minutes on 2 cores with the ablation): `python -m pytest -m experiment`."""
+    is judged by. Not in CI (about 12 minutes on 2 cores with the ablation): `python -m pytest -m experiment`."""
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--ablation"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
