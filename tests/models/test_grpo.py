@@ -174,6 +174,7 @@ def test_a_resumed_run_ends_with_the_weights_and_prompts_of_an_uninterrupted_one
     ("--model.init_args.network.init_args.config.lora.r=4",
      "was trained with another model set-up (lora.r: checkpoint 8, configured 4)"),
     ("--data.trace_format=paper", "data.trace_format is paper, but init_from"),  # the SFT run wrote per_step
+    ("--model.init_args.shuffled_rewards=[au_f1]", "shuffled_rewards ['au_f1'] are not paid"),
 ])
 def test_bad_configs_fail_before_training_with_one_clear_line(grpo_args, tmp_path, capsys, override, message):
     try:
@@ -331,9 +332,11 @@ sys.exit(main(sys.argv[1:]))
 
 
 @pytest.mark.slow
-def test_two_ddp_processes_train_exactly_as_one(grpo_args, sft_checkpoint, tmp_path):
+@pytest.mark.parametrize("shuffled", ["[]", "[length]"])
+def test_two_ddp_processes_train_exactly_as_one(grpo_args, sft_checkpoint, tmp_path, shuffled):
     """Batch 1 on each of 2 ranks == batch 2 on one process: the same prompts per step (the sampler shards
-    one permutation), the same completions (seeded per image), so the same advantages and weights.
+    one permutation), the same completions (seeded per image), so the same advantages and weights; with the
+    reward paid shuffled (the ablation's path), each group's order drawn on whichever rank holds it.
 
     SGD, because Adam's first step is lr x sign(gradient): a gradient element that is 0 up to rounding
     (summed in another order on 2 ranks) would move by 2 lr either way and hide what is compared. One
@@ -344,7 +347,8 @@ def test_two_ddp_processes_train_exactly_as_one(grpo_args, sft_checkpoint, tmp_p
     driver.write_text(DRIVER.format(tests=str(Path(__file__).parents[1])))
     common = ['--model.init_args.rewards={"length": 1.0}', "--trainer.max_steps=1", "--trainer.accelerator=cpu",
               "--model.init_args.scale_rewards=batch", "--model.init_args.optimizer.class_path=torch.optim.SGD",
-              "--model.init_args.optimizer.init_args.lr=1.0", "--model.init_args.micro_batch_size=2"]
+              "--model.init_args.optimizer.init_args.lr=1.0", "--model.init_args.micro_batch_size=2",
+              f"--model.init_args.shuffled_rewards={shuffled}"]
     single = run_python([str(driver), *grpo_args(tmp_path / "one", *common, "--data.batch_size=2")])
     assert single.returncode == 0, single.stderr[-3000:]
     ddp = run_python([str(driver), *grpo_args(tmp_path / "two", *common, "--data.batch_size=1", strategy="ddp")],
@@ -364,6 +368,9 @@ def test_two_ddp_processes_train_exactly_as_one(grpo_args, sft_checkpoint, tmp_p
         return [(row["train/reward"], row["train/reward_std"]) for row in rows if row["train/reward"]]
 
     assert rewards(tmp_path / "one") == rewards(tmp_path / "two") and len(rewards(tmp_path / "one")) == 1
+    if shuffled != "[]":  # some answer was paid another's reward
+        table = list(csv.DictReader(open(next((tmp_path / "one").rglob("completions.csv")))))
+        assert any(row["reward"] != row["length"] for row in table)
 
 
 END_TOKENS = range(1000, 21_000)
