@@ -47,9 +47,9 @@ EXPERIMENT_NOTE = (
     "right label, so TAG's filter (label and format) kept them all, as it would keep a VLM teacher's. SFT learns "
     "that mix; the question is whether GRPO's grounding reward removes the flawed evidence, and whether the same "
     "GRPO with each grounding reward paid to a random answer of the group (the ablation) does not. Greedy answers "
-    "show the model's most likely answer; sampled ones ({sampled} per face at temperature {temperature}) show how much of its probability the flaw still holds. A "
-    "tiny model on four faces: this tests that the reward moves the model's evidence, not TAG's accuracy on real "
-    "data.")
+    "show the model's most likely answer; sampled ones ({sampled} per face at temperature {temperature}) show how "
+    "much of its probability the flaw still holds. A tiny model on four faces: this tests that the reward moves the "
+    "model's evidence, not TAG's accuracy on real data.")
 MEANINGS = {**CLASSIFICATION, **FAITHFULNESS}
 FACES_SHOWN = 12
 """Faces drawn with the model's answer in the report (the first of the test data)."""

@@ -185,7 +185,7 @@ class Rollouts:
     token_ids: list[Tensor]
     texts: list[str]
     truncated: Tensor  # (N,) bool: no end token within max_completion_length
-    rewards: Tensor  # (N,) weighted totals
+    rewards: Tensor  # (N,) weighted totals paid (`shuffled_rewards` in their group's drawn order)
     reward_parts: dict[str, Tensor]  # "<name>" -> (N,) values, "<name>/<part>" -> (N,) parts
     image_names: list[str]
     labels: list[str]
