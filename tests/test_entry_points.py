@@ -432,14 +432,18 @@ def test_the_demo_s_compositions_in_the_paper_format_parse(run, tmp_path):
 
     from tag_lightning.commands.demo import Demo, DemoSettings
 
-    demo = Demo(DemoSettings(out=tmp_path, experiment=True, trace_format="paper", ablation=True))
+    schedule = str(CONFIGS / "tiny" / "experiment_grpo_long.yaml")
+    demo = Demo(DemoSettings(out=tmp_path, experiment=True, trace_format="paper", ablation=True,
+                             grpo_configs=(schedule,)))
     shown = tag(*demo.fit_command(run), "--print_config")
     assert shown.returncode == 0, shown.stderr[-3000:]
     config = yaml.safe_load(shown.stdout)
     assert config["data"]["trace_format"] == "paper"
-    if run == "sft":  # configs/tiny/experiment_paper_sft.yaml, composed last
+    if run == "sft":  # configs/tiny/experiment_paper_sft.yaml, composed last; --grpo-config leaves SFT alone
         assert config["trainer"]["max_steps"] == 500
+        assert config["model"]["init_args"]["optimizer"]["init_args"]["lr"] != 7.5e-6
     if run.startswith("grpo"):  # the grounding reward paid as GRPO pays it, or shuffled within each group
         init_args = config["model"]["init_args"]
+        assert (config["trainer"]["max_steps"], init_args["optimizer"]["init_args"]["lr"]) == (120, 7.5e-6)
         assert init_args["rewards"] == {"format": 0.5, "answer": 1.0, "grounding": 1.0}
         assert init_args["shuffled_rewards"] == (["grounding"] if run == "grpo_ablation" else None)

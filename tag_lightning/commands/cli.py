@@ -173,7 +173,8 @@ def _demo(args: argparse.Namespace) -> int:
     experiment = {"traces_per_image": 4, "error_rate": 0.75} if args.experiment else {}
     chosen = {name: value for name in ("traces_per_image", "error_rate") if (value := getattr(args, name)) is not None}
     run_demo(DemoSettings(out=args.out, model=args.model, data=args.data, configs=tuple(args.config),
-                          sft_steps=args.sft_steps, grpo_steps=args.grpo_steps, workers=args.workers,
+                          grpo_configs=tuple(args.grpo_config), sft_steps=args.sft_steps,
+                          grpo_steps=args.grpo_steps, workers=args.workers,
                           libreface_weights=args.libreface_weights, experiment=args.experiment,
                           error_kinds=tuple(args.error_kinds.split(",")), sampled_answers=args.sampled_answers,
                           ablation=args.ablation, rollout_seeds=args.rollout_seeds, trace_format=args.trace_format,
@@ -395,6 +396,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--config", action="append", default=[], metavar="FILE",
                       help="an extra LightningCLI config added to every `tag fit` and `tag test` (repeatable), "
                            "e.g. configs/qwen2_5_vl_3b/model_lora.yaml for a real model")
+    demo.add_argument("--grpo-config", action="append", default=[], metavar="FILE",
+                      help="an extra LightningCLI config added to every GRPO `tag fit` and `tag test` (the "
+                           "ablation's too) after --config (repeatable), leaving SFT as it is; e.g. "
+                           "configs/tiny/experiment_grpo_long.yaml: 4 times the steps at a quarter of the "
+                           "learning rate, which narrows the ablation's spread over seeds (README)")
     demo.add_argument("--sft-steps", type=_positive_int, default=None,
                       help="SFT optimizer steps (unset: the configs' max_steps, 200 for the tiny model)")
     demo.add_argument("--grpo-steps", type=_positive_int, default=None,

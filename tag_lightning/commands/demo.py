@@ -53,6 +53,8 @@ class DemoSettings:
         model: a model folder or hub id already on this machine (None: the tiny random model).
         data: a dataset spec such as ``rafdb:data/RAF-DB`` (None: the sample photos).
         configs: extra LightningCLI config files added to every `tag fit` and `tag test`.
+        grpo_configs: extra LightningCLI config files added to every GRPO `tag fit` and `tag test` (the
+            ablation's too), after `configs`: a GRPO schedule, say, that leaves SFT as it is.
         sft_steps: SFT optimizer steps (None: the configs' ``max_steps``).
         grpo_steps: GRPO optimizer steps (None: the configs' ``max_steps``).
         workers: worker processes of the AU cache build.
@@ -76,6 +78,7 @@ class DemoSettings:
     model: str | None = None
     data: str | None = None
     configs: tuple[str, ...] = ()
+    grpo_configs: tuple[str, ...] = ()
     sft_steps: int | None = None
     grpo_steps: int | None = None
     workers: int = 2
@@ -91,7 +94,8 @@ class DemoSettings:
 
     def to_json(self) -> dict:
         return {**asdict(self), "out": str(self.out), "configs": list(self.configs),
-                "error_kinds": list(self.error_kinds), "rollout_seeds": list(self.rollout_seeds)}
+                "grpo_configs": list(self.grpo_configs), "error_kinds": list(self.error_kinds),
+                "rollout_seeds": list(self.rollout_seeds)}
 
 
 @dataclass
@@ -129,6 +133,7 @@ class DemoState:
             raise UserError(f"{path} is not a readable demo state ({err}): delete it to run every phase again in "
                             f"{settings.out}, or give another --out") from None
         saved["settings"].setdefault("trace_format", PER_STEP)  # a folder from before the option had ours
+        saved["settings"].setdefault("grpo_configs", [])  # and none
         if "rollout_seed" in saved["settings"]:  # and one seed
             saved["settings"]["rollout_seeds"] = [saved["settings"].pop("rollout_seed")]
         if saved["settings"] != settings.to_json():
@@ -261,7 +266,7 @@ class Demo:
                 paper = CONFIGS / "tiny" / f"experiment_paper_{config}"  # where the paper's format measured otherwise
                 if self.settings.trace_format == "paper" and paper.is_file():
                     pieces += ["-c", str(paper)]
-        for extra in self.settings.configs:
+        for extra in (*self.settings.configs, *(self.settings.grpo_configs if config == "grpo.yaml" else ())):
             pieces += ["-c", extra]
         paths = [f"--model.init_args.network.init_args.config.model_path={self.model}",
                  f"--data.au_cache={self.au_cache}", f"--data.train_traces={self.traces}",
@@ -398,10 +403,11 @@ def check_files(settings: DemoSettings) -> None:
     if not (CONFIGS / "sft.yaml").is_file():
         raise UserError(f"no configs folder at {CONFIGS}: `tag demo` runs from a clone of the repository "
                         "installed with `pip install -e .`")
-    for config in settings.configs:
-        if not Path(config).is_file():
-            raise UserError(f"--config {config}: no such file; give a LightningCLI YAML config")
-        read_yaml(config)  # a syntax error names the file and line now, not at the first `tag test`
+    for option, configs in (("--config", settings.configs), ("--grpo-config", settings.grpo_configs)):
+        for config in configs:
+            if not Path(config).is_file():
+                raise UserError(f"{option} {config}: no such file; give a LightningCLI YAML config")
+            read_yaml(config)  # a syntax error names the file and line now, not at the first `tag test`
     if settings.libreface_weights is not None and not Path(settings.libreface_weights).is_file():
         raise UserError(f"--libreface-weights {settings.libreface_weights}: no such file; give LibreFace's "
                         "combined_resnet.pt, or leave the option out for blendshape intensities")

@@ -194,6 +194,31 @@ def test_the_demo_runs_the_controlled_experiment_and_its_ablation_as_commands(tm
     assert not any("experiment_" in word for word in grounded.fit_command("grpo"))
 
 
+def test_a_grpo_config_reaches_every_grpo_command_and_no_sft_one(tmp_path):
+    """`--grpo-config`: after the experiment's pieces and `--config`, in GRPO's and the ablation's fits and their
+    evaluations; SFT and its evaluations are the demo's without it. A missing file is refused before any phase,
+    and a folder from before the option resumes as one without it."""
+    from tag_lightning.commands.demo import Demo, DemoState, check_files
+
+    schedule, extra = str(CONFIGS / "tiny" / "experiment_grpo_long.yaml"), str(CONFIGS / "data" / "samples.yaml")
+    settings = DemoSettings(out=tmp_path, experiment=True, ablation=True, configs=(extra,), grpo_configs=(schedule,))
+    demo = Demo(settings)
+    for argv in (demo.fit_command("grpo"), demo.fit_command("grpo_ablation"),
+                 demo.test_command("after_grpo", "grpo", tmp_path / "x.ckpt")):
+        assert argv[argv.index(schedule) - 1] == "-c" and argv.index(extra, 4) < argv.index(schedule), argv
+        assert argv.index(str(CONFIGS / "tiny" / "experiment_grpo.yaml")) < argv.index(schedule)
+    for argv in (demo.fit_command("sft"), demo.test_command("after_sft", "sft", tmp_path / "x.ckpt")):
+        assert schedule not in argv
+    with pytest.raises(UserError, match=r"--grpo-config nowhere.yaml: no such file"):
+        check_files(DemoSettings(out=tmp_path / "new", grpo_configs=("nowhere.yaml",)))
+    saved = DemoSettings(out=tmp_path).to_json()
+    del saved["grpo_configs"]
+    (tmp_path / "demo.json").write_text(json.dumps({"settings": saved, "finished": {}}))
+    assert DemoState.open(DemoSettings(out=tmp_path)).settings["grpo_configs"] == []
+    with pytest.raises(UserError, match=r"other settings \(grpo_configs\)"):
+        DemoState.open(DemoSettings(out=tmp_path, grpo_configs=(schedule,)))
+
+
 def test_every_stage_of_the_demo_uses_the_trace_format_asked_for(tmp_path):
     from tag_lightning.commands.demo import Demo
 
