@@ -382,8 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "evidence on four faces, not TAG's accuracy on real data; --no-experiment runs the plain "
                     "pipeline.\n\n"
                     "About 8 minutes on 2 CPU cores; each extra rollout seed, and --ablation for each seed, adds about 3 "
-                    "minutes. Killed, it resumes: finished phases "
-                    "are skipped and a training run goes on from its last checkpoint. With --model and --data it "
+                    "minutes (about 14 with --grpo-config configs/tiny/experiment_grpo_long.yaml, whose GRPO runs 4 "
+                    "times the steps). Killed, it resumes: finished phases are skipped and a training run goes on "
+                    "from its last checkpoint. With --model and --data it "
                     "runs the same phases on a real model and dataset (nothing is downloaded).")
     demo.add_argument("--out", type=Path, default=Path("outputs/demo"), help="folder for everything the demo writes")
     demo.add_argument("--model", default=None,

@@ -196,9 +196,8 @@ def test_the_demo_runs_the_controlled_experiment_and_its_ablation_as_commands(tm
 
 def test_a_grpo_config_reaches_every_grpo_command_and_no_sft_one(tmp_path):
     """`--grpo-config`: after the experiment's pieces and `--config`, in GRPO's and the ablation's fits and their
-    evaluations; SFT and its evaluations are the demo's without it. A missing file is refused before any phase,
-    and a folder from before the option resumes as one without it."""
-    from tag_lightning.commands.demo import Demo, DemoState, check_files
+    evaluations; SFT and its evaluations are the demo's without it. A missing file is refused before any phase."""
+    from tag_lightning.commands.demo import Demo, check_files
 
     schedule, extra = str(CONFIGS / "tiny" / "experiment_grpo_long.yaml"), str(CONFIGS / "data" / "samples.yaml")
     settings = DemoSettings(out=tmp_path, experiment=True, ablation=True, configs=(extra,), grpo_configs=(schedule,))
@@ -211,12 +210,6 @@ def test_a_grpo_config_reaches_every_grpo_command_and_no_sft_one(tmp_path):
         assert schedule not in argv
     with pytest.raises(UserError, match=r"--grpo-config nowhere.yaml: no such file"):
         check_files(DemoSettings(out=tmp_path / "new", grpo_configs=("nowhere.yaml",)))
-    saved = DemoSettings(out=tmp_path).to_json()
-    del saved["grpo_configs"]
-    (tmp_path / "demo.json").write_text(json.dumps({"settings": saved, "finished": {}}))
-    assert DemoState.open(DemoSettings(out=tmp_path)).settings["grpo_configs"] == []
-    with pytest.raises(UserError, match=r"other settings \(grpo_configs\)"):
-        DemoState.open(DemoSettings(out=tmp_path, grpo_configs=(schedule,)))
 
 
 def test_every_stage_of_the_demo_uses_the_trace_format_asked_for(tmp_path):
@@ -238,15 +231,18 @@ def test_every_stage_of_the_demo_uses_the_trace_format_asked_for(tmp_path):
                    Demo(DemoSettings(out=tmp_path, trace_format="paper", experiment=True)).fit_command("grpo"))
 
 
-def test_a_demo_folder_from_before_the_trace_format_option_resumes_as_per_step(tmp_path):
+@pytest.mark.parametrize(("option", "then", "other"), [("trace_format", "per_step", "paper"),
+                                                      ("grpo_configs", [], ("extra.yaml",))])
+def test_a_demo_folder_from_before_an_option_resumes_as_it_ran(tmp_path, option, then, other):
+    """Its demo.json has no such setting: it reads as what the demo did then, and asking for another is refused."""
     from tag_lightning.commands.demo import DemoState
 
     settings = DemoSettings(out=tmp_path).to_json()
-    del settings["trace_format"]
+    del settings[option]
     (tmp_path / "demo.json").write_text(json.dumps({"settings": settings, "finished": {}}))
-    assert DemoState.open(DemoSettings(out=tmp_path)).settings["trace_format"] == "per_step"
-    with pytest.raises(UserError, match=r"other settings \(trace_format\)"):
-        DemoState.open(DemoSettings(out=tmp_path, trace_format="paper"))
+    assert DemoState.open(DemoSettings(out=tmp_path)).settings[option] == then
+    with pytest.raises(UserError, match=rf"other settings \({option}\)"):
+        DemoState.open(DemoSettings(out=tmp_path, **{option: other}))
 
 
 def test_an_unknown_trace_format_is_refused_before_any_phase(tmp_path, capsys):
