@@ -382,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "evidence on four faces, not TAG's accuracy on real data; --no-experiment runs the plain "
                     "pipeline.\n\n"
                     "About 8 minutes on 2 CPU cores; each extra rollout seed, and --ablation for each seed, adds about 3 "
-                    "minutes (about 14 with --grpo-config configs/tiny/experiment_grpo_long.yaml, whose GRPO runs 4 "
+                    "minutes (11 to 13 with --grpo-config configs/tiny/experiment_grpo_long.yaml, whose GRPO runs 4 "
                     "times the steps). Killed, it resumes: finished phases are skipped and a training run goes on "
                     "from its last checkpoint. With --model and --data it "
                     "runs the same phases on a real model and dataset (nothing is downloaded).")
