@@ -93,9 +93,9 @@ class DemoSettings:
     trace_format: str = PER_STEP
 
     def to_json(self) -> dict:
-        return {**asdict(self), "out": str(self.out), "configs": list(self.configs),
-                "grpo_configs": list(self.grpo_configs), "error_kinds": list(self.error_kinds),
-                "rollout_seeds": list(self.rollout_seeds)}
+        """The settings as demo.json holds them: paths as text, tuples as lists."""
+        return {name: list(value) if isinstance(value, tuple) else value for name, value in asdict(self).items()} | {
+            "out": str(self.out)}
 
 
 @dataclass
